@@ -1,0 +1,164 @@
+"""The Linux TCP algorithms a MITIGATOR-side consumer reproduces.
+
+Computed from a Snapshot alone: SYN cookies (IPv4 and IPv6, make and check),
+the secure ISN and the TCP timestamp offset of both kernel generations
+(separate ``ts_secret``; or one 64-bit SipHash keyed by ``net_secret`` that
+gives both, as in 6.1.192+ and 6.12+), and the timestamp a cookie SYN-ACK
+carries.  Addresses are ``ipaddress`` objects, ports host-order ints.
+
+Byte order matters throughout: the kernel hashes addresses and ports as they
+sit in the packet (network order) but loads them into little-endian u32
+words, so the SipHash input is built from raw wire bytes exactly as the
+kernel lays them out in memory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from typing import Union
+
+from siphash24 import siphash24
+
+from .snapshot import ALG_SEQ_AND_TS_OFF, Snapshot
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+COOKIE_BITS = 24
+COOKIE_MASK = (1 << COOKIE_BITS) - 1
+MAX_COOKIE_AGE = 2  # the kernel accepts the current minute and the previous one
+MSS_TABLE_V4 = (536, 1300, 1440, 1460)
+MSS_TABLE_V6 = (1280 - 60, 1480 - 60, 1500 - 60, 9000 - 60)
+TS_OPTION_BITS = 6  # low TSval bits of a cookie SYN-ACK encode wscale/SACK/ECN
+TS_WSCALE_MASK = 0xF
+TS_SACK = 1 << 4
+TS_ECN = 1 << 5
+U32 = 0xFFFFFFFF
+
+
+def siphash(key: bytes, message: bytes) -> int:
+    """SipHash-2-4 as the kernel's siphash(): 16-byte key, u64 result."""
+    return siphash24(message, key=key).intdigest()
+
+
+def _port_word(sport: int, dport: int) -> bytes:
+    """The kernel's `(u32)sport << 16 | dport` of two __be16, as memory bytes."""
+    sw = int.from_bytes(sport.to_bytes(2, "big"), "little")
+    dw = int.from_bytes(dport.to_bytes(2, "big"), "little")
+    return struct.pack("<I", (sw << 16 | dw) & U32)
+
+
+def _mss_index(mss: int, table: tuple[int, ...]) -> int:
+    for index in range(len(table) - 1, 0, -1):
+        if mss >= table[index]:
+            return index
+    return 0
+
+
+def _cookie_hash(
+    secret: bytes, saddr: IPAddress, daddr: IPAddress, sport: int, dport: int,
+    count: int, which: int,
+) -> int:
+    key = secret[16 * which:16 * which + 16]
+    if saddr.version == 4:
+        message = saddr.packed + daddr.packed + _port_word(sport, dport) + struct.pack("<I", count & U32)
+        return siphash(key, message) & U32
+    message = (saddr.packed + daddr.packed + struct.pack("<I", count & U32)
+               + sport.to_bytes(2, "big") + dport.to_bytes(2, "big"))
+    return siphash(key, message) & U32
+
+
+def _cookie_secret(snap: Snapshot, version: int) -> bytes:
+    return snap.syncookie_secret if version == 4 else snap.syncookie6_secret
+
+
+def mss_table(version: int) -> tuple[int, ...]:
+    return MSS_TABLE_V4 if version == 4 else MSS_TABLE_V6
+
+
+def make_cookie(
+    snap: Snapshot, saddr: IPAddress, daddr: IPAddress, sport: int, dport: int,
+    client_isn: int, mss: int, count: int | None = None,
+) -> int:
+    """The ISN a listener puts in its cookie SYN-ACK for this SYN.
+
+    saddr/sport are the client's (the SYN's source), daddr/dport the
+    listener's.  ``count`` defaults to the snapshot's cookie minute.
+    """
+    if count is None:
+        count = snap.cookie_count
+    secret = _cookie_secret(snap, saddr.version)
+    mssind = _mss_index(mss, mss_table(saddr.version))
+    h0 = _cookie_hash(secret, saddr, daddr, sport, dport, 0, 0)
+    h1 = _cookie_hash(secret, saddr, daddr, sport, dport, count, 1)
+    return (h0 + client_isn + ((count << COOKIE_BITS) & U32) + ((h1 + mssind) & COOKIE_MASK)) & U32
+
+
+def check_cookie(
+    snap: Snapshot, saddr: IPAddress, daddr: IPAddress, sport: int, dport: int,
+    client_isn: int, cookie: int, count: int | None = None,
+) -> int | None:
+    """The MSS encoded in a cookie the kernel would accept now, else None.
+
+    ``cookie`` is the acknowledged number minus one, ``client_isn`` the
+    client's ISN (the ACK's sequence number minus one).
+    """
+    if count is None:
+        count = snap.cookie_count
+    secret = _cookie_secret(snap, saddr.version)
+    rest = (cookie - _cookie_hash(secret, saddr, daddr, sport, dport, 0, 0) - client_isn) & U32
+    age = (count - (rest >> COOKIE_BITS)) & (U32 >> COOKIE_BITS)
+    if age >= MAX_COOKIE_AGE:
+        return None
+    mssind = (rest - _cookie_hash(secret, saddr, daddr, sport, dport, count - age, 1)) & COOKIE_MASK
+    table = mss_table(saddr.version)
+    return table[mssind] if mssind < len(table) else None
+
+
+def _isn_hash_message(saddr: IPAddress, daddr: IPAddress, sport: int, dport: int) -> bytes:
+    if saddr.version == 4:
+        return saddr.packed + daddr.packed + _port_word(sport, dport)
+    return saddr.packed + daddr.packed + sport.to_bytes(2, "big") + dport.to_bytes(2, "big")
+
+
+def isn_and_ts_offset(
+    snap: Snapshot, saddr: IPAddress, daddr: IPAddress, sport: int, dport: int,
+    realtime_ns: int | None = None,
+) -> tuple[int, int]:
+    """The kernel's secure ISN and TCP timestamp offset for a connection.
+
+    saddr/sport are the ISN-choosing side's local address and port (for a
+    passive open: the listener's), daddr/dport the peer's, as in
+    secure_tcp_seq(). ``realtime_ns`` defaults to the snapshot's clock; the
+    ISN's clock part is realtime_ns >> 6.
+    """
+    if realtime_ns is None:
+        realtime_ns = snap.realtime_ns
+    message = _isn_hash_message(saddr, daddr, sport, dport)
+    hashed = siphash(snap.net_secret, message)
+    if snap.algorithm == ALG_SEQ_AND_TS_OFF:
+        seq, ts_off = hashed & U32, hashed >> 32
+    else:
+        seq = hashed & U32
+        ts_message = saddr.packed + daddr.packed
+        ts_off = siphash(snap.ts_secret, ts_message) & U32
+    if snap.tcp_timestamps != 1:
+        ts_off = 0
+    return (seq + (realtime_ns >> 6)) & U32, ts_off
+
+
+def cookie_tsval(tcp_clock_ms: int, wscale: int | None, sack: bool, ecn: bool, ts_off: int = 0) -> int:
+    """The TSval of a cookie SYN-ACK sent at ``tcp_clock_ms``.
+
+    The low six bits carry the client's window scale (0xF when none), SACK
+    and ECN, the rest is the clock rounded down; ``ts_off`` is then added.
+    """
+    options = TS_WSCALE_MASK if wscale is None else wscale & TS_WSCALE_MASK
+    if sack:
+        options |= TS_SACK
+    if ecn:
+        options |= TS_ECN
+    ts = ((tcp_clock_ms >> TS_OPTION_BITS) << TS_OPTION_BITS) | options
+    if ts > tcp_clock_ms:
+        ts -= 1 << TS_OPTION_BITS
+    return (ts + ts_off) & U32
