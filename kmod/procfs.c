@@ -1,0 +1,95 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * /proc/tcp_secrets: the text of the tcpsecrets 2.4 module, kept for
+ * consumers of that era (MITIGATOR v20.12 to v23.02). One `name value` pair
+ * per line, all values from one snapshot:
+ *   time_sec          CLOCK_REALTIME, seconds
+ *   time_ms           CLOCK_REALTIME, milliseconds since the epoch
+ *   uptime_ms         the TCP timestamp clock, ms (32 bits, as TSval)
+ *   jiffies           jiffies_64
+ *   cookie_secret     both syncookie keys, 32 bytes in hex
+ *   net_secret        16 bytes in hex
+ *   timestamp_secret  ts_secret, 16 bytes in hex; zeros on kernels that have
+ *                     none (the TS offset comes from net_secret there)
+ */
+#include "internal.h"
+
+#include <linux/proc_fs.h>
+#include <linux/seq_file.h>
+#include <linux/slab.h>
+
+static void show_hex(struct seq_file *m, const char *name, const u8 *bytes,
+		     size_t n)
+{
+	seq_printf(m, "%s %*phN\n", name, (int)n, bytes);
+}
+
+static int tcp_secrets_show(struct seq_file *m, void *v)
+{
+	struct tcpsecrets_snapshot *snap;
+
+	snap = kmalloc(sizeof(*snap), GFP_KERNEL);
+	if (!snap)
+		return -ENOMEM;
+	tcpsecrets_take_snapshot(snap);
+
+	seq_printf(m, "time_sec %llu\n", div_u64(snap->realtime_ns, NSEC_PER_SEC));
+	seq_printf(m, "time_ms %llu\n", div_u64(snap->realtime_ns, NSEC_PER_MSEC));
+	seq_printf(m, "uptime_ms %u\n", (u32)snap->tcp_clock_ms);
+	seq_printf(m, "jiffies %llu\n", snap->jiffies64);
+	show_hex(m, "cookie_secret", snap->syncookie_secret,
+		 sizeof(snap->syncookie_secret));
+	show_hex(m, "net_secret", snap->net_secret, sizeof(snap->net_secret));
+	show_hex(m, "timestamp_secret", snap->ts_secret,
+		 sizeof(snap->ts_secret));
+
+	kfree_sensitive(snap);
+	return 0;
+}
+
+static int tcp_secrets_open(struct inode *inode, struct file *file)
+{
+	if (!tcpsecrets_may_read())
+		return -EACCES;
+	return single_open(file, tcp_secrets_show, NULL);
+}
+
+/* The seq_file buffer holds secret text: wipe it before it is freed. */
+static int tcp_secrets_release(struct inode *inode, struct file *file)
+{
+	struct seq_file *m = file->private_data;
+
+	if (m && m->buf)
+		memzero_explicit(m->buf, m->size);
+	return single_release(inode, file);
+}
+
+static const struct proc_ops tcp_secrets_proc_ops = {
+	.proc_open = tcp_secrets_open,
+	.proc_read = seq_read,
+	.proc_lseek = seq_lseek,
+	.proc_release = tcp_secrets_release,
+};
+
+static struct proc_dir_entry *proc_entry;
+
+int tcpsecrets_procfs_init(void)
+{
+	kgid_t group = tcpsecrets_read_group();
+
+	proc_entry = proc_create(TCPSECRETS_PROC_NAME, gid_valid(group) ? 0440 : 0400,
+				 NULL, &tcp_secrets_proc_ops);
+	if (!proc_entry) {
+		pr_err("cannot create /proc/%s\n", TCPSECRETS_PROC_NAME);
+		return -ENOMEM;
+	}
+	if (gid_valid(group))
+		proc_set_user(proc_entry, GLOBAL_ROOT_UID, group);
+	return 0;
+}
+
+void tcpsecrets_procfs_exit(void)
+{
+	proc_remove(proc_entry);
+	proc_entry = NULL;
+}

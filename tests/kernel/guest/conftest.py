@@ -1,0 +1,67 @@
+"""Fixtures for tests that run as root inside a booted test kernel."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+KO = Path(os.environ.get("TCPSECRETS_KO", "/nonexistent/tcpsecrets.ko"))
+DEVICE = Path("/dev/tcpsecrets")
+PROC = Path("/proc/tcp_secrets")
+
+
+def module_loaded() -> bool:
+    return Path("/sys/module/tcpsecrets").exists()
+
+
+def insmod(*params: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["insmod", str(KO), *params], capture_output=True, text=True)
+
+
+def load(*params: str) -> None:
+    result = insmod(*params)
+    assert result.returncode == 0, f"insmod failed: {result.stderr}"
+
+
+def unload() -> None:
+    if module_loaded():
+        subprocess.run(["rmmod", "tcpsecrets"], check=True)
+
+
+def sysctl(name: str, value: int | None = None) -> int:
+    path = Path("/proc/sys/net/ipv4") / name
+    if value is not None:
+        path.write_text(f"{value}\n")
+    return int(path.read_text())
+
+
+def dmesg() -> str:
+    return subprocess.run(["dmesg"], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture(scope="session", autouse=True)
+def guest_only() -> None:
+    if os.environ.get("TCPSECRETS_IN_GUEST") != "1" or os.getuid() != 0:
+        pytest.skip("runs only as root inside a test kernel (see tests/kernel/test_guest_kernels.py)")
+    assert KO.exists(), f"module not built: {KO}"
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+
+
+@pytest.fixture
+def syncookies() -> Iterator[Callable[[int], None]]:
+    """Set net.ipv4.tcp_syncookies for one test, restoring it afterwards."""
+    before = sysctl("tcp_syncookies")
+    yield lambda value: sysctl("tcp_syncookies", value)
+    sysctl("tcp_syncookies", before)
+
+
+@pytest.fixture
+def tcpsecrets() -> Iterator[Callable[..., None]]:
+    """Load the module (call with module parameters); it is unloaded afterwards."""
+    unload()
+    yield load
+    unload()
