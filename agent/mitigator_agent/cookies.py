@@ -40,7 +40,7 @@ U32 = 0xFFFFFFFF
 
 def siphash(key: bytes, message: bytes) -> int:
     """SipHash-2-4 as the kernel's siphash(): 16-byte key, u64 result."""
-    return siphash24(message, key=key).intdigest()
+    return int.from_bytes(siphash24(message, key=key).digest(), "little")
 
 
 def _port_word(sport: int, dport: int) -> bytes:
