@@ -215,10 +215,10 @@ def test_clocks_agree_with_guest(tcpsecrets):
     assert first.hz == second.hz == hz
     assert wall0 <= first.realtime_ns <= second.realtime_ns <= wall1
     assert mono0 // 10**6 <= first.tcp_clock_ms <= second.tcp_clock_ms <= mono1 // 10**6
-    # jiffies advance at HZ: over the interval, within two ticks either side
+    # jiffies advance at HZ (TCG may deliver a tick late: a few ticks of slack)
     ticks = second.jiffies64 - first.jiffies64
     span = (second.tcp_clock_ms - first.tcp_clock_ms) * hz / 1000
-    assert abs(ticks - span) <= 2 + span * 0.01
+    assert abs(ticks - span) <= 3 + span * 0.02
     # jiffies_64 starts at 2^32 - 300 s worth of ticks (INITIAL_JIFFIES)
     boot_ms = first.tcp_clock_ms
     assert abs(first.jiffies64 - (2**32 - 300 * hz) - boot_ms * hz / 1000) <= hz * 2
