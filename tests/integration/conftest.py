@@ -1,0 +1,260 @@
+"""Fixtures that run the real agent (console script) and real SSH clients.
+
+Every agent runs as ``mitigator-agent serve --port 0`` on 127.0.0.1 and ::1
+in a temporary directory, with a keys file, a host key it creates itself and
+a snapshot file made with snapshot.encode().  Tests synchronise on the
+agent's log lines (``wait_for``), never on sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Sequence, Union
+
+import asyncssh
+import pytest
+
+from mitigator_agent.snapshot import (
+    ABI_VERSION,
+    F_ALG_SEQ_AND_TS_OFF,
+    F_NET_SECRET,
+    F_SYNCOOKIE,
+    F_SYNCOOKIE6,
+    STRUCT_SIZE,
+    Snapshot,
+    encode,
+)
+
+AGENT = str(Path(sys.executable).with_name("mitigator-agent"))
+SSH = shutil.which("ssh") or "/usr/bin/ssh"
+SSH_USER = "mitigator_agent"
+WAIT_SECONDS = 30  # upper bound on any wait; a healthy run never gets near it
+LISTEN_RE = re.compile(r"listening on (?:\[([^\]]+)\]|([^:\s]+)):(\d+)$")
+LOOPBACK_VIA = {"127.0.0.1": "0.0.0.0", "::1": "::"}  # reached through a wildcard listener
+
+
+def make_snapshot() -> Snapshot:
+    """A 6.1.192+-style snapshot with random secrets (so log greps mean something)."""
+    return Snapshot(
+        abi_version=ABI_VERSION,
+        size=STRUCT_SIZE,
+        flags=F_SYNCOOKIE | F_SYNCOOKIE6 | F_NET_SECRET | F_ALG_SEQ_AND_TS_OFF,
+        hz=250,
+        realtime_ns=1_763_894_400_123_456_789,
+        tcp_clock_ms=0x1_2345_6789,
+        jiffies64=(1 << 32) - 300 * 250 + 250 * 3600,
+        syncookie_secret=os.urandom(32),
+        syncookie6_secret=os.urandom(32),
+        net_secret=os.urandom(16),
+        ts_secret=bytes(16),
+        tcp_syncookies=2,
+        tcp_timestamps=1,
+        tcp_sack=1,
+        tcp_window_scaling=1,
+        tcp_ecn=2,
+    )
+
+
+@dataclass
+class ClientKey:
+    """A client key pair on disk, as an SSH client uses it."""
+
+    path: Path
+    key: asyncssh.SSHKey
+
+    @property
+    def public_line(self) -> str:
+        return self.key.export_public_key("openssh").decode().strip()
+
+    @property
+    def fingerprint(self) -> str:
+        return self.key.get_fingerprint("sha256")
+
+
+def make_client_key(directory: Path, name: str, algorithm: str = "ssh-ed25519") -> ClientKey:
+    options = {"key_size": 2048} if algorithm == "ssh-rsa" else {}
+    key = asyncssh.generate_private_key(algorithm, comment=name, **options)
+    path = directory / f"{name}.key"
+    key.write_private_key(str(path))
+    path.chmod(0o600)  # OpenSSH refuses group/other-readable identities
+    return ClientKey(path, key)
+
+
+class AgentProcess:
+    """A running ``mitigator-agent serve`` and its collected log lines."""
+
+    def __init__(self, workdir: Path, extra_args: Sequence[str],
+                 listen: Sequence[str] = ("127.0.0.1", "::1")) -> None:
+        self.workdir = workdir
+        self.keys_path = workdir / "keys"
+        self.host_key_path = workdir / "host.ed25519"
+        self.device_path = workdir / "snapshot"
+        self.lines: List[str] = []
+        self._changed = threading.Condition()
+        listen_args = [arg for address in listen for arg in ("--listen", address)]
+        args = [AGENT, "serve", "--port", "0", *listen_args, "--keys", str(self.keys_path), "--host-key", str(self.host_key_path),
+                "--device", str(self.device_path), *extra_args]
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True, errors="replace", cwd=workdir)
+        self._reader = threading.Thread(target=self._collect, daemon=True)
+        self._reader.start()
+        self.ports = {(match.group(1) or match.group(2)): int(match.group(3))
+                      for match in self.wait_for_all(LISTEN_RE, len(listen) or 2)}
+        self.known_hosts = workdir / "known_hosts"
+        key_type, key_data = (workdir / "host.ed25519.pub").read_text().split()[:2]
+        self.known_hosts.write_text("".join(
+            f"[{host}]:{self.port(host)} {key_type} {key_data}\n" for host in LOOPBACK_VIA))
+
+    def _collect(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def mark(self) -> int:
+        """Index of the next log line: wait_for(..., start=mark) sees only newer events."""
+        with self._changed:
+            return len(self.lines)
+
+    def wait_for_all(self, pattern: Union[str, "re.Pattern[str]"], count: int,
+                     start: int = 0) -> List["re.Match[str]"]:
+        """Block until ``count`` log lines from index ``start`` match; return the matches."""
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        matches: List["re.Match[str]"] = []
+        index = start
+        with self._changed:
+            while True:
+                while index < len(self.lines) and len(matches) < count:
+                    match = regex.search(self.lines[index])
+                    index += 1
+                    if match:
+                        matches.append(match)
+                if len(matches) == count:
+                    return matches
+                if self.process.poll() is not None and not self._reader.is_alive():
+                    raise AssertionError(f"agent exited ({self.process.returncode}) before"
+                                         f" {regex.pattern!r}:\n{self.log_unlocked()}")
+                if not self._changed.wait(WAIT_SECONDS):
+                    raise AssertionError(f"no log line matched {regex.pattern!r}:\n{self.log_unlocked()}")
+
+    def wait_for(self, pattern: Union[str, "re.Pattern[str]"], start: int = 0) -> "re.Match[str]":
+        """Block until a log line from index ``start`` matches; return the match."""
+        return self.wait_for_all(pattern, 1, start)[0]
+
+    def log_unlocked(self) -> str:
+        return "\n".join(self.lines)
+
+    def count(self, pattern: str, start: int = 0) -> int:
+        with self._changed:
+            return sum(1 for line in self.lines[start:] if re.search(pattern, line))
+
+    @property
+    def log(self) -> str:
+        with self._changed:
+            return self.log_unlocked()
+
+    def port(self, host: str) -> int:
+        """The port serving ``host`` (127.0.0.1 or ::1), directly or via a wildcard address."""
+        return self.ports.get(host) or self.ports[LOOPBACK_VIA[host]]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(WAIT_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._reader.join(WAIT_SECONDS)
+
+    def ssh_command(self, key: ClientKey, host: str = "127.0.0.1",
+                    options: Sequence[str] = (), program: str = SSH) -> List[str]:
+        """Argument list for the real OpenSSH client against this agent (no command)."""
+        port_flag = "-P" if program.endswith(("sftp", "scp")) else "-p"
+        return [
+            program, "-F", "/dev/null", port_flag, str(self.port(host)), "-i", str(key.path),
+            "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={self.known_hosts}",
+            "-o", "ConnectTimeout=20", *options,
+        ]
+
+    def ssh(self, key: ClientKey, *command: Union[str, bytes], host: str = "127.0.0.1",
+            options: Sequence[str] = (), stdin: Optional[bytes] = b"") -> subprocess.CompletedProcess:
+        """Run the OpenSSH client; stdout/stderr as bytes."""
+        args: List[Union[str, bytes]] = [*self.ssh_command(key, host, options), f"{SSH_USER}@{host}", *command]
+        return subprocess.run(args, input=stdin, capture_output=True, timeout=WAIT_SECONDS)
+
+    def asyncssh_run(self, key: Optional[ClientKey], command: Optional[str], host: str = "127.0.0.1",
+                     **connect_options: object) -> asyncssh.SSHCompletedProcess:
+        """Run one command with asyncssh as the client (pinned host key).
+
+        ``key`` None: pass the keys (or none) as ``client_keys=``.
+        """
+        connect_options.setdefault("client_keys", [key.key] if key else [])
+
+        async def run() -> asyncssh.SSHCompletedProcess:
+            async with asyncssh.connect(
+                host, self.port(host), username=SSH_USER,
+                known_hosts=str(self.known_hosts), agent_path=None, config=None,
+                **connect_options,
+            ) as conn:
+                return await conn.run(command)
+        return asyncio.run(asyncio.wait_for(run(), WAIT_SECONDS))
+
+
+@pytest.fixture
+def snapshot() -> Snapshot:
+    return make_snapshot()
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    tmp_path.chmod(0o755)  # strict modes: not writable by group/other
+    return tmp_path
+
+
+@pytest.fixture
+def client_key(workdir: Path) -> ClientKey:
+    return make_client_key(workdir, "mitigator1")
+
+
+@pytest.fixture
+def second_key(workdir: Path) -> ClientKey:
+    return make_client_key(workdir, "mitigator2")
+
+
+@pytest.fixture
+def start_agent(workdir: Path, snapshot: Snapshot) -> Iterator[Callable[..., AgentProcess]]:
+    """Factory: start_agent(keys_text, *extra_serve_args, listen=...) -> running AgentProcess."""
+    agents: List[AgentProcess] = []
+
+    def start(keys_text: Optional[str], *extra_args: str,
+              listen: Sequence[str] = ("127.0.0.1", "::1")) -> AgentProcess:
+        if keys_text is not None:
+            (workdir / "keys").write_text(keys_text)
+            (workdir / "keys").chmod(0o644)
+        (workdir / "snapshot").write_bytes(encode(snapshot))
+        agent = AgentProcess(workdir, extra_args, listen)
+        agents.append(agent)
+        return agent
+
+    yield start
+    for agent in agents:
+        agent.stop()
+
+
+@pytest.fixture
+def agent(start_agent: Callable[..., AgentProcess], client_key: ClientKey) -> AgentProcess:
+    """An agent admitting client_key (instance mitigator1)."""
+    return start_agent(client_key.public_line + "\n")

@@ -1,0 +1,117 @@
+"""The console script end to end: serve's start and stop, poll, check against a live agent."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+
+import pytest
+
+from conftest import AGENT, WAIT_SECONDS, AgentProcess
+from mitigator_agent import __version__
+from mitigator_agent.answers import HostFacts, json_answer
+from mitigator_agent.clock import kernel_clock_synced
+
+
+def run_agent(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([AGENT, *args], capture_output=True, text=True, timeout=WAIT_SECONDS)
+
+
+def host_fingerprint(agent: AgentProcess) -> str:
+    result = subprocess.run(["ssh-keygen", "-l", "-f", str(agent.host_key_path)],
+                            capture_output=True, text=True, check=True)
+    return result.stdout.split()[1]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_poll_pinned_fingerprint_prints_validated_json(agent, client_key, snapshot, host):
+    result = run_agent("poll", host, "--port", str(agent.port(host)), "--key", str(client_key.path),
+                       "--host-fingerprint", host_fingerprint(agent))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    facts = HostFacts(os.uname().release, __version__, kernel_clock_synced())
+    assert json.loads(result.stdout) == json_answer(snapshot, facts)
+
+
+def test_poll_with_known_hosts_file(agent, client_key):
+    result = run_agent("poll", "127.0.0.1", "--port", str(agent.port("127.0.0.1")),
+                       "--key", str(client_key.path), "--known-hosts", str(agent.known_hosts))
+    assert result.returncode == 0 and result.stderr == ""
+
+
+def test_poll_without_pinning_warns(agent, client_key):
+    result = run_agent("poll", "127.0.0.1", "--port", str(agent.port("127.0.0.1")), "--key", str(client_key.path))
+    assert result.returncode == 0
+    assert result.stderr == f"warning: host key {host_fingerprint(agent)} not verified\n"
+
+
+def test_poll_failures_exit_1_with_the_reason(agent, client_key, second_key):
+    port = str(agent.port("127.0.0.1"))
+    wrong_pin = run_agent("poll", "127.0.0.1", "--port", port, "--key", str(client_key.path),
+                          "--host-fingerprint", "SHA256:not-the-agent")
+    assert wrong_pin.returncode == 1 and wrong_pin.stdout == ""
+    assert wrong_pin.stderr == f"host key is {host_fingerprint(agent)}, expected SHA256:not-the-agent\n"
+
+    not_admitted = run_agent("poll", "127.0.0.1", "--port", port, "--key", str(second_key.path))
+    assert not_admitted.returncode == 1 and "poll failed: PermissionDenied" in not_admitted.stderr
+
+    agent.device_path.unlink()
+    no_module = run_agent("poll", "127.0.0.1", "--port", port, "--key", str(client_key.path))
+    assert no_module.returncode == 1
+    assert "agent answered exit status 2: tcpsecrets module not loaded" in no_module.stderr
+
+
+def test_check_sees_the_listening_agent(agent):
+    result = run_agent("check", "--device", str(agent.device_path), "--port", str(agent.port("127.0.0.1")),
+                       "--listen", "127.0.0.1", "--listen", "::1", "--ntp-server", "127.0.0.1:9",
+                       "--timeout", "0.2")
+    lines = result.stdout.splitlines()
+    assert f"ok   agent listening on 127.0.0.1:{agent.port('127.0.0.1')}" in lines
+    # ::1 has its own port in this setup: check says so instead of guessing.
+    assert any(line.startswith(f"FAIL agent listening: nothing listening on [::1]:{agent.port('127.0.0.1')}")
+               for line in lines)
+    assert result.returncode == 1
+
+
+def test_default_listen_is_every_address(start_agent, client_key):
+    agent = start_agent(client_key.public_line + "\n", listen=())
+    assert set(agent.ports) == {"0.0.0.0", "::"}
+    assert agent.ssh(client_key, "get", host="127.0.0.1").returncode == 0
+    assert agent.ssh(client_key, "get", host="::1").returncode == 0
+
+
+def test_host_key_kept_across_restarts_and_sigterm_stops_cleanly(start_agent, client_key):
+    first = start_agent(client_key.public_line + "\n")
+    key_bytes = first.host_key_path.read_bytes()
+    first.wait_for(r"host-key-created")
+    first.stop()
+    assert first.process.returncode == 0
+    first.wait_for(r"^INFO stopping$")
+
+    second = start_agent(client_key.public_line + "\n")
+    assert second.host_key_path.read_bytes() == key_bytes
+    assert second.count("host-key-created") == 0
+    # The known_hosts written from the first key still pins the second run.
+    assert second.ssh(client_key, "get").returncode == 0
+
+
+def test_serve_refuses_to_start_with_unusable_host_key(workdir):
+    host_key = workdir / "host.ed25519"
+    host_key.write_text("garbage")
+    host_key.chmod(0o600)
+    result = run_agent("serve", "--port", "0", "--listen", "127.0.0.1", "--host-key", str(host_key),
+                       "--keys", str(workdir / "keys"), "--device", str(workdir / "snapshot"))
+    assert result.returncode == 1
+    assert "ERROR cannot-start" in result.stdout and "not replaced because MITIGATOR pins it" in result.stdout
+    assert host_key.read_text() == "garbage"
+
+
+def test_serve_reports_a_port_in_use(workdir):
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        result = run_agent("serve", "--port", str(busy.getsockname()[1]), "--listen", "127.0.0.1",
+                           "--host-key", str(workdir / "host.ed25519"), "--keys", str(workdir / "keys"),
+                           "--device", str(workdir / "snapshot"))
+    assert result.returncode == 1
+    assert "ERROR cannot-start" in result.stdout and "address already in use" in result.stdout.lower()

@@ -1,0 +1,214 @@
+"""Answer formats and command dispatch, against hand-written expected text."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from mitigator_agent import answers
+from mitigator_agent.answers import (
+    EXIT_BAD_SNAPSHOT,
+    EXIT_NO_DEVICE,
+    EXIT_OK,
+    EXIT_USAGE,
+    HostFacts,
+    get_text,
+    json_answer,
+    legacy_text,
+    respond,
+    validate_json_answer,
+)
+from mitigator_agent.snapshot import (
+    ABI_VERSION,
+    F_ALG_SEQ_AND_TS_OFF,
+    F_ALG_TS_SECRET,
+    F_NET_SECRET,
+    F_SYNCOOKIE,
+    F_SYNCOOKIE6,
+    F_TS_SECRET,
+    STRUCT_SIZE,
+    Snapshot,
+    encode,
+)
+
+FACTS = HostFacts(kernel_release="6.1.0-56-amd64", agent_version="1.2.3", clock_synced=True)
+
+# A 6.1.192+ kernel: no ts_secret, one SipHash for ISN and TS offset.
+SNAP = Snapshot(
+    abi_version=ABI_VERSION,
+    size=STRUCT_SIZE,
+    flags=F_SYNCOOKIE | F_SYNCOOKIE6 | F_NET_SECRET | F_ALG_SEQ_AND_TS_OFF,
+    hz=250,
+    realtime_ns=1_763_894_400_123_456_789,
+    tcp_clock_ms=0x1_2345_6789,
+    jiffies64=4_295_792_296,
+    syncookie_secret=bytes(range(32)),
+    syncookie6_secret=bytes(range(32, 64)),
+    net_secret=bytes(range(0xA0, 0xB0)),
+    ts_secret=bytes(16),
+    tcp_syncookies=2,
+    tcp_timestamps=1,
+    tcp_sack=1,
+    tcp_window_scaling=1,
+    tcp_ecn=2,
+)
+
+LEGACY = (
+    "time_sec 1763894400\n"
+    "time_ms 1763894400123\n"
+    "uptime_ms 591751049\n"  # 0x123456789 truncated to 32 bits
+    "jiffies 4295792296\n"
+    "cookie_secret 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\n"
+    "net_secret a0a1a2a3a4a5a6a7a8a9aaabacadaeaf\n"
+    "timestamp_secret 00000000000000000000000000000000\n"
+)
+
+GET = (
+    "uname: 6.1.0-56-amd64\n"
+    "version: 1.2.3\n"
+    "time: 1763894400\n"
+    "net_secret: a0a1a2a3a4a5a6a7a8a9aaabacadaeaf\n"
+    "syncookie_secret: 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\n"
+    "syncookie6_secret: 202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f\n"
+    "ts_secret: 00000000000000000000000000000000\n"
+    "tcp_ecn: 2\n"
+    "tcp_sack: 1\n"
+    "tcp_timestamps: 1\n"
+    "tcp_window_scaling: 1\n"
+    "jiffies: 4295792296\n"
+    "hz: 250\n"
+    "uptime_ms: 591751049\n"
+    "time_ms: 1763894400123\n"
+    "isn_algorithm: seq_and_ts_off\n"
+    "clock_synced: 1\n"
+    "abi_version: 1\n"
+)
+
+
+def test_legacy_text_byte_for_byte():
+    assert legacy_text(SNAP) == LEGACY
+
+
+def test_legacy_text_carries_ts_secret_on_older_kernels():
+    older = dataclasses.replace(SNAP, flags=SNAP.flags & ~F_ALG_SEQ_AND_TS_OFF | F_TS_SECRET | F_ALG_TS_SECRET,
+                                ts_secret=bytes([0xEE] * 16))
+    assert legacy_text(older).endswith("timestamp_secret " + "ee" * 16 + "\n")
+
+
+def test_get_text_field_order_and_values():
+    assert get_text(SNAP, FACTS) == GET
+
+
+@pytest.mark.parametrize("synced, shown", [(True, "1"), (False, "0"), (None, "unknown")])
+def test_get_clock_synced_values(synced, shown):
+    text = get_text(SNAP, dataclasses.replace(FACTS, clock_synced=synced))
+    assert f"clock_synced: {shown}\n" in text
+
+
+def test_json_answer_has_documented_schema_and_values():
+    obj = json_answer(SNAP, FACTS)
+    assert validate_json_answer(obj) == []
+    assert list(obj) == list(answers.JSON_FIELDS)
+    assert obj["syncookie6_secret"] == bytes(range(32, 64)).hex()
+    assert obj["secrets_present"] == {"syncookie_secret": True, "syncookie6_secret": True,
+                                      "net_secret": True, "ts_secret": False}
+    assert obj["cookie_count"] == 4_295_792_296 // (60 * 250)
+    assert (obj["uptime_ms"], obj["tcp_clock_ms"]) == (591751049, 0x1_2345_6789)
+    assert obj["isn_algorithm"] == "seq_and_ts_off" and obj["clock_synced"] is True
+    assert json.loads(json.dumps(obj)) == obj
+
+
+@pytest.mark.parametrize("breakage, problem", [
+    (lambda o: o.pop("net_secret"), "net_secret: missing"),
+    (lambda o: o.update(hz=True), "hz: expected integer"),
+    (lambda o: o.update(hz="250"), "hz: expected integer"),
+    (lambda o: o.update(net_secret="00" * 15), "net_secret: expected hex16"),
+    (lambda o: o.update(syncookie_secret="AB" * 32), "syncookie_secret: expected hex32"),
+    (lambda o: o.update(clock_synced=1), "clock_synced: expected boolean or null"),
+    (lambda o: o["secrets_present"].pop("ts_secret"), "secrets_present: expected presence"),
+])
+def test_validate_json_answer_finds_problems(breakage, problem):
+    obj = json_answer(SNAP, FACTS)
+    breakage(obj)
+    assert validate_json_answer(obj) == [problem]
+
+
+def test_validate_json_answer_rejects_non_objects():
+    assert validate_json_answer([1]) == ["answer is not a JSON object"]
+
+
+@pytest.fixture
+def device(tmp_path):
+    path = tmp_path / "snapshot"
+    path.write_bytes(encode(SNAP))
+    return str(path)
+
+
+def facts_never_needed() -> HostFacts:
+    raise AssertionError("facts read for an answer that does not need them")
+
+
+@pytest.mark.parametrize("command", [None, "get-tcp-secrets", "  get-tcp-secrets\n"])
+def test_respond_legacy(device, command):
+    assert respond(command, device, facts_never_needed) == answers.Answer(LEGACY, "", EXIT_OK, "ok")
+
+
+@pytest.mark.parametrize("command", ["get", "get\n", " get "])
+def test_respond_get(device, command):
+    assert respond(command, device, lambda: FACTS).stdout == GET
+
+
+@pytest.mark.parametrize("command", ["get json", "get   json\n", "get\tjson"])
+def test_respond_get_json(device, command):
+    answer = respond(command, device, lambda: FACTS)
+    assert answer.exit_status == EXIT_OK
+    assert json.loads(answer.stdout) == json_answer(SNAP, FACTS)
+    assert answer.stdout.count("\n") == 1
+
+
+@pytest.mark.parametrize("command, message", [
+    ("set;" + ";".join(["0"] * 8), "anycast set is not enabled on this agent\n"),
+    ("set", "anycast set is not enabled on this agent\n"),
+    ("get;x", "get takes no arguments (use `get` or `get json`)\n"),
+    ("GET", "unknown command (known: get, get json, get-tcp-secrets)\n"),
+    ("", "unknown command (known: get, get json, get-tcp-secrets)\n"),
+    ("get\udcff", "command is not valid UTF-8\n"),
+    ("x" * 257, "command too long (257 characters, at most 256)\n"),
+])
+def test_respond_usage_errors_exit_1_one_line(device, command, message):
+    answer = respond(command, device, facts_never_needed)
+    assert (answer.stdout, answer.stderr, answer.exit_status) == ("", message, EXIT_USAGE)
+    assert answer.result  # something to log
+
+
+def test_respond_device_missing(tmp_path):
+    answer = respond("get", str(tmp_path / "absent"), lambda: FACTS)
+    assert (answer.stdout, answer.stderr, answer.exit_status) == ("", "tcpsecrets module not loaded\n",
+                                                                  EXIT_NO_DEVICE)
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "snapshot too short: 0 bytes"),
+    (b"\x00" * STRUCT_SIZE, "bad snapshot magic 0x00000000"),
+    (encode(SNAP)[:60], "does not fit 60 bytes read"),
+])
+def test_respond_bad_snapshot(tmp_path, content, reason):
+    path = tmp_path / "snapshot"
+    path.write_bytes(content)
+    answer = respond("get json", str(path), lambda: FACTS)
+    assert answer.exit_status == EXIT_BAD_SNAPSHOT and answer.stdout == ""
+    assert answer.stderr.startswith(f"bad snapshot from {path}: ") and reason in answer.stderr
+
+
+def test_respond_unreadable_device(tmp_path):
+    answer = respond("get", str(tmp_path), lambda: FACTS)  # a directory: read() fails
+    assert answer.exit_status == EXIT_BAD_SNAPSHOT
+    assert answer.stderr == f"cannot read {tmp_path}: Is a directory\n"
+
+
+def test_log_results_never_hold_secrets(device):
+    for command in (None, "get", "get json", "nonsense"):
+        result = respond(command, device, lambda: FACTS).result
+        assert SNAP.net_secret.hex() not in result and SNAP.syncookie_secret.hex()[:16] not in result
