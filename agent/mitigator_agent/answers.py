@@ -293,6 +293,28 @@ def _with_snapshot(device: str, render: Callable[[Snapshot], str]) -> Answer:
     return Answer(render(snap), "", EXIT_OK, "ok")
 
 
+MAX_LOGGED_VERB_CHARS = 32
+
+
+def loggable_command(command: Optional[str]) -> str:
+    """The command as the log may show it: never its arguments.
+
+    ``set;NET;SYNCOOKIE;...`` carries secrets, and a mistyped command may
+    too, so only a known command is logged whole; of anything else the log
+    keeps the verb (up to the first ``;`` or blank, at most 32 characters)
+    and says how much it left out.
+    """
+    if command is None:
+        return "(none)"
+    stripped = command.strip()
+    if stripped in (LEGACY_COMMAND, GET_COMMAND) or " ".join(stripped.split()) == GET_JSON_COMMAND:
+        return stripped
+    verb = stripped.split(";", 1)[0].split(None, 1)[0] if stripped else ""
+    verb = verb[:MAX_LOGGED_VERB_CHARS]
+    left_out = len(command) - len(verb)
+    return f"{verb}...(+{left_out} chars not logged)" if left_out else verb
+
+
 def respond(command: Optional[str], device: str, facts: Callable[[], HostFacts]) -> Answer:
     """Answer one SSH request.
 

@@ -39,7 +39,7 @@ import asyncssh
 from asyncssh.packet import SSHPacket
 
 from . import __version__, logs
-from .answers import HostFacts, respond
+from .answers import HostFacts, loggable_command, respond
 from .authkeys import DEFAULT_KEYS_PATH, KeyEntry, KeysFile
 from .clock import kernel_clock_synced
 from .hostkey import DEFAULT_HOST_KEY_PATH
@@ -394,7 +394,7 @@ class AgentSession(asyncssh.SSHServerSession):
         self._connection.log_event(
             logging.INFO if status == 0 else logging.WARNING,
             "poll",
-            command="(none)" if self._command is None else self._command,
+            command=loggable_command(self._command),
             status=status,
             result=result,
             duration_ms=f"{(time.monotonic() - self._requested_at) * 1000:.1f}",

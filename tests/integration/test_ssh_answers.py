@@ -126,14 +126,18 @@ def test_each_answer_reads_the_device_afresh(agent, client_key, snapshot):
 
 def test_every_poll_is_logged_and_no_secret_ever_is(agent, client_key, snapshot):
     start = agent.mark()
-    for command in ("get", "get json", "get-tcp-secrets", "nonsense"):
+    # `set` carries secrets as arguments (anycast mode): they must not be logged either
+    anycast = ";".join(["set", snapshot.net_secret.hex(), snapshot.syncookie_secret.hex(),
+                        snapshot.syncookie6_secret.hex(), bytes(16).hex(), "2", "1", "1", "1"])
+    for command in ("get", "get json", "get-tcp-secrets", "nonsense", anycast):
         agent.ssh(client_key, command)
     agent.asyncssh_run(client_key, "get json", host="::1")
     polls = agent.wait_for_all(r"poll src=(\S+) user=mitigator_agent instance=mitigator1 "
                                r"key=SHA256:\S+ command=(.+) status=(\d) result=.* duration_ms=[\d.]+$",
-                               5, start)
-    assert [match.group(3) for match in polls] == ["0", "0", "0", "1", "0"]
-    assert polls[4].group(1).startswith("[::1]:")
+                               6, start)
+    assert [match.group(3) for match in polls] == ["0", "0", "0", "1", "1", "0"]
+    assert polls[4].group(2).startswith('"set...(+')
+    assert polls[5].group(1).startswith("[::1]:")
     log = agent.log
     for secret in (snapshot.syncookie_secret, snapshot.syncookie6_secret, snapshot.net_secret):
         for piece in (secret.hex(), secret[:8].hex(), secret[8:].hex(), secret.hex().upper()):

@@ -212,3 +212,15 @@ def test_log_results_never_hold_secrets(device):
     for command in (None, "get", "get json", "nonsense"):
         result = respond(command, device, lambda: FACTS).result
         assert SNAP.net_secret.hex() not in result and SNAP.syncookie_secret.hex()[:16] not in result
+
+
+def test_loggable_command_keeps_arguments_out():
+    from mitigator_agent.answers import loggable_command
+    assert loggable_command(None) == "(none)"
+    assert loggable_command(" get json ") == "get json"
+    assert loggable_command("get-tcp-secrets") == "get-tcp-secrets"
+    secret = "00112233445566778899aabbccddeeff"
+    logged = loggable_command(f"set;{secret};x")
+    assert logged == f"set...(+{len(secret) + 3} chars not logged)" and secret not in logged
+    assert secret not in loggable_command(f"get {secret}")
+    assert loggable_command("x" * 100) == "x" * 32 + "...(+68 chars not logged)"
