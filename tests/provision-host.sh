@@ -10,7 +10,7 @@ set -euo pipefail
 command -v apt-get >/dev/null || { echo "provision-host: needs a Debian-like host" >&2; exit 1; }
 
 packages=(
-    build-essential kmod dkms
+    build-essential kmod dkms openssl
     qemu-system-x86 busybox-static
     openssh-client openssh-sftp-server iproute2 procps util-linux
 )
