@@ -18,7 +18,7 @@ int tcpsecrets_symbols_init(void)
 
 	err = register_kprobe(&probe);
 	if (err) {
-		pr_err("cannot locate kallsyms_lookup_name through a kprobe (error %d)\n",
+		pr_err("cannot locate kallsyms_lookup_name through a kprobe (error %d; needs CONFIG_KPROBES and CONFIG_KALLSYMS)\n",
 		       err);
 		return err;
 	}

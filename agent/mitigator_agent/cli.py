@@ -228,14 +228,23 @@ def status(keys_path: str, host_key_path: str, device: str) -> None:
 
 
 def _user_can_read(path: str, user: str) -> Tuple[bool, str]:
-    """Permission-bit check of ``path`` for another user (ACLs not considered)."""
+    """Whether ``user`` can read ``path``, and if not, why.
+
+    As root this is tried for real, in a child process that takes the
+    user's uid and groups: the tcpsecrets module decides in its open()
+    (its node may show 0444 while it admits only root and one group), so
+    mode bits alone can be wrong. Without root only the mode bits are
+    judged, and the answer says so.
+    """
     try:
         account = pwd.getpwnam(user)
     except KeyError:
         return False, f"no such user {user}"
-    st = os.stat(path)
     if account.pw_uid == 0:
         return True, ""
+    if os.geteuid() == 0:
+        return _try_read_as(path, user, account)
+    st = os.stat(path)
     groups = set(os.getgrouplist(user, account.pw_gid))
     if st.st_uid == account.pw_uid:
         allowed = bool(st.st_mode & stat.S_IRUSR)
@@ -250,7 +259,33 @@ def _user_can_read(path: str, user: str) -> Tuple[bool, str]:
     except KeyError:
         owner_group = str(st.st_gid)
     return False, (f"{path} (mode {stat.S_IMODE(st.st_mode):04o}, group {owner_group})"
-                   f" is not readable by {user}")
+                   f" is not readable by {user} (judged from mode bits; run as root to try it)")
+
+
+def _try_read_as(path: str, user: str, account: pwd.struct_passwd) -> Tuple[bool, str]:
+    """Open and read ``path`` in a forked child running as ``account``."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        os.close(read_end)
+        error = ""
+        try:
+            os.setgroups(os.getgrouplist(user, account.pw_gid))
+            os.setgid(account.pw_gid)
+            os.setuid(account.pw_uid)
+            fd = os.open(path, os.O_RDONLY)
+            os.read(fd, 4096)
+        except OSError as exc:
+            error = exc.strerror or str(exc)
+        os.write(write_end, error.encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        error = pipe.read().decode()
+    os.waitpid(child, 0)
+    if error:
+        return False, f"{path}: {error} (tried as {user})"
+    return True, ""
 
 
 def _probe_ssh_port(host: str, port: int, timeout: float) -> Optional[str]:

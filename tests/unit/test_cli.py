@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import pwd
+import shutil
 import socket
+import tempfile
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -206,5 +208,26 @@ def test_check_device_readable_by_the_agent_user(files, ntp_server, ssh_banner_p
     device.chmod(0o600)
     result = invoke("check", "--device", str(device), "--user", "nobody", "--port", str(ssh_banner_port),
                     "--ntp-server", ntp_server.address)
-    assert f"FAIL device readable by nobody: {device} (mode 0600, group " in result.stdout
+    if os.geteuid() == 0:  # tried for real, as nobody
+        assert f"FAIL device readable by nobody: {device}: Permission denied (tried as nobody)" in result.stdout
+    else:
+        assert f"FAIL device readable by nobody: {device} (mode 0600, group " in result.stdout
     assert result.exit_code == 1
+
+
+def test_check_reads_the_device_as_the_agent_user(request, ntp_server, ssh_banner_port):
+    if os.geteuid() != 0:
+        pytest.skip("trying a read as another user needs root")
+    nobody = pwd.getpwnam("nobody")
+    shared = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's tmp_path is not traversable by others
+    shared.chmod(0o755)
+    request.addfinalizer(lambda: shutil.rmtree(shared))
+    device = shared / "snapshot"
+    device.write_bytes(SNAP.to_bytes())
+    device.chmod(0o640)
+    os.chown(device, 0, nobody.pw_gid)  # group-readable, and nobody's primary group is that group
+    args = ("check", "--device", str(device), "--user", "nobody", "--port", str(ssh_banner_port),
+            "--ntp-server", ntp_server.address)
+    assert "ok   device readable by nobody" in invoke(*args).stdout
+    os.chown(device, 0, 0)
+    assert f"FAIL device readable by nobody: {device}: Permission denied (tried as nobody)" in invoke(*args).stdout
