@@ -52,6 +52,16 @@ def syn_synack(version: int, port: int, mss: int = 1460, **tcp):
     return sport, isn, synack
 
 
+def synack_between_snapshots(version: int, **syn):
+    """Snapshot, SYN to a fresh listener and its SYN-ACK, snapshot: (before, port, sport, isn, synack, after)."""
+    with packets.listener(version) as lsock:
+        port = lsock.getsockname()[1]
+        before = snapshot()
+        sport, isn, synack = syn_synack(version, port, **syn)
+        after = snapshot()
+    return before, port, sport, isn, synack, after
+
+
 def forged_cookie_ack(version: int, port: int, snap: Snapshot) -> None:
     """ACK a cookie the kernel never sent, computed as MITIGATOR would."""
     src, dst = packets.client_address(version), packets.loopback(version)
@@ -71,13 +81,8 @@ def as_user(argv: list[str], groups: list[int] = ()) -> subprocess.CompletedProc
 def test_synack_isn_is_our_cookie(tcpsecrets, syncookies, version):
     tcpsecrets()
     syncookies(2)
-    with packets.listener(version) as lsock:
-        port = lsock.getsockname()[1]
-        before = snapshot()
-        sport, isn, synack = syn_synack(
-            version, port, mss=1460,
-            options=[("SAckOK", b""), ("Timestamp", (12345, 0)), ("WScale", 7)])
-        after = snapshot()
+    before, port, sport, isn, synack, after = synack_between_snapshots(
+        version, mss=1460, options=[("SAckOK", b""), ("Timestamp", (12345, 0)), ("WScale", 7)])
     src, dst = packets.client_address(version), packets.loopback(version)
     expected = {cookies.make_cookie(s, src, dst, sport, port, isn, 1460) for s in (before, after)}
     assert synack[TCP].seq in expected
@@ -98,11 +103,7 @@ def test_synack_isn_is_our_cookie(tcpsecrets, syncookies, version):
 def test_plain_synack_isn_matches_net_secret(tcpsecrets, syncookies, version):
     tcpsecrets()
     syncookies(1)
-    with packets.listener(version) as lsock:
-        port = lsock.getsockname()[1]
-        before = snapshot()
-        sport, _, synack = syn_synack(version, port)
-        after = snapshot()
+    before, port, sport, _, synack, after = synack_between_snapshots(version)
     src, dst = packets.client_address(version), packets.loopback(version)
     lo, _ = cookies.isn_and_ts_offset(before, dst, src, port, sport)
     hi, _ = cookies.isn_and_ts_offset(after, dst, src, port, sport)
