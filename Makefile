@@ -1,9 +1,9 @@
 # Top-level entry points. `make test` sets up everything on a fresh Debian 12
 # machine (apt packages, guest kernels, the venv) and runs the whole suite.
 
-# Guest kernels the kernel tests boot (Debian package ABI names).
-TEST_KVERS ?= 6.1.0-56-amd64
-export TEST_KVERS
+# Guest kernels the kernel tests boot: tests/kernel/test-kernels, or
+# TEST_KVERS="KVER ..." to override.
+TEST_KVERS ?= $(shell sed -e 's/\#.*//' tests/kernel/test-kernels)
 
 VENV   := .venv
 PYTHON ?= python3
@@ -28,8 +28,9 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-test: provision venv
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: venv
+	kvers="$$(tests/provision-host.sh $(TEST_KVERS))" && \
+	TEST_KVERS="$$kvers" $(PY) -m pytest $(PYTEST_ARGS)
 
 # Fast loop while editing: no VM boots.
 unit: venv

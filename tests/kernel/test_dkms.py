@@ -6,7 +6,6 @@ and /lib/modules untouched; the kernel headers are the test kernel's.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,7 +16,7 @@ from . import vm
 
 pytestmark = pytest.mark.kernel
 
-KVERS = os.environ.get("TEST_KVERS", "6.1.0-56-amd64").split()
+KVERS = vm.test_kvers()
 VERSION = (vm.REPO / "kmod" / "VERSION").read_text().strip()
 
 

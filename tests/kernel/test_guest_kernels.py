@@ -9,7 +9,6 @@ guest's message.
 from __future__ import annotations
 
 import ast
-import os
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -21,7 +20,7 @@ from . import vm
 pytestmark = pytest.mark.kernel
 
 GUEST_DIR = Path(__file__).parent / "guest"
-KVERS = os.environ.get("TEST_KVERS", "6.1.0-56-amd64").split()
+KVERS = vm.test_kvers()
 
 
 def _guest_test_ids() -> list[str]:

@@ -18,6 +18,15 @@ REPO = Path(__file__).resolve().parents[2]
 BOOT_TIMEOUT = 1200  # seconds for a whole guest run under TCG
 
 
+def test_kvers() -> list[str]:
+    """Kernels to test: $TEST_KVERS (set by `make test`), else tests/kernel/test-kernels."""
+    listed = os.environ.get("TEST_KVERS")
+    if listed is None:
+        text = (Path(__file__).parent / "test-kernels").read_text()
+        listed = " ".join(line.split("#", 1)[0] for line in text.splitlines())
+    return listed.split()
+
+
 def kernel_image(kver: str) -> Path:
     return Path("/boot") / f"vmlinuz-{kver}"
 
