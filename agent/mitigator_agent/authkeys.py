@@ -266,12 +266,12 @@ def default_allowed_owners() -> FrozenSet[int]:
 
 
 def strict_modes_problem(
-    path: str, file_stat: os.stat_result, allowed_owners: FrozenSet[int]
+    path: str, file_stat: os.stat_result, allowed_owners: FrozenSet[int], label: str = "keys"
 ) -> Optional[str]:
-    """Why the keys file may not be trusted (sshd StrictModes), or None.
+    """Why the file may not be trusted (sshd StrictModes), or None.
 
     ``file_stat`` is the fstat of the opened file, so the checked file is
-    the one that is read.
+    the one that is read; ``label`` names it in the reason ("keys file ...").
     """
     if not stat.S_ISREG(file_stat.st_mode):
         return f"{path} is not a regular file"
@@ -280,9 +280,9 @@ def strict_modes_problem(
     for what, name, st in (("file", path, file_stat), ("directory", directory, dir_stat)):
         if st.st_uid not in allowed_owners:
             owners = ", ".join(str(uid) for uid in sorted(allowed_owners))
-            return f"keys {what} {name} is owned by uid {st.st_uid}, not by uid {owners}"
+            return f"{label} {what} {name} is owned by uid {st.st_uid}, not by uid {owners}"
         if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            return (f"keys {what} {name} is writable by group or others"
+            return (f"{label} {what} {name} is writable by group or others"
                     f" (mode {stat.S_IMODE(st.st_mode):04o})")
     return None
 

@@ -28,6 +28,7 @@ import click
 from . import __version__, logs
 from .answers import GET_JSON_COMMAND, validate_json_answer
 from .authkeys import DEFAULT_KEYS_PATH, KeysFile, KeysFileError, add_key, parse_keys, remove_keys
+from .config import config_option
 from .clock import DEFAULT_NTP_SERVERS, NtpUnavailable, kernel_clock_state, measure_ntp_offset
 from .hostkey import (
     DEFAULT_HOST_KEY_PATH,
@@ -76,6 +77,7 @@ def main() -> None:
 
 
 @main.command()
+@config_option
 @click.option("--listen", multiple=True, metavar="ADDR",
               help="Address to listen on (repeatable; IPv4 or IPv6). Default: all addresses.")
 @click.option("--port", type=click.IntRange(0, 65535), default=DEFAULTS.port, show_default=True,

@@ -26,7 +26,7 @@ from mitigator_agent import cookies
 from mitigator_agent.snapshot import Snapshot
 
 from . import packets
-from .conftest import PROC, open_path_to_python
+from .conftest import PROC, load, open_path_to_python, unload
 from .test_tcpsecrets import NOBODY, READER_GID, syn_synack
 
 AGENT = Path(sys.executable).with_name("mitigator-agent")
@@ -134,3 +134,15 @@ def test_agent_answers_every_command_from_the_device(agent):
                                  "tcp_timestamps", "tcp_window_scaling"]
     assert fields["net_secret"] == kernel["net_secret"]
     assert fields["syncookie_secret"] == kernel["cookie_secret"]
+
+
+def test_agent_follows_the_module_going_and_coming_back(agent):
+    port, key, proc = agent
+    unload()
+    gone = ssh(port, key, "get")
+    assert (gone.returncode, gone.stderr) == (2, "tcpsecrets module not loaded\n")
+    load(f"read_gid={READER_GID}")
+    back = ssh(port, key, "get json")
+    assert back.returncode == 0, back.stderr
+    assert json.loads(back.stdout)["net_secret"] == PROC.read_text().split("net_secret ", 1)[1][:32]
+    assert proc.poll() is None

@@ -1,0 +1,115 @@
+"""`serve --config FILE`: the file gives defaults, flags win, anything doubtful stops the agent."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from mitigator_agent.snapshot import encode
+
+from conftest import AGENT, SSH_USER, WAIT_SECONDS, ClientKey
+
+
+def write_config(workdir: Path, text: str, mode: int = 0o644) -> Path:
+    path = workdir / "agent.toml"
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def full_config(workdir: Path) -> str:
+    return (f'port = 0\nlisten = ["::1"]\nkeys = "{workdir / "keys"}"\n'
+            f'host-key = "{workdir / "host.ed25519"}"\ndevice = "{workdir / "snapshot"}"\n'
+            f'login-timeout = 5\nrate = 5.0\nburst = 10\n')
+
+
+@pytest.fixture
+def configured(workdir, snapshot, client_key):
+    (workdir / "keys").write_text(client_key.public_line + "\n")
+    (workdir / "snapshot").write_bytes(encode(snapshot))
+    return write_config(workdir, full_config(workdir))
+
+
+def serve_until_listening(*args: str) -> tuple[subprocess.Popen, list[str]]:
+    """Start serve; return it with the addresses it reports listening on (after 'starting')."""
+    proc = subprocess.Popen([AGENT, "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    listening = []
+    for line in proc.stdout:
+        found = re.search(r"listening on (\S+)$", line)
+        if found:
+            listening.append(found.group(1))
+            break
+    return proc, listening
+
+
+def stop(proc: subprocess.Popen) -> str:
+    proc.terminate()
+    out, _ = proc.communicate(timeout=WAIT_SECONDS)
+    return out
+
+
+def get(port: int, key: ClientKey) -> str:
+    async def run() -> str:
+        async with asyncssh.connect("::1", port, username=SSH_USER, client_keys=[key.key],
+                                    known_hosts=None, agent_path=None, config=None) as conn:
+            result = await conn.run("get", check=True)
+            return str(result.stdout)
+    return asyncio.run(asyncio.wait_for(run(), WAIT_SECONDS))
+
+
+def test_config_file_supplies_every_setting(configured, client_key, snapshot):
+    proc, listening = serve_until_listening("--config", str(configured))
+    try:
+        assert len(listening) == 1 and listening[0].startswith("[::1]:")
+        port = int(listening[0].rsplit(":", 1)[1])
+        lines = get(port, client_key).splitlines()  # keys, host key and device came from the file
+        assert lines[3:6] == [f"net_secret: {snapshot.net_secret.hex()}",
+                              f"syncookie_secret: {snapshot.syncookie_secret.hex()}",
+                              f"syncookie6_secret: {snapshot.syncookie6_secret.hex()}"]
+    finally:
+        stop(proc)
+
+
+def test_flags_win_over_the_config_file(configured):
+    proc, listening = serve_until_listening("--config", str(configured), "--listen", "127.0.0.1")
+    try:
+        assert len(listening) == 1 and listening[0].startswith("127.0.0.1:")
+    finally:
+        log = stop(proc)
+    assert "[::1]" not in log
+
+
+@pytest.mark.parametrize("text, message", [
+    ('colour = "blue"\n', "unknown key 'colour'"),
+    ('listen = "127.0.0.1"\n', "listen must be a list"),
+    ('port = [1, 2]\n', "port must be a single value"),
+    ('port = "seven"\n', "'seven' is not a valid integer"),
+    ("port = \n", "is not valid TOML"),
+])
+def test_a_doubtful_config_stops_the_agent(workdir, text, message):
+    path = write_config(workdir, text)
+    result = subprocess.run([AGENT, "serve", "--config", str(path)], capture_output=True, text=True,
+                            timeout=WAIT_SECONDS)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_a_config_others_could_edit_is_refused(workdir, configured):
+    configured.chmod(0o664)
+    result = subprocess.run([AGENT, "serve", "--config", str(configured)], capture_output=True, text=True,
+                            timeout=WAIT_SECONDS)
+    assert result.returncode == 2
+    assert "is writable by group or others (mode 0664)" in result.stderr
+
+
+def test_a_named_config_must_exist(workdir):
+    result = subprocess.run([AGENT, "serve", "--config", str(workdir / "absent.toml")],
+                            capture_output=True, text=True, timeout=WAIT_SECONDS)
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr
