@@ -16,7 +16,7 @@
 
 #include <linux/proc_fs.h>
 #include <linux/seq_file.h>
-#include <linux/slab.h>
+#include <linux/string.h>
 
 static void show_hex(struct seq_file *m, const char *name, const u8 *bytes,
 		     size_t n)
@@ -26,24 +26,20 @@ static void show_hex(struct seq_file *m, const char *name, const u8 *bytes,
 
 static int tcp_secrets_show(struct seq_file *m, void *v)
 {
-	struct tcpsecrets_snapshot *snap;
+	struct tcpsecrets_snapshot snap;
 
-	snap = kmalloc(sizeof(*snap), GFP_KERNEL);
-	if (!snap)
-		return -ENOMEM;
-	tcpsecrets_take_snapshot(snap);
+	tcpsecrets_take_snapshot(&snap);
 
-	seq_printf(m, "time_sec %llu\n", div_u64(snap->realtime_ns, NSEC_PER_SEC));
-	seq_printf(m, "time_ms %llu\n", div_u64(snap->realtime_ns, NSEC_PER_MSEC));
-	seq_printf(m, "uptime_ms %u\n", (u32)snap->tcp_clock_ms);
-	seq_printf(m, "jiffies %llu\n", snap->jiffies64);
-	show_hex(m, "cookie_secret", snap->syncookie_secret,
-		 sizeof(snap->syncookie_secret));
-	show_hex(m, "net_secret", snap->net_secret, sizeof(snap->net_secret));
-	show_hex(m, "timestamp_secret", snap->ts_secret,
-		 sizeof(snap->ts_secret));
+	seq_printf(m, "time_sec %llu\n", div_u64(snap.realtime_ns, NSEC_PER_SEC));
+	seq_printf(m, "time_ms %llu\n", div_u64(snap.realtime_ns, NSEC_PER_MSEC));
+	seq_printf(m, "uptime_ms %u\n", (u32)snap.tcp_clock_ms);
+	seq_printf(m, "jiffies %llu\n", snap.jiffies64);
+	show_hex(m, "cookie_secret", snap.syncookie_secret,
+		 sizeof(snap.syncookie_secret));
+	show_hex(m, "net_secret", snap.net_secret, sizeof(snap.net_secret));
+	show_hex(m, "timestamp_secret", snap.ts_secret, sizeof(snap.ts_secret));
 
-	kfree_sensitive(snap);
+	memzero_explicit(&snap, sizeof(snap));
 	return 0;
 }
 
