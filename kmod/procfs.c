@@ -6,11 +6,16 @@
  *   time_sec          CLOCK_REALTIME, seconds
  *   time_ms           CLOCK_REALTIME, milliseconds since the epoch
  *   uptime_ms         the TCP timestamp clock, ms (32 bits, as TSval)
- *   jiffies           jiffies_64
+ *   jiffies           the cookie clock in jiffies: count = jiffies / (60 * HZ)
  *   cookie_secret     both syncookie keys, 32 bytes in hex
  *   net_secret        16 bytes in hex
- *   timestamp_secret  ts_secret, 16 bytes in hex; zeros on kernels that have
- *                     none (the TS offset comes from net_secret there)
+ *   timestamp_secret  the ts_secret that keys TS offsets, 16 bytes in hex
+ *
+ * Consumers of that era derive the cookie counter from `jiffies` and the TS
+ * clock from `uptime_ms`. With cookie_clock=wall the kernel runs both on
+ * wall time, so the text reports the clocks the kernel now uses:
+ * jiffies = CLOCK_REALTIME in jiffies (its / (60 * HZ) is the wall-clock
+ * counter) and uptime_ms = the TCP clock plus the wall-clock shift.
  */
 #include "internal.h"
 
@@ -28,12 +33,17 @@ static int tcp_secrets_show(struct seq_file *m, void *v)
 {
 	struct tcpsecrets_snapshot snap;
 
+	u64 jiffies64;
+
 	tcpsecrets_take_snapshot(&snap);
+	jiffies64 = snap.jiffies64;
+	if (snap.cookie_clock == TCPSECRETS_CLOCK_WALL)
+		jiffies64 = div_u64(snap.realtime_ns, NSEC_PER_SEC / HZ);
 
 	seq_printf(m, "time_sec %llu\n", div_u64(snap.realtime_ns, NSEC_PER_SEC));
 	seq_printf(m, "time_ms %llu\n", div_u64(snap.realtime_ns, NSEC_PER_MSEC));
-	seq_printf(m, "uptime_ms %u\n", (u32)snap.tcp_clock_ms);
-	seq_printf(m, "jiffies %llu\n", snap.jiffies64);
+	seq_printf(m, "uptime_ms %u\n", (u32)snap.tcp_clock_ms + snap.ts_shift_ms);
+	seq_printf(m, "jiffies %llu\n", jiffies64);
 	show_hex(m, "cookie_secret", snap.syncookie_secret,
 		 sizeof(snap.syncookie_secret));
 	show_hex(m, "net_secret", snap.net_secret, sizeof(snap.net_secret));

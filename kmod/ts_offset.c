@@ -1,0 +1,276 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * TCP timestamp offsets from the module's own ts_secret.
+ *
+ * MITIGATOR computes the TSval of its cookie SYN-ACKs as
+ *   SipHash(ts_secret; saddr, daddr) + the server's TS clock
+ * so the server's kernel must derive its per-connection TS offset that way.
+ * Kernels up to 6.1.191 (and 5.10) do, with a ts_secret of their own;
+ * 6.1.192+ and 6.12+ instead take the offset from the upper half of the ISN
+ * SipHash keyed by net_secret, and have no ts_secret at all.
+ *
+ * So the module keeps a ts_secret on every kernel (the kernel's own where
+ * it has one, else random; replaceable by `set`) and redirects the
+ * functions that yield the offset:
+ *   - secure_tcp{,v6}_ts_off() where the kernel has a ts_secret;
+ *   - secure_tcp{,v6}_seq_and_ts_off() where it has not: the ISN half is
+ *     computed exactly as the kernel does (checked at load), the offset
+ *     half is ours.
+ * In both, offset = SipHash(ts_secret; saddr, daddr) (0 unless
+ * tcp_timestamps is 1, as the kernel does) + the wall-clock shift.
+ *
+ * The wall-clock shift (cookie_clock=wall): MITIGATOR's TS clock is the wall
+ * clock in ms, plus 5 s of margin; the kernel's is CLOCK_MONOTONIC in ms.
+ * Adding ((wall_ms - tcp_ms + 5000) & ~63) to every offset moves the
+ * kernel's TS clock onto MITIGATOR's. Rounding to 64 leaves the six low
+ * bits, where a cookie SYN-ACK encodes the client's options, untouched, so
+ * a shift that moves by a step between the SYN-ACK and the ACK still
+ * decodes them right.
+ */
+#include "internal.h"
+
+#include <linux/kernel.h>
+#include <linux/math64.h>
+#include <linux/random.h>
+#include <linux/string.h>
+#include <linux/timekeeping.h>
+#include <net/net_namespace.h>
+#include <net/secure_seq.h>
+#include <net/tcp.h>
+
+#include "compat.h"
+
+#define TS_SHIFT_MARGIN_MS 5000
+#define TS_OPTION_BITS_MASK 63U
+
+static siphash_aligned_key_t module_ts_secret;
+static bool wall;
+
+u32 tcpsecrets_ts_shift(u64 realtime_ns, u64 tcp_clock_ns)
+{
+	u32 wall_ms = div_u64(realtime_ns, NSEC_PER_MSEC);
+	u32 tcp_ms = div_u64(tcp_clock_ns, NSEC_PER_MSEC);
+
+	if (!wall)
+		return 0;
+	return (wall_ms - tcp_ms + TS_SHIFT_MARGIN_MS) & ~TS_OPTION_BITS_MASK;
+}
+
+u32 tcpsecrets_ts_shift_now(void)
+{
+	return wall ? tcpsecrets_ts_shift(ktime_get_real_ns(), tcp_clock_ns()) : 0;
+}
+
+void tcpsecrets_ts_secret_read(siphash_key_t *out)
+{
+	*out = ts_secret;
+}
+
+void tcpsecrets_ts_secret_write(const siphash_key_t *in)
+{
+	module_ts_secret = *in;
+}
+
+static bool timestamps_randomised(const struct net *net)
+{
+	return READ_ONCE(net->ipv4.sysctl_tcp_timestamps) == 1;
+}
+
+static u32 ts_off_v4(const struct net *net, __be32 saddr, __be32 daddr)
+{
+	u32 off = 0;
+
+	if (timestamps_randomised(net))
+		off = siphash_2u32((__force u32)saddr, (__force u32)daddr, &module_ts_secret);
+	return off + tcpsecrets_ts_shift_now();
+}
+
+static u32 ts_off_v6(const struct net *net, const __be32 *saddr, const __be32 *daddr)
+{
+	const struct {
+		struct in6_addr saddr;
+		struct in6_addr daddr;
+	} __aligned(SIPHASH_ALIGNMENT) message = {
+		.saddr = *(const struct in6_addr *)saddr,
+		.daddr = *(const struct in6_addr *)daddr,
+	};
+	u32 off = 0;
+
+	if (timestamps_randomised(net))
+		off = siphash(&message, sizeof(message), &module_ts_secret);
+	return off + tcpsecrets_ts_shift_now();
+}
+
+#ifdef TCPSECRETS_HAVE_SEQ_AND_TS_OFF
+
+/* The ISN half, as net/core/secure_seq.c computes it (checked at load). */
+static u32 isn_v4(__be32 saddr, __be32 daddr, __be16 sport, __be16 dport)
+{
+	u32 ports = (__force u32)sport << 16 | (__force u32)dport;
+
+	return (u32)siphash_3u32((__force u32)saddr, (__force u32)daddr, ports,
+				 tcpsecrets_net_secret()) +
+	       (u32)(ktime_get_real_ns() >> 6);
+}
+
+static u32 isn_v6(const __be32 *saddr, const __be32 *daddr, __be16 sport, __be16 dport)
+{
+	const struct {
+		struct in6_addr saddr;
+		struct in6_addr daddr;
+		__be16 sport;
+		__be16 dport;
+	} __aligned(SIPHASH_ALIGNMENT) message = {
+		.saddr = *(const struct in6_addr *)saddr,
+		.daddr = *(const struct in6_addr *)daddr,
+		.sport = sport,
+		.dport = dport,
+	};
+
+	return (u32)siphash(&message, offsetofend(typeof(message), dport),
+			    tcpsecrets_net_secret()) +
+	       (u32)(ktime_get_real_ns() >> 6);
+}
+
+static union tcp_seq_and_ts_off
+our_seq_and_ts_off_v4(const struct net *net, __be32 saddr, __be32 daddr,
+		      __be16 sport, __be16 dport)
+{
+	union tcp_seq_and_ts_off st;
+
+	st.seq = isn_v4(saddr, daddr, sport, dport);
+	st.ts_off = ts_off_v4(net, saddr, daddr);
+	return st;
+}
+
+static union tcp_seq_and_ts_off
+our_seq_and_ts_off_v6(const struct net *net, const __be32 *saddr,
+		      const __be32 *daddr, __be16 sport, __be16 dport)
+{
+	union tcp_seq_and_ts_off st;
+
+	st.seq = isn_v6(saddr, daddr, sport, dport);
+	st.ts_off = ts_off_v6(net, saddr, daddr);
+	return st;
+}
+
+static struct tcpsecrets_redirect redirects[] = {
+	{ .name = "secure_tcp_seq_and_ts_off",
+	  .from = (unsigned long)secure_tcp_seq_and_ts_off,
+	  .to = (unsigned long)our_seq_and_ts_off_v4 },
+#if IS_ENABLED(CONFIG_IPV6)
+	{ .name = "secure_tcpv6_seq_and_ts_off",
+	  .from = (unsigned long)secure_tcpv6_seq_and_ts_off,
+	  .to = (unsigned long)our_seq_and_ts_off_v6 },
+#endif
+};
+
+/*
+ * Our ISN half against the kernel's: the difference must be the clock part
+ * only, which moves by realtime_ns >> 6 between the two calls (a few us).
+ */
+static int selftest(void)
+{
+	const __be32 a4 = htonl(0xc0000201), b4 = htonl(0xc6336402);
+	const __be32 a6[4] = { htonl(0x20010db8), 0, 0, htonl(1) };
+	const __be32 b6[4] = { htonl(0x20010db8), 0, 0, htonl(2) };
+	const __be16 sport = htons(7100), dport = htons(40000);
+	u32 kernel4, ours4, kernel6 = 0, ours6 = 0;
+
+	kernel4 = secure_tcp_seq_and_ts_off(&init_net, a4, b4, sport, dport).seq;
+	ours4 = isn_v4(a4, b4, sport, dport);
+#if IS_ENABLED(CONFIG_IPV6)
+	kernel6 = secure_tcpv6_seq_and_ts_off(&init_net, a6, b6, sport, dport).seq;
+	ours6 = isn_v6(a6, b6, sport, dport);
+#endif
+	/* 2^16 ticks of 64 ns: 4 ms between the two calls is plenty. */
+	if (ours4 - kernel4 > 0x10000 || ours6 - kernel6 > 0x10000) {
+		pr_err("the kernel's ISNs differ from ours (v4 %08x vs %08x, v6 %08x vs %08x); refusing to change them\n",
+		       kernel4, ours4, kernel6, ours6);
+		return -ENOEXEC;
+	}
+	return 0;
+}
+
+#else /* the kernel has a module_ts_secret and secure_tcp{,v6}_ts_off() */
+
+static u32 our_ts_off_v4(const struct net *net, __be32 saddr, __be32 daddr)
+{
+	return ts_off_v4(net, saddr, daddr);
+}
+
+static u32 our_ts_off_v6(const struct net *net, const __be32 *saddr, const __be32 *daddr)
+{
+	return ts_off_v6(net, saddr, daddr);
+}
+
+/* secure_tcp_ts_off() is not exported: found by name when redirected. */
+static struct tcpsecrets_redirect redirects[] = {
+	{ .name = "secure_tcp_ts_off",
+	  .to = (unsigned long)our_ts_off_v4 },
+#if IS_ENABLED(CONFIG_IPV6)
+	{ .name = "secure_tcpv6_ts_off",
+	  .from = (unsigned long)secure_tcpv6_ts_off,
+	  .to = (unsigned long)our_ts_off_v6 },
+#endif
+};
+
+/*
+ * With the kernel's own ts_secret copied, our offset must be the kernel's
+ * (the IPv6 one: it is the exported function of the pair).
+ */
+static int selftest(void)
+{
+	const __be32 a6[4] = { htonl(0x20010db8), 0, 0, htonl(1) };
+	const __be32 b6[4] = { htonl(0x20010db8), 0, 0, htonl(2) };
+	u32 kernel6, ours6;
+
+	if (!timestamps_randomised(&init_net))
+		return 0;	/* the kernel returns 0: nothing to compare */
+	kernel6 = secure_tcpv6_ts_off(&init_net, a6, b6);
+	ours6 = ts_off_v6(&init_net, a6, b6);	/* no shift before the redirect */
+	if (kernel6 != ours6) {
+		pr_err("the kernel's TS offsets differ from ours (%08x vs %08x); refusing to change them\n",
+		       kernel6, ours6);
+		return -ENOEXEC;
+	}
+	return 0;
+}
+
+#endif
+
+/*
+ * kernel_ts_secret: the kernel's own, if it has one that exists by now
+ * (copied, so that offsets do not change at load), else NULL (random).
+ */
+int tcpsecrets_ts_offset_init(const siphash_key_t *kernel_ts_secret, bool use_wall)
+{
+	int err;
+
+	if (kernel_ts_secret) {
+		module_ts_secret = *kernel_ts_secret;
+		err = selftest();
+	} else {
+		get_random_bytes(&module_ts_secret, sizeof(module_ts_secret));
+		err = COMPAT_HAS_TS_SECRET ? 0 : selftest();
+	}
+	if (err)
+		goto err_wipe;
+	wall = use_wall;
+	err = tcpsecrets_redirects_on(redirects, ARRAY_SIZE(redirects));
+	if (err)
+		goto err_wipe;
+	return 0;
+
+err_wipe:
+	wall = false;
+	memzero_explicit(&module_ts_secret, sizeof(module_ts_secret));
+	return err;
+}
+
+void tcpsecrets_ts_offset_exit(void)
+{
+	tcpsecrets_redirects_off(redirects, ARRAY_SIZE(redirects));
+	wall = false;
+	memzero_explicit(&module_ts_secret, sizeof(module_ts_secret));
+}
