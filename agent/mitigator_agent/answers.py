@@ -3,25 +3,33 @@
 Commands (the SSH exec string; surrounding whitespace is ignored):
 
 ``get-tcp-secrets``, or a session with no command
-    The legacy text of the tcpsecrets module's /proc/tcp_secrets, byte for
-    byte (see :func:`legacy_text`).
+    The legacy text of the tcpsecrets module's /proc/tcp_secrets, same
+    format byte for byte; in wall mode its clocks are chosen so that a
+    tcpsecrets-era consumer lands on the counters the kernel now uses (see
+    :func:`legacy_text`).
 ``get``
-    ``key: value`` lines in the order MITIGATOR v23.08+ reads them, then
-    this agent's extra fields (see :func:`get_fields`).
+    Exactly the 11 ``key: value`` lines of isn_sync (protocol level 26.04),
+    the contract MITIGATOR v23.08+ implements (see :func:`get_fields`).
 ``get json``
-    One JSON object with everything (see :func:`json_answer`).
-``set;...``
-    Anycast secret copying; refused for now.
+    One JSON object with everything, ours included (see :func:`json_answer`).
+``set;NET;SYNCOOKIE;SYNCOOKIE6;TS;ECN;SACK;TIMESTAMPS;WSCALE``
+    Anycast: apply and store these secrets and sysctls; off unless the
+    administrator allows the polling key's instance (see anycast.py).
 anything else
     One line on stderr.
 
 Every answer that needs secrets takes one snapshot (one read() of the
-device), so all values in it were sampled together.
+device), so all values in it were sampled together.  With anycast enabled
+it first replays a stored set the module lacks, and refuses to answer while
+the stored set is unusable (anycast.Anycast.ensure).
 
 Exit statuses: 0 answered; 1 unknown command or bad usage (including a
-command that is not UTF-8, too long, and ``set``); 2 the tcpsecrets module is
-not loaded (no device); 3 the device could not be read or returned a
-snapshot this agent does not understand.
+command that is not UTF-8 or too long, and a ``set`` that is disabled, not
+allowed for this key or malformed); 2 the tcpsecrets module is not loaded
+(no device); 3 the device could not be read or returned a snapshot this
+agent does not understand; 5 anycast: the module refused the set or it
+could not be written or stored, or the stored set is unusable or could not
+be replayed (secrets are not answered until that is fixed).
 """
 
 from __future__ import annotations
@@ -30,12 +38,14 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+from .anycast import Anycast, AnycastUnavailable, SetUsageError, StoreError, parse_set_command
 from .snapshot import (
     F_NET_SECRET,
     F_SYNCOOKIE,
     F_SYNCOOKIE6,
     F_TS_SECRET,
     DeviceMissing,
+    SetError,
     Snapshot,
     SnapshotError,
     read_snapshot,
@@ -45,26 +55,30 @@ EXIT_OK = 0
 EXIT_USAGE = 1
 EXIT_NO_DEVICE = 2
 EXIT_BAD_SNAPSHOT = 3
+EXIT_ANYCAST = 5  # 4 is the server's internal error
 
 LEGACY_COMMAND = "get-tcp-secrets"
 GET_COMMAND = "get"
 GET_JSON_COMMAND = "get json"
 SET_COMMAND = "set"
-MAX_COMMAND_CHARS = 256  # longer than any command; the full `set;...` line is ~250
-JSON_SCHEMA_VERSION = 1
+MAX_COMMAND_CHARS = 256  # longer than any command; the full `set;...` line is ~210
+JSON_SCHEMA_VERSION = 2
+# The isn_sync release whose contract (get format, kernel behaviour) this
+# agent implements, answered as `version`; not this agent's own version.
+PROTOCOL_LEVEL = "26.04"
 
 NOT_LOADED_MESSAGE = "tcpsecrets module not loaded"
 SET_DISABLED_MESSAGE = "anycast set is not enabled on this agent"
-
-U32_MASK = 0xFFFFFFFF
+SET_APPLIED = "ok"
 
 
 @dataclass(frozen=True)
 class HostFacts:
     """What an answer needs besides the snapshot."""
 
-    kernel_release: str           # os.uname().release, reported as `uname`
-    agent_version: str            # this agent's version, reported as `version`
+    os_name: str                  # os.uname().sysname ("Linux"), answered as `uname`
+    kernel_release: str           # os.uname().release (get json only)
+    agent_version: str            # this agent's version (get json only)
     clock_synced: Optional[bool]  # kernel NTP state; None if unknown
 
 
@@ -78,19 +92,44 @@ class Answer:
     result: str  # short description for the log; never holds secret values
 
 
-def legacy_text(snap: Snapshot) -> str:
-    """The tcpsecrets module's /proc/tcp_secrets text.
+def legacy_jiffies(snap: Snapshot) -> int:
+    """The ``jiffies`` of the legacy text: the real jiffies64, or wall time in jiffies.
 
-    ``time_ms`` is full Unix milliseconds; ``uptime_ms`` is the TCP timestamp
-    clock truncated to 32 bits as the module printed it; ``timestamp_secret``
-    is all zeros on kernels without a ts_secret (6.1.192+), where the TS
-    offset comes from net_secret instead.
+    In wall mode realtime_ns * hz // 10**9, so that jiffies // (60 * hz) is
+    exactly the kernel's wall counter, realtime seconds // 60.
+    """
+    if snap.wall_clock:
+        return snap.realtime_ns * snap.hz // 10**9
+    return snap.jiffies64
+
+
+def legacy_text(snap: Snapshot) -> str:
+    """The tcpsecrets module's /proc/tcp_secrets text (same lines, same format).
+
+    A tcpsecrets-era consumer (MITIGATOR v20.12 to v23.02) derives the
+    cookie counter as ``jiffies // (60 * HZ)`` (HZ from its own
+    configuration, jiffies carried forward with ``time_ms``) and a TSval as
+    ``uptime_ms + SipHash(timestamp_secret; saddr, daddr)``.  The values are
+    chosen so that this lands on what the kernel does:
+
+    - ``time_sec``, ``time_ms``: the snapshot's CLOCK_REALTIME (s, full Unix ms).
+    - ``jiffies``: jiffies mode: the real jiffies64; wall mode:
+      realtime_ns * hz // 10**9 (:func:`legacy_jiffies`).
+    - ``uptime_ms``: (tcp_clock_ms + ts_shift_ms) mod 2^32, the clock the
+      kernel's TSvals count; in jiffies mode the shift is 0 and this is the
+      plain TCP timestamp clock, as before.
+    - ``timestamp_secret``: the snapshot's ts_secret — the module's, which
+      keys every TS offset when F_TS_OFFSET_HOOK is set (all zeros only
+      from an ABI-1 module on a kernel without a ts_secret).
+    - ``cookie_secret``: syncookie_secret (IPv4); ``net_secret``.
+
+    The module's /proc/tcp_secrets follows the same rule.
     """
     lines = [
         ("time_sec", snap.realtime_ns // 10**9),
         ("time_ms", snap.realtime_ns // 10**6),
-        ("uptime_ms", snap.tcp_clock_ms & U32_MASK),
-        ("jiffies", snap.jiffies64),
+        ("uptime_ms", snap.ts_clock_ms),
+        ("jiffies", legacy_jiffies(snap)),
         ("cookie_secret", snap.syncookie_secret.hex()),
         ("net_secret", snap.net_secret.hex()),
         ("timestamp_secret", snap.ts_secret.hex()),
@@ -98,24 +137,19 @@ def legacy_text(snap: Snapshot) -> str:
     return "".join(f"{name} {value}\n" for name, value in lines)
 
 
-def _synced_text(clock_synced: Optional[bool]) -> str:
-    if clock_synced is None:
-        return "unknown"
-    return "1" if clock_synced else "0"
-
-
 def get_fields(snap: Snapshot, facts: HostFacts) -> List[Tuple[str, Union[str, int]]]:
-    """The ``get`` answer's fields, in order.
+    """The ``get`` answer's fields: exactly isn_sync 26.04's 11, in its order.
 
-    First the isn_sync agent's fields (uname = kernel release, version =
-    agent version, time = snapshot wall clock in Unix seconds, secrets as
-    lowercase hex, sysctls as numbers), then: jiffies, hz, uptime_ms (as in
-    the legacy text), time_ms, isn_algorithm (``ts_secret`` or
-    ``seq_and_ts_off``), clock_synced (1, 0 or ``unknown``), abi_version.
+    ``uname`` the OS name (``Linux``), ``version`` PROTOCOL_LEVEL
+    (``26.04``), ``time`` the snapshot's wall clock in Unix seconds, the
+    four secrets as lowercase hex of their bytes in kernel memory order
+    (net 16, syncookie 2 x 16, syncookie6 2 x 16, ts 16 bytes), then the
+    sysctls tcp_ecn, tcp_sack, tcp_timestamps, tcp_window_scaling as
+    decimal numbers.  Nothing else: everything of ours is in ``get json``.
     """
     return [
-        ("uname", facts.kernel_release),
-        ("version", facts.agent_version),
+        ("uname", facts.os_name),
+        ("version", PROTOCOL_LEVEL),
         ("time", snap.realtime_ns // 10**9),
         ("net_secret", snap.net_secret.hex()),
         ("syncookie_secret", snap.syncookie_secret.hex()),
@@ -125,13 +159,6 @@ def get_fields(snap: Snapshot, facts: HostFacts) -> List[Tuple[str, Union[str, i
         ("tcp_sack", snap.tcp_sack),
         ("tcp_timestamps", snap.tcp_timestamps),
         ("tcp_window_scaling", snap.tcp_window_scaling),
-        ("jiffies", snap.jiffies64),
-        ("hz", snap.hz),
-        ("uptime_ms", snap.tcp_clock_ms & U32_MASK),
-        ("time_ms", snap.realtime_ns // 10**6),
-        ("isn_algorithm", snap.algorithm),
-        ("clock_synced", _synced_text(facts.clock_synced)),
-        ("abi_version", snap.abi_version),
     ]
 
 
@@ -145,6 +172,8 @@ JSON_FIELDS: Dict[str, str] = {
     "schema_version": "integer",
     "uname": "string",
     "version": "string",
+    "kernel_release": "string",
+    "agent_version": "string",
     "time": "integer",
     "time_ms": "integer",
     "realtime_ns": "integer",
@@ -160,46 +189,67 @@ JSON_FIELDS: Dict[str, str] = {
     "tcp_window_scaling": "integer",
     "jiffies": "integer",
     "hz": "integer",
+    "cookie_clock": "cookie clock",
     "cookie_count": "integer",
     "uptime_ms": "integer",
     "tcp_clock_ms": "integer",
+    "ts_shift_ms": "integer",
     "isn_algorithm": "string",
+    "ts_offset_hook": "boolean",
     "cookie_accept": "boolean",
+    "sendsyn_drop": "boolean",
+    "sendsyn_dropped": "integer",
+    "set_allowed": "boolean",
+    "set_generation": "integer",
     "clock_synced": "boolean or null",
     "abi_version": "integer",
     "snapshot_size": "integer",
     "flags": "integer",
 }
 SECRETS_PRESENT_KEYS = ("syncookie_secret", "syncookie6_secret", "net_secret", "ts_secret")
+COOKIE_CLOCKS = ("wall", "jiffies")
 
 
 def json_answer(snap: Snapshot, facts: HostFacts) -> Dict[str, Any]:
-    """The ``get json`` object.
+    """The ``get json`` object (schema_version 2; every key always present).
 
-    Keys (all always present):
-
-    - ``schema_version`` (1), ``uname`` (kernel release), ``version`` (agent)
+    - ``schema_version``: 2
+    - ``uname``, ``version``: as in ``get`` (OS name, PROTOCOL_LEVEL)
+    - ``kernel_release`` (``uname -r``), ``agent_version`` (this agent)
     - ``time`` (Unix s), ``time_ms`` (Unix ms), ``realtime_ns``: the
       snapshot's CLOCK_REALTIME
     - ``net_secret``, ``syncookie_secret``, ``syncookie6_secret``,
       ``ts_secret``: lowercase hex of the bytes in kernel memory order
-      (32, 64, 64, 32 hex digits); all zeros where the kernel has none
-    - ``secrets_present``: {name: bool} for those four, from the module's flags
+      (32, 64, 64, 32 hex digits)
+    - ``secrets_present``: {name: bool} for those four, from the module's
+      flags (a zero secret with false: the kernel has none)
     - ``tcp_syncookies``, ``tcp_ecn``, ``tcp_sack``, ``tcp_timestamps``,
       ``tcp_window_scaling``: init_net's sysctls
-    - ``jiffies`` (jiffies_64), ``hz``, ``cookie_count`` (jiffies / (60 hz),
-      32 bits: the SYN-cookie minute counter)
-    - ``uptime_ms`` (TCP timestamp clock, 32 bits, as in the legacy text)
-      and ``tcp_clock_ms`` (the same clock, full 64 bits)
-    - ``isn_algorithm``: ``ts_secret`` or ``seq_and_ts_off``
+    - ``jiffies`` (the real jiffies_64), ``hz`` (CONFIG_HZ)
+    - ``cookie_clock``: ``wall`` (counter = realtime s // 60) or ``jiffies``
+      (jiffies // (60 hz)); ``cookie_count``: the kernel's counter at
+      ``realtime_ns``, 32 bits
+    - ``uptime_ms``: the legacy text's value, (tcp_clock_ms + ts_shift_ms)
+      mod 2^32: the clock the kernel's TSvals count before the per-connection
+      SipHash part; ``tcp_clock_ms``: the TCP timestamp clock, 64 bits,
+      unshifted; ``ts_shift_ms``: added to every TS offset (0 in jiffies mode)
+    - ``isn_algorithm``: the kernel's own ISN/TS scheme, ``ts_secret`` or
+      ``seq_and_ts_off``; ``ts_offset_hook``: the module makes every TS
+      offset SipHash(ts_secret; saddr, daddr) + ts_shift_ms regardless
     - ``cookie_accept``: the module makes the kernel accept upstream cookies
+    - ``sendsyn_drop``: SYNs with MITIGATOR's SendSyn marker are dropped;
+      ``sendsyn_dropped``: how many were
+    - ``set_allowed``: the module accepts sets from a writer group;
+      ``set_generation``: sets applied since the module was loaded
     - ``clock_synced``: true/false from adjtimex, null if unknown
     - ``abi_version``, ``snapshot_size``, ``flags``: the module's snapshot header
     """
     return {
         "schema_version": JSON_SCHEMA_VERSION,
-        "uname": facts.kernel_release,
-        "version": facts.agent_version,
+        "uname": facts.os_name,
+        "version": PROTOCOL_LEVEL,
+        "kernel_release": facts.kernel_release,
+        "agent_version": facts.agent_version,
         "time": snap.realtime_ns // 10**9,
         "time_ms": snap.realtime_ns // 10**6,
         "realtime_ns": snap.realtime_ns,
@@ -220,11 +270,18 @@ def json_answer(snap: Snapshot, facts: HostFacts) -> Dict[str, Any]:
         "tcp_window_scaling": snap.tcp_window_scaling,
         "jiffies": snap.jiffies64,
         "hz": snap.hz,
+        "cookie_clock": snap.cookie_clock_name,
         "cookie_count": snap.cookie_count,
-        "uptime_ms": snap.tcp_clock_ms & U32_MASK,
+        "uptime_ms": snap.ts_clock_ms,
         "tcp_clock_ms": snap.tcp_clock_ms,
+        "ts_shift_ms": snap.ts_shift_ms,
         "isn_algorithm": snap.algorithm,
+        "ts_offset_hook": snap.ts_offset_hook,
         "cookie_accept": snap.cookie_accept,
+        "sendsyn_drop": snap.sendsyn_drop,
+        "sendsyn_dropped": snap.sendsyn_dropped,
+        "set_allowed": snap.set_allowed,
+        "set_generation": snap.set_generation,
         "clock_synced": facts.clock_synced,
         "abi_version": snap.abi_version,
         "snapshot_size": snap.size,
@@ -241,6 +298,7 @@ _JSON_KIND_CHECKS: Dict[str, Callable[[object], bool]] = {
     "string": lambda v: isinstance(v, str),
     "boolean": lambda v: isinstance(v, bool),
     "boolean or null": lambda v: v is None or isinstance(v, bool),
+    "cookie clock": lambda v: v in COOKIE_CLOCKS,
     "hex16": lambda v: _is_hex(v, 16),
     "hex32": lambda v: _is_hex(v, 32),
     "presence": lambda v: isinstance(v, dict) and sorted(v) == sorted(SECRETS_PRESENT_KEYS)
@@ -249,10 +307,17 @@ _JSON_KIND_CHECKS: Dict[str, Callable[[object], bool]] = {
 
 
 def validate_json_answer(obj: object) -> List[str]:
-    """Problems with a ``get json`` answer against JSON_FIELDS (empty list: valid)."""
+    """Problems with a ``get json`` answer against JSON_FIELDS (empty list: valid).
+
+    Every key must be present with its kind, and ``schema_version`` must be
+    JSON_SCHEMA_VERSION; extra keys are allowed (a newer agent may add some).
+    """
     if not isinstance(obj, dict):
         return ["answer is not a JSON object"]
     problems = []
+    version = obj.get("schema_version")
+    if _JSON_KIND_CHECKS["integer"](version) and version != JSON_SCHEMA_VERSION:
+        problems.append(f"schema_version: {version}, this agent knows {JSON_SCHEMA_VERSION}")
     for key, kind in JSON_FIELDS.items():
         if key not in obj:
             problems.append(f"{key}: missing")
@@ -279,18 +344,56 @@ def _normalise(command: Optional[str]) -> Union[Optional[str], Answer]:
     return command.strip()
 
 
-def _with_snapshot(device: str, render: Callable[[Snapshot], str]) -> Answer:
+def _error(message: str, status: int) -> Answer:
+    return Answer("", message + "\n", status, message)
+
+
+def _take_snapshot(device: str, anycast: Optional[Anycast]) -> Union[Snapshot, Answer]:
+    """One snapshot to answer from, after any replay; or the error Answer."""
     try:
         snap = read_snapshot(device)
+        if anycast is not None and anycast.ensure(snap):
+            # answer what the kernel now uses, from a snapshot taken after the replay
+            snap = read_snapshot(device)
+            if snap.set_generation == 0:
+                return _error("the tcpsecrets module reports no anycast set applied after the replay",
+                              EXIT_ANYCAST)
     except DeviceMissing:
-        return Answer("", NOT_LOADED_MESSAGE + "\n", EXIT_NO_DEVICE, NOT_LOADED_MESSAGE)
+        return _error(NOT_LOADED_MESSAGE, EXIT_NO_DEVICE)
     except SnapshotError as exc:
-        message = f"bad snapshot from {device}: {exc}"
-        return Answer("", message + "\n", EXIT_BAD_SNAPSHOT, message)
+        return _error(f"bad snapshot from {device}: {exc}", EXIT_BAD_SNAPSHOT)
+    except AnycastUnavailable as exc:
+        return _error(str(exc), EXIT_ANYCAST)
     except OSError as exc:
-        message = f"cannot read {device}: {exc.strerror or exc}"
-        return Answer("", message + "\n", EXIT_BAD_SNAPSHOT, message)
+        return _error(f"cannot read {device}: {exc.strerror or exc}", EXIT_BAD_SNAPSHOT)
+    return snap
+
+
+def _with_snapshot(device: str, render: Callable[[Snapshot], str], anycast: Optional[Anycast]) -> Answer:
+    snap = _take_snapshot(device, anycast)
+    if isinstance(snap, Answer):
+        return snap
     return Answer(render(snap), "", EXIT_OK, "ok")
+
+
+def _set(command: str, anycast: Optional[Anycast], instance: Optional[str]) -> Answer:
+    """Validate, apply and store one ``set`` (see anycast.py); no value reaches any message."""
+    if anycast is None or not anycast.enabled:
+        return _usage_error(SET_DISABLED_MESSAGE)
+    if not anycast.permits(instance):
+        return _usage_error(f"anycast set is not allowed for this key (instance {instance or '-'})",
+                            result="anycast set not allowed for this instance")
+    try:
+        values = parse_set_command(command)
+    except SetUsageError as exc:
+        return _usage_error(str(exc))
+    try:
+        anycast.apply(values)
+    except DeviceMissing:
+        return _error(NOT_LOADED_MESSAGE, EXIT_NO_DEVICE)
+    except (SetError, StoreError) as exc:
+        return _error(f"anycast set failed: {exc}", EXIT_ANYCAST)
+    return Answer(SET_APPLIED + "\n", "", EXIT_OK, "anycast set applied and stored")
 
 
 MAX_LOGGED_VERB_CHARS = 32
@@ -315,25 +418,27 @@ def loggable_command(command: Optional[str]) -> str:
     return f"{verb}...(+{left_out} chars not logged)" if left_out else verb
 
 
-def respond(command: Optional[str], device: str, facts: Callable[[], HostFacts]) -> Answer:
+def respond(command: Optional[str], device: str, facts: Callable[[], HostFacts],
+            anycast: Optional[Anycast] = None, instance: Optional[str] = None) -> Answer:
     """Answer one SSH request.
 
     ``command`` is the exec string (None for a session without a command);
     ``device`` the snapshot source; ``facts`` is called only when an answer
-    needs them.
+    needs them; ``anycast`` the anycast settings (None: anycast off);
+    ``instance`` the authenticated key's instance name (for ``set``).
     """
     checked = _normalise(command)
     if isinstance(checked, Answer):
         return checked
     if checked is None or checked == LEGACY_COMMAND:
-        return _with_snapshot(device, legacy_text)
+        return _with_snapshot(device, legacy_text, anycast)
     if checked == GET_COMMAND:
-        return _with_snapshot(device, lambda snap: get_text(snap, facts()))
+        return _with_snapshot(device, lambda snap: get_text(snap, facts()), anycast)
     if " ".join(checked.split()) == GET_JSON_COMMAND:
-        return _with_snapshot(device, lambda snap: json.dumps(json_answer(snap, facts())) + "\n")
+        return _with_snapshot(device, lambda snap: json.dumps(json_answer(snap, facts())) + "\n", anycast)
     verb = checked.split(";", 1)[0].strip()
     if verb == SET_COMMAND:
-        return _usage_error(SET_DISABLED_MESSAGE)
+        return _set(checked, anycast, instance)
     if verb == GET_COMMAND:
         return _usage_error("get takes no arguments (use `get` or `get json`)")
     return _usage_error(

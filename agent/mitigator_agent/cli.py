@@ -70,6 +70,14 @@ def _quiet_logger() -> logging.Logger:
     return logger
 
 
+def _check_instance_names(ctx: click.Context, param: click.Parameter,
+                          value: Tuple[str, ...]) -> Tuple[str, ...]:
+    """Refuse empty instance names: an empty name would match keys without a comment."""
+    if any(not name.strip() for name in value):
+        raise click.BadParameter("an instance name must not be empty", ctx=ctx, param=param)
+    return value
+
+
 @click.group()
 @click.version_option(__version__, prog_name="mitigator-agent")
 def main() -> None:
@@ -96,9 +104,15 @@ def main() -> None:
               show_default=True, help="New connections per second per source address (sustained).")
 @click.option("--burst", type=click.IntRange(min=1), default=DEFAULTS.burst, show_default=True,
               help="New connections a source address may open at once.")
+@click.option("--anycast-instance", "anycast_instances", multiple=True, metavar="NAME",
+              callback=_check_instance_names,
+              help="Key instance (the keys file line's comment) allowed to `set` (repeatable)."
+                   " None: set is disabled.")
+@click.option("--state-dir", default=DEFAULTS.state_dir, show_default=True,
+              help="Directory for the last accepted anycast set (replayed into a reloaded module).")
 def serve(listen: Tuple[str, ...], port: int, keys_path: str, host_key_path: str, device: str,
           login_timeout: float, max_unauthenticated: int, max_unauthenticated_per_source: int,
-          rate: float, burst: int) -> None:
+          rate: float, burst: int, anycast_instances: Tuple[str, ...], state_dir: str) -> None:
     """Run the SSH server (logs on stdout, one line per event)."""
     logs.setup()
     log = logs.get_logger()
@@ -106,7 +120,8 @@ def serve(listen: Tuple[str, ...], port: int, keys_path: str, host_key_path: str
                               device=device, login_timeout=login_timeout,
                               max_unauthenticated=max_unauthenticated,
                               max_unauthenticated_per_source=max_unauthenticated_per_source,
-                              rate=rate, burst=burst)
+                              rate=rate, burst=burst, anycast_instances=anycast_instances,
+                              state_dir=state_dir)
     try:
         host_key, created = load_or_create_host_key(host_key_path)
     except (HostKeyError, OSError) as exc:
@@ -115,7 +130,8 @@ def serve(listen: Tuple[str, ...], port: int, keys_path: str, host_key_path: str
     if created:
         log.info(logs.event("host-key-created", path=host_key_path))
     log.info(logs.event("starting", version=__version__, host_key=fingerprint_line(host_key),
-                        keys=keys_path, device=device))
+                        keys=keys_path, device=device,
+                        anycast=",".join(anycast_instances) if anycast_instances else "disabled"))
     try:
         asyncio.run(run_until_signalled(settings, host_key))
     except OSError as exc:
@@ -186,7 +202,9 @@ def keys_remove(keys_path: str, selector: Tuple[str, ...]) -> None:
 
 
 def _describe_snapshot(snap: Snapshot) -> str:
+    """One line about the module: ABI, HZ, algorithms, cookie clock, sets applied."""
     return (f"ABI {snap.abi_version}, HZ {snap.hz}, isn_algorithm {snap.algorithm},"
+            f" cookie_clock {snap.cookie_clock_name}, set_generation {snap.set_generation},"
             f" tcp_syncookies {snap.tcp_syncookies}")
 
 

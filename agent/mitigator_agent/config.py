@@ -9,6 +9,8 @@ TOML, one key per long flag, named as the flag without its dashes::
     device = "/dev/tcpsecrets"
     login-timeout = 10
     rate = 2.0
+    anycast-instance = ["mitigator1"]   # may send `set`; absent or empty: set disabled
+    state-dir = "/opt/mitigator_agent/state"
 
 The default file, /opt/mitigator_agent/agent.toml, may be absent. Anything
 doubtful stops the agent instead of being guessed around (a config can

@@ -7,9 +7,13 @@ Behaviour:
   keyboard-interactive and host-based authentication are not offered.
   After ``max_auth_attempts`` refused keys the connection is dropped.
 - Per connection: an exec request is answered by answers.respond (one
-  snapshot read per answer), a shell request without a PTY gets the legacy
-  text (what the tcpsecrets-era MITIGATOR expects), then the channel closes
-  with the answer's exit status.  PTYs, subsystems (sftp), env requests,
+  snapshot read per answer; ``set`` judged against the authenticated key's
+  instance name), a shell request without a PTY gets the legacy text (what
+  the tcpsecrets-era MITIGATOR expects), then the channel closes with the
+  answer's exit status.
+- Anycast (anycast.py): off unless ``anycast_instances`` names key
+  instances; at start, before listening, a stored set the module lacks is
+  replayed (and again before any answer whenever the module shows none).  PTYs, subsystems (sftp), env requests,
   port/agent/X11 forwarding are refused and logged.
 - Limits: ``login_timeout`` seconds to authenticate; at most
   ``max_unauthenticated`` connections that have not authenticated yet, and
@@ -40,6 +44,7 @@ from asyncssh.packet import SSHPacket
 
 from . import __version__, logs
 from .answers import HostFacts, loggable_command, respond
+from .anycast import DEFAULT_STATE_DIR, Anycast
 from .authkeys import DEFAULT_KEYS_PATH, KeyEntry, KeysFile
 from .clock import kernel_clock_synced
 from .hostkey import DEFAULT_HOST_KEY_PATH
@@ -67,6 +72,8 @@ class ServerSettings:
     burst: int = 20    # connections a source may open at once
     max_auth_attempts: int = 6
     max_sessions: int = 4
+    anycast_instances: Tuple[str, ...] = ()  # key instances allowed to `set`; empty: set disabled
+    state_dir: str = DEFAULT_STATE_DIR       # where the last accepted set is stored
 
 
 def plain_address(host: str) -> str:
@@ -102,11 +109,13 @@ class AgentServer:
         self._limiter = SourceRateLimiter(settings.rate, settings.burst)
         self._unauthenticated: Counter[str] = Counter()  # per source address
         self._acceptors: List[asyncssh.SSHAcceptor] = []
-        self._kernel_release = os.uname().release
+        self.anycast = Anycast(settings.anycast_instances, settings.state_dir, settings.device, self.log)
+        uname = os.uname()
+        self._os_name, self._kernel_release = uname.sysname, uname.release
 
     def host_facts(self) -> HostFacts:
         """Facts for an answer, the clock state read fresh."""
-        return HostFacts(self._kernel_release, __version__, kernel_clock_synced())
+        return HostFacts(self._os_name, self._kernel_release, __version__, kernel_clock_synced())
 
     def admit_connection(self, address: str) -> Optional[str]:
         """Count a new connection in; return why it is refused, or None."""
@@ -130,6 +139,7 @@ class AgentServer:
     async def start(self) -> List[Tuple[str, int]]:
         """Listen on every configured address; return the bound (host, port) pairs."""
         self.keys.state()  # report keys-file problems at start, not at the first poll
+        self.anycast.startup()  # a stored set goes back into the module before anyone is answered
         bound: List[Tuple[str, int]] = []
         try:
             for host in self.settings.listen or ("",):
@@ -380,7 +390,9 @@ class AgentSession(asyncssh.SSHServerSession):
         assert self._channel is not None
         server = self._connection.server
         try:
-            answer = respond(self._command, server.settings.device, server.host_facts)
+            entry = self._connection.entry
+            answer = respond(self._command, server.settings.device, server.host_facts,
+                             server.anycast, entry.instance if entry else None)
             stdout, stderr, status, result = answer.stdout, answer.stderr, answer.exit_status, answer.result
         except Exception as exc:  # a bug must not take the server down
             stdout, stderr, status = "", "internal error\n", EXIT_INTERNAL_ERROR
@@ -405,13 +417,15 @@ class AgentSession(asyncssh.SSHServerSession):
 
 
 async def run_until_signalled(settings: ServerSettings, host_key: asyncssh.SSHKey) -> None:
-    """Serve until SIGTERM or SIGINT."""
+    """Serve until SIGTERM or SIGINT (also one that arrives while starting)."""
     server = AgentServer(settings, host_key)
-    await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Before listening: once `listening on` is logged a supervisor may stop
+    # us at once, and the default action would kill the process unclean.
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    await server.start()
     await stop.wait()
     server.log.info(logs.event("stopping"))
     await server.close()

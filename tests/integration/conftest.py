@@ -22,12 +22,20 @@ from typing import Callable, Iterator, List, Optional, Sequence, Union
 import asyncssh
 import pytest
 
+from mitigator_agent.cookies import wall_ts_shift_ms
 from mitigator_agent.snapshot import (
     ABI_VERSION,
+    CLOCK_WALL,
     F_ALG_SEQ_AND_TS_OFF,
+    F_COOKIE_ACCEPT,
     F_NET_SECRET,
+    F_SENDSYN_DROP,
+    F_SET_ALLOWED,
     F_SYNCOOKIE,
     F_SYNCOOKIE6,
+    F_TS_OFFSET_HOOK,
+    F_TS_SECRET,
+    F_WALL_CLOCK,
     STRUCT_SIZE,
     Snapshot,
     encode,
@@ -42,24 +50,32 @@ LOOPBACK_VIA = {"127.0.0.1": "0.0.0.0", "::1": "::"}  # reached through a wildca
 
 
 def make_snapshot() -> Snapshot:
-    """A 6.1.192+-style snapshot with random secrets (so log greps mean something)."""
+    """The module's default on a 6.1.192+ kernel (wall clock, TS hook), random secrets.
+
+    Random secrets make the log greps mean something.  set_generation 0:
+    no anycast set applied since the module was loaded.
+    """
+    realtime_ns, tcp_clock_ms = 1_763_894_400_123_456_789, 0x1_2345_6789
     return Snapshot(
         abi_version=ABI_VERSION,
         size=STRUCT_SIZE,
-        flags=F_SYNCOOKIE | F_SYNCOOKIE6 | F_NET_SECRET | F_ALG_SEQ_AND_TS_OFF,
+        flags=(F_SYNCOOKIE | F_SYNCOOKIE6 | F_NET_SECRET | F_TS_SECRET | F_ALG_SEQ_AND_TS_OFF | F_COOKIE_ACCEPT
+               | F_WALL_CLOCK | F_TS_OFFSET_HOOK | F_SENDSYN_DROP | F_SET_ALLOWED),
         hz=250,
-        realtime_ns=1_763_894_400_123_456_789,
-        tcp_clock_ms=0x1_2345_6789,
+        realtime_ns=realtime_ns,
+        tcp_clock_ms=tcp_clock_ms,
         jiffies64=(1 << 32) - 300 * 250 + 250 * 3600,
         syncookie_secret=os.urandom(32),
         syncookie6_secret=os.urandom(32),
         net_secret=os.urandom(16),
-        ts_secret=bytes(16),
+        ts_secret=os.urandom(16),
         tcp_syncookies=2,
         tcp_timestamps=1,
         tcp_sack=1,
         tcp_window_scaling=1,
         tcp_ecn=2,
+        cookie_clock=CLOCK_WALL,
+        ts_shift_ms=wall_ts_shift_ms(realtime_ns // 10**6 - 1000, tcp_clock_ms - 1000),
     )
 
 

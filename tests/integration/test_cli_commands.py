@@ -31,7 +31,7 @@ def test_poll_pinned_fingerprint_prints_validated_json(agent, client_key, snapsh
                        "--host-fingerprint", host_fingerprint(agent))
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
-    facts = HostFacts(os.uname().release, __version__, kernel_clock_synced())
+    facts = HostFacts(os.uname().sysname, os.uname().release, __version__, kernel_clock_synced())
     assert json.loads(result.stdout) == json_answer(snapshot, facts)
 
 

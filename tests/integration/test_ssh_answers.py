@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 
 import pytest
 
-from mitigator_agent import __version__
+from mitigator_agent import __version__, cookies
 from mitigator_agent.answers import HostFacts, get_text, json_answer, legacy_text, validate_json_answer
 from mitigator_agent.clock import kernel_clock_synced
 from mitigator_agent.snapshot import encode
+from tests.emulators import LegacyConsumer, MitigatorV2308
 
 HOSTS = ["127.0.0.1", "::1"]
 
 
 def expected_facts() -> HostFacts:
-    return HostFacts(os.uname().release, __version__, kernel_clock_synced())
+    return HostFacts(os.uname().sysname, os.uname().release, __version__, kernel_clock_synced())
 
 
 @pytest.mark.parametrize("host", HOSTS)
@@ -25,9 +27,10 @@ def test_openssh_get(agent, client_key, snapshot, host):
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode() == get_text(snapshot, expected_facts())
     lines = result.stdout.decode().splitlines()
-    assert [line.split(": ")[0] for line in lines[:11]] == [
+    assert [line.split(": ")[0] for line in lines] == [
         "uname", "version", "time", "net_secret", "syncookie_secret", "syncookie6_secret",
         "ts_secret", "tcp_ecn", "tcp_sack", "tcp_timestamps", "tcp_window_scaling"]
+    assert lines[:2] == ["uname: Linux", "version: 26.04"]
     assert f"net_secret: {snapshot.net_secret.hex()}" in lines
 
 
@@ -128,7 +131,7 @@ def test_every_poll_is_logged_and_no_secret_ever_is(agent, client_key, snapshot)
     start = agent.mark()
     # `set` carries secrets as arguments (anycast mode): they must not be logged either
     anycast = ";".join(["set", snapshot.net_secret.hex(), snapshot.syncookie_secret.hex(),
-                        snapshot.syncookie6_secret.hex(), bytes(16).hex(), "2", "1", "1", "1"])
+                        snapshot.syncookie6_secret.hex(), snapshot.ts_secret.hex(), "2", "1", "1", "1"])
     for command in ("get", "get json", "get-tcp-secrets", "nonsense", anycast):
         agent.ssh(client_key, command)
     agent.asyncssh_run(client_key, "get json", host="::1")
@@ -139,6 +142,17 @@ def test_every_poll_is_logged_and_no_secret_ever_is(agent, client_key, snapshot)
     assert polls[4].group(2).startswith('"set...(+')
     assert polls[5].group(1).startswith("[::1]:")
     log = agent.log
-    for secret in (snapshot.syncookie_secret, snapshot.syncookie6_secret, snapshot.net_secret):
+    for secret in (snapshot.syncookie_secret, snapshot.syncookie6_secret, snapshot.net_secret, snapshot.ts_secret):
         for piece in (secret.hex(), secret[:8].hex(), secret[8:].hex(), secret.hex().upper()):
             assert piece not in log
+
+
+def test_emulated_mitigators_read_the_answers_they_get_over_openssh(agent, client_key, snapshot):
+    current = MitigatorV2308.from_get(agent.ssh(client_key, "get").stdout.decode())
+    client, server = ipaddress.ip_address("192.0.2.7"), ipaddress.ip_address("198.51.100.1")
+    assert current.cookie(client, server, 40000, 443, 99, 1460, snapshot.realtime_ns) == cookies.make_cookie(
+        snapshot, client, server, 40000, 443, 99, 1460)
+    legacy = LegacyConsumer.from_text(agent.ssh(client_key, "get-tcp-secrets").stdout.decode(), hz=snapshot.hz)
+    assert legacy.count(snapshot.realtime_ns) == snapshot.cookie_count
+    assert legacy.cookie(client, server, 40000, 443, 99, 1460, snapshot.realtime_ns) == cookies.make_cookie(
+        snapshot, client, server, 40000, 443, 99, 1460)

@@ -22,24 +22,31 @@ from mitigator_agent.answers import (
 )
 from mitigator_agent.snapshot import (
     ABI_VERSION,
+    CLOCK_WALL,
     F_ALG_SEQ_AND_TS_OFF,
     F_ALG_TS_SECRET,
+    F_COOKIE_ACCEPT,
     F_NET_SECRET,
+    F_SENDSYN_DROP,
     F_SYNCOOKIE,
     F_SYNCOOKIE6,
+    F_TS_OFFSET_HOOK,
     F_TS_SECRET,
+    F_WALL_CLOCK,
     STRUCT_SIZE,
     Snapshot,
     encode,
 )
 
-FACTS = HostFacts(kernel_release="6.1.0-56-amd64", agent_version="1.2.3", clock_synced=True)
+FACTS = HostFacts(os_name="Linux", kernel_release="6.1.0-56-amd64", agent_version="1.2.3", clock_synced=True)
 
-# A 6.1.192+ kernel: no ts_secret, one SipHash for ISN and TS offset.
+# The module's default on a 6.1.192+ kernel: wall cookie clock, its own
+# ts_secret keying every TS offset (the kernel's own scheme is seq_and_ts_off).
 SNAP = Snapshot(
     abi_version=ABI_VERSION,
     size=STRUCT_SIZE,
-    flags=F_SYNCOOKIE | F_SYNCOOKIE6 | F_NET_SECRET | F_ALG_SEQ_AND_TS_OFF,
+    flags=(F_SYNCOOKIE | F_SYNCOOKIE6 | F_NET_SECRET | F_TS_SECRET | F_ALG_SEQ_AND_TS_OFF | F_COOKIE_ACCEPT
+           | F_WALL_CLOCK | F_TS_OFFSET_HOOK | F_SENDSYN_DROP),
     hz=250,
     realtime_ns=1_763_894_400_123_456_789,
     tcp_clock_ms=0x1_2345_6789,
@@ -47,77 +54,123 @@ SNAP = Snapshot(
     syncookie_secret=bytes(range(32)),
     syncookie6_secret=bytes(range(32, 64)),
     net_secret=bytes(range(0xA0, 0xB0)),
-    ts_secret=bytes(16),
+    ts_secret=bytes(range(0xC0, 0xD0)),
     tcp_syncookies=2,
     tcp_timestamps=1,
     tcp_sack=1,
     tcp_window_scaling=1,
     tcp_ecn=2,
+    cookie_clock=CLOCK_WALL,
+    cookie_count=1_763_894_400 // 60,
+    # ((wall_ms - tcp_clock_ms + 5000) & ~63): (1763894400123 - 4886718345 + 5000) = 1759007686778,
+    # minus its remainder 58 modulo 64, then mod 2^32
+    ts_shift_ms=2_366_062_656,
+    set_generation=3,
+    sendsyn_dropped=17,
 )
 
+# The same kernel with the module loaded in jiffies mode: the stock clocks.
+JIFFIES_SNAP = dataclasses.replace(SNAP, flags=SNAP.flags & ~F_WALL_CLOCK, cookie_clock=0,
+                                   cookie_count=4_295_792_296 // (60 * 250), ts_shift_ms=0)
+
 LEGACY = (
+    "time_sec 1763894400\n"
+    "time_ms 1763894400123\n"
+    "uptime_ms 2957813705\n"  # (0x123456789 + ts_shift_ms) mod 2^32 = wall ms mod 2^32 + 4942
+    "jiffies 440973600030\n"   # realtime_ns * 250 // 10**9: // (60*250) gives the wall minute
+    "cookie_secret 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\n"
+    "net_secret a0a1a2a3a4a5a6a7a8a9aaabacadaeaf\n"
+    "timestamp_secret c0c1c2c3c4c5c6c7c8c9cacbcccdcecf\n"
+)
+
+LEGACY_JIFFIES = (
     "time_sec 1763894400\n"
     "time_ms 1763894400123\n"
     "uptime_ms 591751049\n"  # 0x123456789 truncated to 32 bits
     "jiffies 4295792296\n"
     "cookie_secret 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\n"
     "net_secret a0a1a2a3a4a5a6a7a8a9aaabacadaeaf\n"
-    "timestamp_secret 00000000000000000000000000000000\n"
+    "timestamp_secret c0c1c2c3c4c5c6c7c8c9cacbcccdcecf\n"
 )
 
 GET = (
-    "uname: 6.1.0-56-amd64\n"
-    "version: 1.2.3\n"
+    "uname: Linux\n"
+    "version: 26.04\n"
     "time: 1763894400\n"
     "net_secret: a0a1a2a3a4a5a6a7a8a9aaabacadaeaf\n"
     "syncookie_secret: 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\n"
     "syncookie6_secret: 202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f\n"
-    "ts_secret: 00000000000000000000000000000000\n"
+    "ts_secret: c0c1c2c3c4c5c6c7c8c9cacbcccdcecf\n"
     "tcp_ecn: 2\n"
     "tcp_sack: 1\n"
     "tcp_timestamps: 1\n"
     "tcp_window_scaling: 1\n"
-    "jiffies: 4295792296\n"
-    "hz: 250\n"
-    "uptime_ms: 591751049\n"
-    "time_ms: 1763894400123\n"
-    "isn_algorithm: seq_and_ts_off\n"
-    "clock_synced: 1\n"
-    "abi_version: 1\n"
 )
 
 
 def test_legacy_text_byte_for_byte():
     assert legacy_text(SNAP) == LEGACY
+    assert legacy_text(JIFFIES_SNAP) == LEGACY_JIFFIES
 
 
-def test_legacy_text_carries_ts_secret_on_older_kernels():
-    older = dataclasses.replace(SNAP, flags=SNAP.flags & ~F_ALG_SEQ_AND_TS_OFF | F_TS_SECRET | F_ALG_TS_SECRET,
+def test_legacy_text_of_an_abi1_module_without_ts_secret():
+    old = dataclasses.replace(JIFFIES_SNAP, abi_version=1, size=160, ts_secret=bytes(16),
+                              flags=F_SYNCOOKIE | F_SYNCOOKIE6 | F_NET_SECRET | F_ALG_SEQ_AND_TS_OFF)
+    assert legacy_text(old) == LEGACY_JIFFIES.replace("c0c1c2c3c4c5c6c7c8c9cacbcccdcecf", "0" * 32)
+    older = dataclasses.replace(old, flags=old.flags & ~F_ALG_SEQ_AND_TS_OFF | F_TS_SECRET | F_ALG_TS_SECRET,
                                 ts_secret=bytes([0xEE] * 16))
     assert legacy_text(older).endswith("timestamp_secret " + "ee" * 16 + "\n")
 
 
-def test_get_text_field_order_and_values():
+def test_legacy_text_in_wall_mode_leads_a_jiffies_consumer_to_the_wall_counter():
+    # The consumer's counter: jiffies // (60 * HZ); exactly the kernel's wall minute.
+    for realtime_ns in (SNAP.realtime_ns, 60 * 10**9 * 29_398_241 - 1, 60 * 10**9 * 29_398_241):
+        snap = dataclasses.replace(SNAP, realtime_ns=realtime_ns, cookie_count=-1)
+        jiffies = int(dict(line.split() for line in legacy_text(snap).splitlines())["jiffies"])
+        assert jiffies // (60 * 250) == snap.cookie_count == realtime_ns // (60 * 10**9)
+
+
+def test_get_text_is_exactly_the_isn_sync_lines():
     assert get_text(SNAP, FACTS) == GET
+    assert [line.split(": ")[0] for line in GET.splitlines()] == [
+        "uname", "version", "time", "net_secret", "syncookie_secret", "syncookie6_secret", "ts_secret",
+        "tcp_ecn", "tcp_sack", "tcp_timestamps", "tcp_window_scaling"]
+    assert answers.PROTOCOL_LEVEL == "26.04"
 
 
-@pytest.mark.parametrize("synced, shown", [(True, "1"), (False, "0"), (None, "unknown")])
-def test_get_clock_synced_values(synced, shown):
-    text = get_text(SNAP, dataclasses.replace(FACTS, clock_synced=synced))
-    assert f"clock_synced: {shown}\n" in text
+def test_get_text_does_not_change_with_our_facts_or_clock_mode():
+    other = HostFacts(os_name="Linux", kernel_release="7.2.13+deb14-amd64", agent_version="9.9", clock_synced=None)
+    assert get_text(SNAP, other) == get_text(JIFFIES_SNAP, FACTS) == GET
 
 
 def test_json_answer_has_documented_schema_and_values():
     obj = json_answer(SNAP, FACTS)
     assert validate_json_answer(obj) == []
     assert list(obj) == list(answers.JSON_FIELDS)
+    assert obj["schema_version"] == 2
+    assert (obj["uname"], obj["version"], obj["kernel_release"], obj["agent_version"]) == (
+        "Linux", "26.04", "6.1.0-56-amd64", "1.2.3")
     assert obj["syncookie6_secret"] == bytes(range(32, 64)).hex()
+    assert obj["ts_secret"] == bytes(range(0xC0, 0xD0)).hex()
     assert obj["secrets_present"] == {"syncookie_secret": True, "syncookie6_secret": True,
-                                      "net_secret": True, "ts_secret": False}
-    assert obj["cookie_count"] == 4_295_792_296 // (60 * 250)
-    assert (obj["uptime_ms"], obj["tcp_clock_ms"]) == (591751049, 0x1_2345_6789)
-    assert obj["isn_algorithm"] == "seq_and_ts_off" and obj["clock_synced"] is True
+                                      "net_secret": True, "ts_secret": True}
+    assert (obj["cookie_clock"], obj["cookie_count"]) == ("wall", 1_763_894_400 // 60)
+    assert obj["jiffies"] == 4_295_792_296  # the real one; only the legacy text shows wall jiffies
+    assert (obj["uptime_ms"], obj["tcp_clock_ms"], obj["ts_shift_ms"]) == (2957813705, 0x1_2345_6789,
+                                                                          2_366_062_656)
+    assert obj["isn_algorithm"] == "seq_and_ts_off" and obj["ts_offset_hook"] is True
+    assert (obj["cookie_accept"], obj["sendsyn_drop"], obj["sendsyn_dropped"]) == (True, True, 17)
+    assert (obj["set_allowed"], obj["set_generation"]) == (False, 3)
+    assert obj["clock_synced"] is True
+    assert (obj["abi_version"], obj["snapshot_size"]) == (2, 184)
     assert json.loads(json.dumps(obj)) == obj
+
+
+def test_json_answer_in_jiffies_mode():
+    obj = json_answer(JIFFIES_SNAP, FACTS)
+    assert validate_json_answer(obj) == []
+    assert (obj["cookie_clock"], obj["cookie_count"]) == ("jiffies", 4_295_792_296 // (60 * 250))
+    assert (obj["uptime_ms"], obj["ts_shift_ms"]) == (591751049, 0)
 
 
 @pytest.mark.parametrize("breakage, problem", [
@@ -128,6 +181,9 @@ def test_json_answer_has_documented_schema_and_values():
     (lambda o: o.update(syncookie_secret="AB" * 32), "syncookie_secret: expected hex32"),
     (lambda o: o.update(clock_synced=1), "clock_synced: expected boolean or null"),
     (lambda o: o["secrets_present"].pop("ts_secret"), "secrets_present: expected presence"),
+    (lambda o: o.update(cookie_clock="boot"), "cookie_clock: expected cookie clock"),
+    (lambda o: o.pop("set_generation"), "set_generation: missing"),
+    (lambda o: o.update(schema_version=1), "schema_version: 1, this agent knows 2"),
 ])
 def test_validate_json_answer_finds_problems(breakage, problem):
     obj = json_answer(SNAP, FACTS)
@@ -171,6 +227,7 @@ def test_respond_get_json(device, command):
 @pytest.mark.parametrize("command, message", [
     ("set;" + ";".join(["0"] * 8), "anycast set is not enabled on this agent\n"),
     ("set", "anycast set is not enabled on this agent\n"),
+    ("set;x", "anycast set is not enabled on this agent\n"),
     ("get;x", "get takes no arguments (use `get` or `get json`)\n"),
     ("GET", "unknown command (known: get, get json, get-tcp-secrets)\n"),
     ("", "unknown command (known: get, get json, get-tcp-secrets)\n"),

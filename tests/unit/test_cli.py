@@ -105,7 +105,8 @@ def test_status_everything_present(files):
     assert result.exit_code == 0
     assert result.stdout == (
         f"host key: {fingerprint_line(host_key)} ({files / 'host.ed25519'})\n"
-        f"module: loaded, ABI 1, HZ 250, isn_algorithm seq_and_ts_off, tcp_syncookies 2 ({files / 'snapshot'})\n"
+        f"module: loaded, ABI 2, HZ 250, isn_algorithm seq_and_ts_off, cookie_clock wall, set_generation 3,"
+        f" tcp_syncookies 2 ({files / 'snapshot'})\n"
         f"keys: 1 admitted ({files / 'keys'})\n"
         + clock_line()
     )
@@ -154,8 +155,8 @@ def test_check_all_items(files, ntp_server, ssh_banner_port):
     result = invoke("check", "--device", str(files / "snapshot"), "--port", str(ssh_banner_port),
                     "--ntp-server", ntp_server.address)
     lines = result.stdout.splitlines()
-    assert lines[0] == (f"ok   module loaded ({files / 'snapshot'}, ABI 1, HZ 250,"
-                        " isn_algorithm seq_and_ts_off, tcp_syncookies 2)")
+    assert lines[0] == (f"ok   module loaded ({files / 'snapshot'}, ABI 2, HZ 250,"
+                        " isn_algorithm seq_and_ts_off, cookie_clock wall, set_generation 3, tcp_syncookies 2)")
     assert lines[1] == "ok   device readable by the current user"
     assert lines[2] == "ok   tcp_syncookies = 2 (is 2)"
     synced = kernel_clock_state().synchronized
