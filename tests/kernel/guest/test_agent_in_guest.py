@@ -32,11 +32,11 @@ from .test_tcpsecrets import NOBODY, READER_GID, syn_synack
 AGENT = Path(sys.executable).with_name("mitigator-agent")
 
 
-@pytest.fixture
-def agent(tcpsecrets, syncookies) -> Iterator[tuple[int, Path, subprocess.Popen]]:
-    """(port, client key, process) of an agent serving /dev/tcpsecrets as nobody."""
-    tcpsecrets(f"read_gid={READER_GID}")
-    syncookies(2)
+WRITER_GID = 4243
+
+
+def serve_as_nobody(groups: list[int], extra_args: list[str] = ()) -> Iterator[tuple[int, Path, subprocess.Popen]]:
+    """(port, client key, process) of `mitigator-agent serve` on /dev/tcpsecrets as nobody."""
     home = Path(tempfile.mkdtemp(prefix="agent-"))
     os.chown(home, NOBODY, NOBODY)
     client_key = home / "client"
@@ -51,8 +51,8 @@ def agent(tcpsecrets, syncookies) -> Iterator[tuple[int, Path, subprocess.Popen]
     with log.open("w") as out:
         proc = subprocess.Popen(
             [str(AGENT), "serve", "--listen", "127.0.0.1", "--port", "0", "--keys", str(keys),
-             "--host-key", str(home / "host.ed25519"), "--device", "/dev/tcpsecrets"],
-            user=NOBODY, group=NOBODY, extra_groups=[READER_GID], stdout=out, stderr=subprocess.STDOUT)
+             "--host-key", str(home / "host.ed25519"), "--device", "/dev/tcpsecrets", *extra_args],
+            user=NOBODY, group=NOBODY, extra_groups=groups, stdout=out, stderr=subprocess.STDOUT)
     try:
         port = wait_for_port(proc, log)
         yield port, client_key, proc
@@ -60,6 +60,29 @@ def agent(tcpsecrets, syncookies) -> Iterator[tuple[int, Path, subprocess.Popen]
         proc.terminate()
         proc.wait(timeout=30)
         shutil.rmtree(home)
+
+
+@pytest.fixture
+def agent(tcpsecrets, syncookies) -> Iterator[tuple[int, Path, subprocess.Popen]]:
+    """The agent as installed for reading only (module read_gid = its group)."""
+    tcpsecrets(f"read_gid={READER_GID}")
+    syncookies(2)
+    yield from serve_as_nobody([READER_GID])
+
+
+@pytest.fixture
+def agent_with_set(tcpsecrets, syncookies) -> Iterator[tuple[int, Path, subprocess.Popen]]:
+    """The agent with anycast `set` enabled for instance mitigator1 (module write_gid too)."""
+    tcpsecrets(f"read_gid={READER_GID}", f"write_gid={WRITER_GID}")
+    syncookies(2)
+    state = Path(tempfile.mkdtemp(prefix="agent-state-"))
+    os.chown(state, NOBODY, NOBODY)
+    os.chmod(state, 0o700)
+    try:
+        yield from serve_as_nobody([READER_GID, WRITER_GID],
+                                   ["--anycast-instance", "mitigator1", "--state-dir", str(state)])
+    finally:
+        shutil.rmtree(state)
 
 
 def wait_for_port(proc: subprocess.Popen, log: Path) -> int:
@@ -90,7 +113,9 @@ def snapshot_from_answer(answer: dict) -> Snapshot:
         net_secret=bytes.fromhex(answer["net_secret"]), ts_secret=bytes.fromhex(answer["ts_secret"]),
         tcp_syncookies=answer["tcp_syncookies"], tcp_timestamps=answer["tcp_timestamps"],
         tcp_sack=answer["tcp_sack"], tcp_window_scaling=answer["tcp_window_scaling"],
-        tcp_ecn=answer["tcp_ecn"])
+        tcp_ecn=answer["tcp_ecn"], cookie_count=answer["cookie_count"],
+        ts_shift_ms=answer["ts_shift_ms"], set_generation=answer["set_generation"],
+        sendsyn_dropped=answer["sendsyn_dropped"])
 
 
 def test_agent_runs_unprivileged_and_its_answer_predicts_the_kernel_cookie(agent):
@@ -102,7 +127,8 @@ def test_agent_runs_unprivileged_and_its_answer_predicts_the_kernel_cookie(agent
     polled = ssh(port, key, "get json")
     assert polled.returncode == 0, polled.stderr
     answer = json.loads(polled.stdout)
-    assert answer["uname"] == os.uname().release and answer["cookie_accept"] is True
+    assert answer["kernel_release"] == os.uname().release and answer["cookie_accept"] is True
+    assert (answer["uname"], answer["version"], answer["cookie_clock"]) == ("Linux", "26.04", "wall")
     snap = snapshot_from_answer(answer)
 
     for version in (4, 6):

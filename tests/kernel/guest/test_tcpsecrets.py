@@ -172,17 +172,17 @@ def test_snapshot_layout_and_secrets(tcpsecrets):
                 snap.syncookie6_secret[:16], snap.syncookie6_secret[16:], snap.net_secret):
         assert key != bytes(16)
     has_ts_secret = "ts_secret" in {line.split()[2] for line in Path("/proc/kallsyms").read_text().splitlines()}
-    assert bool(snap.flags & F_TS_SECRET) == (has_ts_secret and snap.ts_secret != bytes(16))
+    # the kernel's own scheme is reported as it is ...
     assert bool(snap.flags & F_ALG_TS_SECRET) == has_ts_secret
     assert bool(snap.flags & F_ALG_SEQ_AND_TS_OFF) == (not has_ts_secret)
-    if snap.flags & F_TS_SECRET:
-        assert snap.ts_secret != bytes(16)
-    else:
-        assert snap.ts_secret == bytes(16)
+    # ... and the module's ts_secret keys every TS offset, on either scheme
+    assert snap.flags & F_TS_SECRET and snap.ts_offset_hook and snap.ts_secret != bytes(16)
+    assert snap.wall_clock and snap.cookie_count == snap.realtime_ns // (60 * 10**9)
 
 
-def test_proc_text_matches_device(tcpsecrets):
-    tcpsecrets()
+@pytest.mark.parametrize("clock", ["jiffies", "wall"])
+def test_proc_text_matches_device(tcpsecrets, clock):
+    tcpsecrets(f"cookie_clock={clock}")
     before = snapshot()
     text = PROC.read_text()
     after = snapshot()
@@ -195,8 +195,15 @@ def test_proc_text_matches_device(tcpsecrets):
     assert values["timestamp_secret"] == after.ts_secret.hex()
     assert before.realtime_ns // 10**9 <= int(values["time_sec"]) <= after.realtime_ns // 10**9
     assert before.realtime_ns // 10**6 <= int(values["time_ms"]) <= after.realtime_ns // 10**6
-    assert before.jiffies64 <= int(values["jiffies"]) <= after.jiffies64
-    uptime = int(values["uptime_ms"])
+    if clock == "jiffies":
+        assert before.jiffies64 <= int(values["jiffies"]) <= after.jiffies64
+        assert before.ts_shift_ms == after.ts_shift_ms == 0
+    else:
+        # wall mode: the cookie clock in jiffies, and the TS clock as the kernel now runs it
+        hz = after.hz
+        assert before.realtime_ns * hz // 10**9 <= int(values["jiffies"]) <= after.realtime_ns * hz // 10**9
+        assert int(values["jiffies"]) // (60 * hz) in (before.cookie_count, after.cookie_count)
+    uptime = (int(values["uptime_ms"]) - after.ts_shift_ms) & 0xFFFFFFFF
     assert (uptime - before.tcp_clock_ms) & 0xFFFFFFFF <= after.tcp_clock_ms - before.tcp_clock_ms
     assert text.endswith("\n") and all(re.fullmatch(r"[0-9a-f]+", v) for v in values.values())
 
@@ -240,7 +247,7 @@ def test_unprivileged_user_cannot_read(tcpsecrets):
         result = as_user(["cat", str(path)])
         assert result.returncode != 0 and result.stdout == b""
         assert b"Permission denied" in result.stderr
-    assert oct(DEVICE.stat().st_mode & 0o777) == "0o400"
+    assert oct(DEVICE.stat().st_mode & 0o777) == "0o600"
     assert oct(PROC.stat().st_mode & 0o777) == "0o400"
 
 
