@@ -63,7 +63,7 @@ u32 tcpsecrets_ts_shift_now(void)
 
 void tcpsecrets_ts_secret_read(siphash_key_t *out)
 {
-	*out = ts_secret;
+	*out = module_ts_secret;
 }
 
 void tcpsecrets_ts_secret_write(const siphash_key_t *in)
