@@ -143,7 +143,7 @@ def main(role: str) -> None:
         time.sleep(0.01)
     emulator = MitigatorV2308.from_get("".join(f"{k}: {v}\n" for k, v in fields.items()))
     src, dst = packets.client_address(4), packets.loopback(4)
-    with packets.listener(4, LISTEN_PORT) as lsock, packets.capture() as cap:
+    with packets.listener(4, LISTEN_PORT), packets.capture() as cap:
         before = time.time_ns()
         packets.send(packets.segment(src, dst, SYN_SPORT, LISTEN_PORT, flags="S", seq=SYN_ISN,
                                      options=[("MSS", 1460)]), dst)

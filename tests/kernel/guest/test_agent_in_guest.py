@@ -70,21 +70,6 @@ def agent(tcpsecrets, syncookies) -> Iterator[tuple[int, Path, subprocess.Popen]
     yield from serve_as_nobody([READER_GID])
 
 
-@pytest.fixture
-def agent_with_set(tcpsecrets, syncookies) -> Iterator[tuple[int, Path, subprocess.Popen]]:
-    """The agent with anycast `set` enabled for instance mitigator1 (module write_gid too)."""
-    tcpsecrets(f"read_gid={READER_GID}", f"write_gid={WRITER_GID}")
-    syncookies(2)
-    state = Path(tempfile.mkdtemp(prefix="agent-state-"))
-    os.chown(state, NOBODY, NOBODY)
-    os.chmod(state, 0o700)
-    try:
-        yield from serve_as_nobody([READER_GID, WRITER_GID],
-                                   ["--anycast-instance", "mitigator1", "--state-dir", str(state)])
-    finally:
-        shutil.rmtree(state)
-
-
 def wait_for_port(proc: subprocess.Popen, log: Path) -> int:
     """The port the agent logs once it listens (it exits on a start-up error)."""
     while proc.poll() is None:

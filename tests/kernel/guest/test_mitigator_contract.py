@@ -21,9 +21,13 @@ wire or accepts:
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import random
+import shutil
 import subprocess
+import tempfile
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -37,11 +41,10 @@ from mitigator_agent.snapshot import SetValues, write_set
 from tests.emulators import LegacyConsumer, MitigatorV2308
 
 from . import packets
-from .conftest import DEVICE, PROC, load, sysctl, unload
-from .test_agent_in_guest import agent_with_set, ssh  # noqa: F401 (fixture)
-from .test_tcpsecrets import NOBODY, READER_GID, as_user, snapshot, syn_synack
+from .conftest import DEVICE, PROC, dmesg, insmod, load, module_loaded, sysctl, unload
+from .test_agent_in_guest import WRITER_GID, serve_as_nobody, ssh
+from .test_tcpsecrets import NOBODY, READER_GID, snapshot, syn_synack
 
-WRITER_GID = 4243
 TS_SYN = dict(mss=1460, options=[("SAckOK", b""), ("Timestamp", (12345, 0)), ("WScale", 7)])
 
 
@@ -65,13 +68,32 @@ def emulated_cookie_ack(emulator, version: int, port: int, mss: int = 1460) -> N
                                  seq=(isn + 1) & 0xFFFFFFFF, ack=(cookie + 1) & 0xFFFFFFFF), dst)
 
 
-@pytest.fixture
-def contract(agent_with_set):
-    """A v23.08 emulator fed by one `get` over OpenSSH from the agent in this guest."""
-    port, key, _ = agent_with_set
-    polled = ssh(port, key, "get")
-    assert polled.returncode == 0, polled.stderr
-    return MitigatorV2308.from_get(polled.stdout)
+@pytest.fixture(scope="module")
+def contract() -> Iterator[MitigatorV2308]:
+    """A v23.08 emulator fed by one `get` over OpenSSH from the agent in this guest.
+
+    One agent for the tests below that need nothing else (an agent start
+    takes seconds under TCG); the module stays loaded with the installer's
+    parameters and tcp_syncookies=2 while they run, which they do first.
+    """
+    unload()
+    load(f"read_gid={READER_GID}", f"write_gid={WRITER_GID}")
+    syncookies_before = sysctl("tcp_syncookies")
+    sysctl("tcp_syncookies", 2)
+    state = Path(tempfile.mkdtemp(prefix="agent-state-"))
+    os.chown(state, NOBODY, NOBODY)
+    agent = serve_as_nobody([READER_GID, WRITER_GID],
+                            ["--anycast-instance", "mitigator1", "--state-dir", str(state)])
+    port, key, _ = next(agent)
+    try:
+        polled = ssh(port, key, "get")
+        assert polled.returncode == 0, polled.stderr
+        yield MitigatorV2308.from_get(polled.stdout)
+    finally:
+        agent.close()
+        shutil.rmtree(state)
+        sysctl("tcp_syncookies", syncookies_before)
+        unload()
 
 
 @pytest.mark.parametrize("version", [4, 6])
@@ -270,3 +292,50 @@ def test_rmmod_brings_back_the_jiffies_cookies(syncookies):
         stock = {cookies.make_cookie(snap, src, dst, sport, port, isn, 1460,
                                      count=(snap.jiffies64 // (60 * snap.hz)) + d) for d in (0, 1)}
         assert synack[TCP].seq in stock, f"IPv{version}: not the stock cookie after rmmod"
+
+
+def test_set_never_mixes_old_and_new_keys_under_traffic(tcpsecrets, syncookies):
+    """SYNs keep coming while two sets alternate: each SYN-ACK is wholly one set's cookie."""
+    tcpsecrets(f"write_gid={WRITER_GID}")
+    syncookies(2)
+    sets = [random_set(), random_set()]
+    write_set(str(DEVICE), sets[0])
+    base = snapshot()
+    snaps = [dataclasses.replace(base, syncookie_secret=s.syncookie_secret) for s in sets]
+    stop = threading.Event()
+    writes = []
+
+    def alternate() -> None:
+        while not stop.is_set():
+            write_set(str(DEVICE), sets[len(writes) % 2])
+            writes.append(1)
+
+    src, dst = packets.client_address(4), packets.loopback(4)
+    mixed, seen = [], {0: 0, 1: 0}
+    with packets.listener(4) as lsock:
+        port = lsock.getsockname()[1]
+        writer = threading.Thread(target=alternate)
+        writer.start()
+        try:
+            for _ in range(60):
+                sport, isn, synack = syn_synack(4, port)
+                count = snapshot().cookie_count
+                matches = [i for i, snap in enumerate(snaps) for c in (count - 1, count)
+                           if cookies.make_cookie(snap, src, dst, sport, port, isn, 1460, count=c)
+                           == synack[TCP].seq]
+                if matches:
+                    seen[matches[0]] += 1
+                else:
+                    mixed.append(synack[TCP].seq)
+        finally:
+            stop.set()
+            writer.join()
+    assert not mixed, f"{len(mixed)} SYN-ACKs matched neither set whole"
+    assert len(writes) > 10 and seen[0] and seen[1], (len(writes), seen)
+
+
+def test_bad_clock_parameter_fails_cleanly(tcpsecrets):
+    result = insmod("cookie_clock=uptime")
+    assert result.returncode != 0
+    assert not module_loaded() and not DEVICE.exists() and not PROC.exists()
+    assert "tcpsecrets: cookie_clock=uptime is not wall or jiffies" in dmesg()
