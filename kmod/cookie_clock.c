@@ -159,6 +159,19 @@ static int wall_cookie_v6_check(COMPAT_COOKIE_CHECK_PARAMS(struct ipv6hdr))
 	return check_v6(iph, th, compat_cookie_of(th), wall_count_now());
 }
 
+/* The MSS a cookie ACK carries with the kernel's current counter, or 0. */
+int tcpsecrets_cookie_mss_v4(const struct iphdr *iph, const struct tcphdr *ack)
+{
+	return check_v4(iph, ack, ntohl(ack->ack_seq) - 1,
+			wall ? wall_count_now() : jiffies_count_now());
+}
+
+int tcpsecrets_cookie_mss_v6(const struct ipv6hdr *iph, const struct tcphdr *ack)
+{
+	return check_v6(iph, ack, ntohl(ack->ack_seq) - 1,
+			wall ? wall_count_now() : jiffies_count_now());
+}
+
 #define REDIRECT(kernel_fn, ours) \
 	{ .name = #kernel_fn, .from = (unsigned long)kernel_fn, .to = (unsigned long)ours }
 

@@ -9,6 +9,8 @@
 #include <linux/siphash.h>
 #include <linux/types.h>
 #include <linux/uidgid.h>
+
+struct net;
 #include <uapi/tcpsecrets.h>
 
 #define TCPSECRETS_PROC_NAME "tcp_secrets"
@@ -45,6 +47,11 @@ int tcpsecrets_cookie_clock_init(bool wall);
 void tcpsecrets_cookie_clock_exit(void);
 bool tcpsecrets_cookie_clock_wall(void);
 u32 tcpsecrets_cookie_count(u64 realtime_ns, u64 jiffies64);
+struct iphdr;
+struct ipv6hdr;
+struct tcphdr;
+int tcpsecrets_cookie_mss_v4(const struct iphdr *iph, const struct tcphdr *ack);
+int tcpsecrets_cookie_mss_v6(const struct ipv6hdr *iph, const struct tcphdr *ack);
 
 /* ts_offset.c: TCP timestamp offsets from the module's ts_secret */
 int tcpsecrets_ts_offset_init(const siphash_key_t *kernel_ts_secret, bool wall);
@@ -53,6 +60,15 @@ u32 tcpsecrets_ts_shift(u64 realtime_ns, u64 tcp_clock_ns);
 u32 tcpsecrets_ts_shift_now(void);
 void tcpsecrets_ts_secret_read(siphash_key_t *out);
 void tcpsecrets_ts_secret_write(const siphash_key_t *in);	/* under stop_machine */
+
+/* netns.c: per-namespace cookie acceptance and refusals */
+int tcpsecrets_netns_init(bool accept_all_netns);
+void tcpsecrets_netns_exit(void);
+bool tcpsecrets_netns_accepts(const struct net *net);
+void tcpsecrets_netns_count_refused(struct net *net);
+u64 tcpsecrets_netns_refused_total(void);
+u32 tcpsecrets_netns_refusing(void);
+bool tcpsecrets_netns_accept_all(void);
 
 /* sendsyn.c: drop SYNs carrying MITIGATOR's SendSyn marker */
 int tcpsecrets_sendsyn_init(void);

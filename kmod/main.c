@@ -7,7 +7,12 @@
  */
 #include "internal.h"
 
+#include <linux/capability.h>
 #include <linux/cred.h>
+#include <linux/nsproxy.h>
+#include <linux/sched.h>
+#include <linux/user_namespace.h>
+#include <net/net_namespace.h>
 #include <linux/module.h>
 #include <linux/moduleparam.h>
 #include <linux/rcupdate.h>
@@ -33,6 +38,11 @@ module_param(cookie_clock, charp, 0444);
 MODULE_PARM_DESC(cookie_clock,
 		 "clock of the kernel's SYN cookies and TCP timestamps: wall (MITIGATOR v23.08+, default) or jiffies (the stock kernel's)");
 
+static bool accept_all_netns = true;
+module_param(accept_all_netns, bool, 0444);
+MODULE_PARM_DESC(accept_all_netns,
+		 "accept cookies in every network namespace (containers) while init_net's tcp_syncookies is 2, unless the namespace's is 0 (default: yes)");
+
 static bool drop_sendsyn = true;
 module_param(drop_sendsyn, bool, 0444);
 MODULE_PARM_DESC(drop_sendsyn,
@@ -51,14 +61,22 @@ kgid_t tcpsecrets_write_group(void)
 	return write_group;
 }
 
+/*
+ * The secrets belong to the host: a reader or writer must be in the initial
+ * network and user namespaces (no container, not even a root one), and root
+ * must hold CAP_NET_ADMIN there (a capability-less root is refused); members
+ * of the configured group need no capability.
+ */
 static bool root_or_member(kgid_t group)
 {
-	if (uid_eq(current_fsuid(), GLOBAL_ROOT_UID))
+	if (current->nsproxy->net_ns != &init_net || current_user_ns() != &init_user_ns)
+		return false;
+	if (uid_eq(current_fsuid(), GLOBAL_ROOT_UID) && capable(CAP_NET_ADMIN))
 		return true;
 	return gid_valid(group) && in_group_p(group);
 }
 
-/* Global root, or a member of the configured group. */
+/* Root with CAP_NET_ADMIN, or a member of the configured group, on the host. */
 bool tcpsecrets_may_read(void)
 {
 	return root_or_member(read_group);
@@ -116,10 +134,13 @@ static int __init tcpsecrets_init(void)
 	err = tcpsecrets_cookie_clock_init(wall);
 	if (err)
 		goto err_ts_offset;
+	err = tcpsecrets_netns_init(accept_all_netns);
+	if (err)
+		goto err_cookie_clock;
 	if (accept_cookies) {
 		err = tcpsecrets_cookie_accept_init();
 		if (err)
-			goto err_cookie_clock;
+			goto err_netns;
 	}
 	if (drop_sendsyn) {
 		err = tcpsecrets_sendsyn_init();
@@ -133,9 +154,10 @@ static int __init tcpsecrets_init(void)
 	if (err)
 		goto err_procfs;
 
-	pr_info("version %s loaded (ABI %d, cookie clock %s, cookie accept %s, SendSyn drop %s, reader gid %d, writer gid %d)\n",
+	pr_info("version %s loaded (ABI %d, cookie clock %s, cookie accept %s%s, SendSyn drop %s, reader gid %d, writer gid %d)\n",
 		TCPSECRETS_VERSION, TCPSECRETS_ABI_VERSION, wall ? "wall" : "jiffies",
 		tcpsecrets_cookie_accept_active() ? "on" : "off",
+		accept_all_netns ? " in every netns" : "",
 		tcpsecrets_sendsyn_active() ? "on" : "off", read_gid, write_gid);
 	return 0;
 
@@ -145,6 +167,8 @@ err_sendsyn:
 	tcpsecrets_sendsyn_exit();
 err_cookie_accept:
 	tcpsecrets_cookie_accept_exit();
+err_netns:
+	tcpsecrets_netns_exit();
 err_cookie_clock:
 	tcpsecrets_cookie_clock_exit();
 err_ts_offset:
@@ -160,6 +184,7 @@ static void __exit tcpsecrets_exit(void)
 	tcpsecrets_procfs_exit();
 	tcpsecrets_sendsyn_exit();
 	tcpsecrets_cookie_accept_exit();
+	tcpsecrets_netns_exit();
 	tcpsecrets_cookie_clock_exit();
 	tcpsecrets_ts_offset_exit();
 	/*

@@ -181,6 +181,11 @@ void tcpsecrets_take_snapshot(struct tcpsecrets_snapshot *snap)
 		snap->flags |= TCPSECRETS_F_SENDSYN_DROP;
 	if (gid_valid(tcpsecrets_write_group()))
 		snap->flags |= TCPSECRETS_F_SET_ALLOWED;
+	if (tcpsecrets_netns_accept_all())
+		snap->flags |= TCPSECRETS_F_ACCEPT_ALL_NETNS;
+	snap->netns_inum = init_net.ns.inum;
+	snap->netns_refusing = tcpsecrets_netns_refusing();	/* takes a mutex: not under the lock */
+	snap->cookies_refused = tcpsecrets_netns_refused_total();
 	snap->cookie_clock = tcpsecrets_cookie_clock_wall() ? TCPSECRETS_CLOCK_WALL
 							    : TCPSECRETS_CLOCK_JIFFIES;
 

@@ -201,6 +201,10 @@ JSON_FIELDS: Dict[str, str] = {
     "sendsyn_dropped": "integer",
     "set_allowed": "boolean",
     "set_generation": "integer",
+    "accept_all_netns": "boolean",
+    "netns_inum": "integer",
+    "netns_refusing": "integer",
+    "cookies_refused": "integer",
     "clock_synced": "boolean or null",
     "abi_version": "integer",
     "snapshot_size": "integer",
@@ -241,6 +245,13 @@ def json_answer(snap: Snapshot, facts: HostFacts) -> Dict[str, Any]:
       ``sendsyn_dropped``: how many were
     - ``set_allowed``: the module accepts sets from a writer group;
       ``set_generation``: sets applied since the module was loaded
+    - ``accept_all_netns``: cookies are accepted in every network namespace
+      (containers) while init_net's tcp_syncookies is 2, unless a namespace
+      set its own to 0; ``netns_inum``: the reader's network namespace (the
+      module serves only the initial one, net:[N]); ``netns_refusing``: how
+      many namespaces would refuse MITIGATOR's cookies now (the module's
+      /proc/tcpsecrets_netns names them); ``cookies_refused``: valid cookie
+      ACKs refused in any namespace since the module was loaded
     - ``clock_synced``: true/false from adjtimex, null if unknown
     - ``abi_version``, ``snapshot_size``, ``flags``: the module's snapshot header
     """
@@ -282,6 +293,10 @@ def json_answer(snap: Snapshot, facts: HostFacts) -> Dict[str, Any]:
         "sendsyn_dropped": snap.sendsyn_dropped,
         "set_allowed": snap.set_allowed,
         "set_generation": snap.set_generation,
+        "accept_all_netns": snap.accept_all_netns,
+        "netns_inum": snap.netns_inum,
+        "netns_refusing": snap.netns_refusing,
+        "cookies_refused": snap.cookies_refused,
         "clock_synced": facts.clock_synced,
         "abi_version": snap.abi_version,
         "snapshot_size": snap.size,

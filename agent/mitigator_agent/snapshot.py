@@ -7,9 +7,10 @@ needed), so the kernel and the agent can never disagree about offsets.
 A snapshot comes from one ``read()`` of ``/dev/tcpsecrets`` or of a regular
 file holding one (tests and demos).  Two ABI versions are understood:
 
-- ABI 2 (this header, 184 bytes): adds the clocks the kernel's cookies and
+- ABI 2 (this header, 200 bytes): adds the clocks the kernel's cookies and
   timestamps run on (``cookie_clock``, ``cookie_count``, ``ts_shift_ms``),
-  ``set_generation`` and ``sendsyn_dropped``.
+  ``set_generation``, ``sendsyn_dropped``, and the network-namespace view
+  (``netns_inum``, ``netns_refusing``, ``cookies_refused``).
 - ABI 1 (160 bytes, the first module generation; recorded test vectors
   come from it): decoded with the ABI-2 fields as that module behaved —
   jiffies cookie clock, ``cookie_count = jiffies64 // (60 * hz)``, no TS
@@ -97,6 +98,7 @@ F_WALL_CLOCK: int = _lib.TCPSECRETS_F_WALL_CLOCK
 F_TS_OFFSET_HOOK: int = _lib.TCPSECRETS_F_TS_OFFSET_HOOK
 F_SENDSYN_DROP: int = _lib.TCPSECRETS_F_SENDSYN_DROP
 F_SET_ALLOWED: int = _lib.TCPSECRETS_F_SET_ALLOWED
+F_ACCEPT_ALL_NETNS: int = _lib.TCPSECRETS_F_ACCEPT_ALL_NETNS
 
 CLOCK_JIFFIES: int = _lib.TCPSECRETS_CLOCK_JIFFIES
 CLOCK_WALL: int = _lib.TCPSECRETS_CLOCK_WALL
@@ -163,6 +165,9 @@ class Snapshot:
     ts_shift_ms: int = 0
     set_generation: int = 0
     sendsyn_dropped: int = 0
+    netns_inum: int = 0
+    netns_refusing: int = 0
+    cookies_refused: int = 0
 
     def __post_init__(self) -> None:
         # frozen: __post_init__ is the one place fields are set after construction
@@ -209,6 +214,11 @@ class Snapshot:
         return bool(self.flags & F_SENDSYN_DROP)
 
     @property
+    def accept_all_netns(self) -> bool:
+        """Whether cookies are accepted in every netns while init_net's tcp_syncookies is 2."""
+        return bool(self.flags & F_ACCEPT_ALL_NETNS)
+
+    @property
     def set_allowed(self) -> bool:
         """Whether the module lets a writer group apply a tcpsecrets_set."""
         return bool(self.flags & F_SET_ALLOWED)
@@ -251,7 +261,9 @@ def decode(data: bytes) -> Snapshot:
     newer = {}
     if s.abi_version == ABI_VERSION:
         newer = dict(cookie_clock=s.cookie_clock, cookie_count=s.cookie_count, ts_shift_ms=s.ts_shift_ms,
-                     set_generation=s.set_generation, sendsyn_dropped=s.sendsyn_dropped)
+                     set_generation=s.set_generation, sendsyn_dropped=s.sendsyn_dropped,
+                     netns_inum=s.netns_inum, netns_refusing=s.netns_refusing,
+                     cookies_refused=s.cookies_refused)
     elif s.flags & F_WALL_CLOCK:
         raise SnapshotError("ABI 1 snapshot claims a wall cookie clock")
     try:

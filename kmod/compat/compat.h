@@ -11,6 +11,8 @@
 #include <linux/kprobes.h>
 #include <linux/ptrace.h>
 #include <linux/proc_fs.h>
+#include <net/net_namespace.h>
+#include <linux/siphash.h>
 #include <net/secure_seq.h>
 
 /* Supported edges: hard errors, each naming what is missing. */
@@ -38,10 +40,20 @@
 #error "tcpsecrets is built and tested for x86_64 only"
 #endif
 
-/* First argument of a probed function, at its entry. */
+/* The kernel's aligned SipHash key type, where its headers lack the name. */
+#ifndef TCPSECRETS_HAVE_SIPHASH_ALIGNED_KEY
+#define siphash_aligned_key_t siphash_key_t __aligned(16)
+#endif
+
+/* Arguments of a probed function, at its entry. */
 static inline unsigned long compat_kprobe_arg0(struct pt_regs *regs)
 {
 	return regs_get_kernel_argument(regs, 0);
+}
+
+static inline unsigned long compat_kprobe_arg1(struct pt_regs *regs)
+{
+	return regs_get_kernel_argument(regs, 1);
 }
 
 /*
@@ -58,7 +70,7 @@ typedef struct ftrace_regs compat_ftrace_regs_t;
 #endif
 #else
 typedef struct pt_regs compat_ftrace_regs_t;
-#define compat_ftrace_resume_at(regs, ip) ((regs)->ip = (ip))
+#define compat_ftrace_resume_at(regs, addr) ((regs)->ip = (addr))
 #endif
 
 #ifdef CONFIG_HAVE_DYNAMIC_FTRACE_WITH_ARGS

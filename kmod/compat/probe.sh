@@ -41,6 +41,10 @@ has include/linux/ftrace.h 'struct ftrace_regs' &&
   has include/linux/ftrace_regs.h 'ftrace_regs_set_instruction_pointer' ||
   has arch/x86/include/asm/ftrace.h 'ftrace_regs_set_instruction_pointer'; } &&
 	echo -DTCPSECRETS_HAVE_FTRACE_REGS_SET_IP
+# The 16-byte-aligned SipHash key type the kernel declares its secrets with
+# (not yet in 5.10).
+has include/linux/siphash.h 'siphash_aligned_key_t' &&
+	echo -DTCPSECRETS_HAVE_SIPHASH_ALIGNED_KEY
 # __cookie_v{4,6}_check() took the cookie as an argument until 6.8; since
 # then they read it from the ACK themselves.
 has_decl include/net/tcp.h '__cookie_v4_check([^)]*u32 cookie)' &&

@@ -162,7 +162,7 @@ def test_json_answer_has_documented_schema_and_values():
     assert (obj["cookie_accept"], obj["sendsyn_drop"], obj["sendsyn_dropped"]) == (True, True, 17)
     assert (obj["set_allowed"], obj["set_generation"]) == (False, 3)
     assert obj["clock_synced"] is True
-    assert (obj["abi_version"], obj["snapshot_size"]) == (2, 184)
+    assert (obj["abi_version"], obj["snapshot_size"]) == (2, 200)
     assert json.loads(json.dumps(obj)) == obj
 
 

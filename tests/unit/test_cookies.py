@@ -88,7 +88,7 @@ def test_cookie_tsval_encodes_options_below_the_clock():
 def wall_mode(vector: dict, **changes: object):
     """The vector's kernel with an ABI-2 module in wall mode (hook on, ts_secret of its own)."""
     old = decode(bytes.fromhex(vector["snapshot"]))
-    fields = dict(abi_version=2, size=184, flags=old.flags | F_WALL_CLOCK | F_TS_OFFSET_HOOK | F_TS_SECRET,
+    fields = dict(abi_version=2, size=200, flags=old.flags | F_WALL_CLOCK | F_TS_OFFSET_HOOK | F_TS_SECRET,
                   cookie_clock=CLOCK_WALL, cookie_count=DERIVED, ts_secret=bytes(range(0x30, 0x40)),
                   ts_shift_ms=cookies.wall_ts_shift_ms(old.realtime_ns // 10**6, old.tcp_clock_ms))
     fields.update(changes)

@@ -40,7 +40,7 @@ KERNEL_SNAPSHOT = bytes.fromhex(json.loads(
 def abi2(**changes: object) -> snapshot.Snapshot:
     """The recorded kernel's values as an ABI-2 module in wall mode would report them."""
     old = decode(KERNEL_SNAPSHOT)
-    fields = dict(abi_version=2, size=184, flags=old.flags | snapshot.F_WALL_CLOCK | snapshot.F_TS_OFFSET_HOOK,
+    fields = dict(abi_version=2, size=200, flags=old.flags | snapshot.F_WALL_CLOCK | snapshot.F_TS_OFFSET_HOOK,
                   cookie_clock=CLOCK_WALL, cookie_count=old.realtime_ns // (60 * 10**9),
                   ts_shift_ms=123 * 64, set_generation=2, sendsyn_dropped=(1 << 40) + 5)
     fields.update(changes)
@@ -54,7 +54,7 @@ VALUES = SetValues(net_secret=bytes(range(16)), syncookie_secret=bytes(range(16,
 
 def test_struct_layout_is_the_abi():
     # Offsets are ABI: a change here breaks deployed agents or modules.
-    assert (snapshot.STRUCT_SIZE, snapshot.ABI1_SIZE, snapshot.ABI_VERSION) == (184, 160, 2)
+    assert (snapshot.STRUCT_SIZE, snapshot.ABI1_SIZE, snapshot.ABI_VERSION) == (200, 160, 2)
     ffi = snapshot._ffi
     offsets = {name: ffi.offsetof("struct tcpsecrets_snapshot", name) for name in (
         "magic", "abi_version", "size", "flags", "hz", "realtime_ns", "tcp_clock_ms", "jiffies64",
@@ -104,7 +104,7 @@ def test_decodes_the_recorded_abi1_kernel_snapshot_as_abi1():
 def test_abi2_round_trip_and_fields():
     snap = abi2()
     data = encode(snap)
-    assert len(data) == 184 and data[:160] != KERNEL_SNAPSHOT  # version and size differ
+    assert len(data) == 200 and data[:160] != KERNEL_SNAPSHOT  # version and size differ
     back = decode(data)
     assert back == snap
     assert back.wall_clock and back.ts_offset_hook and back.cookie_clock_name == "wall"
@@ -150,7 +150,7 @@ def test_clock_field_and_flag_must_agree():
 
 
 def test_a_larger_newer_struct_is_read_up_to_what_we_know():
-    for base, known in ((KERNEL_SNAPSHOT, 160), (encode(abi2()), 184)):
+    for base, known in ((KERNEL_SNAPSHOT, 160), (encode(abi2()), 200)):
         grown = bytearray(base + b"\x01" * 24)
         grown[6:8] = (known + 24).to_bytes(2, "little")
         assert dataclasses.replace(decode(bytes(grown)), size=known) == decode(base)
@@ -159,7 +159,7 @@ def test_a_larger_newer_struct_is_read_up_to_what_we_know():
 def test_abi2_needs_its_whole_struct():
     short = bytearray(encode(abi2())[:160])
     short[6:8] = (160).to_bytes(2, "little")
-    with pytest.raises(SnapshotError, match="ABI 2 needs at least 184"):
+    with pytest.raises(SnapshotError, match="ABI 2 needs at least 200"):
         decode(bytes(short))
 
 
@@ -231,10 +231,10 @@ def test_decode_set_refuses_what_the_module_would(damage, message):
 
 def test_write_set_to_a_regular_file_writes_the_struct_once(tmp_path):
     path = tmp_path / "device"
-    path.write_bytes(b"\xff" * 184)  # a snapshot file standing in for the device
+    path.write_bytes(b"\xff" * 200)  # a snapshot file standing in for the device
     write_set(str(path), VALUES)
     data = path.read_bytes()
-    assert decode_set(data[:120]) == VALUES and data[120:] == b"\xff" * 64  # one write at offset 0
+    assert decode_set(data[:120]) == VALUES and data[120:] == b"\xff" * 80  # one write at offset 0
 
 
 def test_write_set_error_mapping(tmp_path, monkeypatch):

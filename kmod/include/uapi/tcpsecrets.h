@@ -47,6 +47,7 @@ typedef int32_t __s32;
 #define TCPSECRETS_F_TS_OFFSET_HOOK 0x40000
 #define TCPSECRETS_F_SENDSYN_DROP 0x80000	/* SYNs carrying MITIGATOR's SendSyn marker are dropped */
 #define TCPSECRETS_F_SET_ALLOWED 0x100000	/* a writer group may apply a tcpsecrets_set */
+#define TCPSECRETS_F_ACCEPT_ALL_NETNS 0x200000	/* cookies accepted in every netns while init_net is at 2 */
 
 /* cookie_clock values */
 #define TCPSECRETS_CLOCK_JIFFIES 0		/* the stock kernel: jiffies_64 / (60 * HZ) */
@@ -84,6 +85,11 @@ struct tcpsecrets_snapshot {
 	__u32 ts_shift_ms;		/* added to every TS offset (wall clock only; else 0) */
 	__u32 set_generation;		/* tcpsecrets_set writes applied since load (0: none) */
 	__u64 sendsyn_dropped;		/* SYNs dropped for MITIGATOR's SendSyn marker */
+
+	/* network namespaces (readers are always in init_net) */
+	__u32 netns_inum;		/* the reader's (= the initial) netns inode, as in net:[N] */
+	__u32 netns_refusing;		/* namespaces that would refuse cookies now */
+	__u64 cookies_refused;		/* valid cookie ACKs refused in any namespace since load */
 };
 
 /*

@@ -1,16 +1,20 @@
-"""Hand-made TCP segments on the loopback interface of a test guest.
+"""Hand-made TCP segments in a test guest, and network namespaces to send them to.
 
 Packets are crafted with scapy, sent through a raw socket and captured with
-a packet socket on `lo`, so the kernel under test sees exactly what a remote
-client (or MITIGATOR answering for us) would send.
+a packet socket (on `lo`, or the host end of a veth pair), so the kernel
+under test sees exactly what a remote client (or MITIGATOR answering for us)
+would send. A "container" is a network namespace behind a veth pair.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import ctypes
+import os
 import random
 import select
 import socket
+import subprocess
 import time
 from contextlib import contextmanager
 from typing import Iterator, Union
@@ -48,9 +52,9 @@ def send(packet: bytes, dst: Address) -> None:
 
 
 @contextmanager
-def capture() -> Iterator[socket.socket]:
+def capture(interface: str = "lo") -> Iterator[socket.socket]:
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
-    sock.bind(("lo", 0))
+    sock.bind((interface, 0))
     try:
         yield sock
     finally:
@@ -74,11 +78,11 @@ def wait_for(sock: socket.socket, version: int, dport: int, timeout: float = 5.0
     return None
 
 
-def listener(version: int, port: int = 0) -> socket.socket:
+def listener(version: int, port: int = 0, address: Address | None = None) -> socket.socket:
     family = socket.AF_INET if version == 4 else socket.AF_INET6
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((str(loopback(version)), port))
+    sock.bind((str(address or loopback(version)), port))
     sock.listen(16)
     return sock
 
@@ -92,3 +96,68 @@ def accepts(sock: socket.socket, timeout: float = 2.0) -> bool:
         return False
     conn.close()
     return True
+
+
+LIBC = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+
+@contextmanager
+def inside(name: str) -> Iterator[None]:
+    """Run the calling thread in the network namespace `name` (sockets made here stay there)."""
+    home = os.open("/proc/self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        assert LIBC.setns(target, CLONE_NEWNET) == 0, os.strerror(ctypes.get_errno())
+        yield
+    finally:
+        assert LIBC.setns(home, CLONE_NEWNET) == 0
+        os.close(target)
+        os.close(home)
+
+
+@contextmanager
+def netns(name: str) -> Iterator[str]:
+    """A fresh network namespace `name` with lo up, deleted afterwards; yields its name.
+
+    Only its sockets live there (see inside()): the secrets cannot be read
+    from a namespace other than the host's.
+    """
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+# A container: its namespace reached from the host through a veth pair.
+HOST_SIDE = {4: ipaddress.ip_address("10.200.0.1"), 6: ipaddress.ip_address("fd00:200::1")}
+CONTAINER_SIDE = {4: ipaddress.ip_address("10.200.0.2"), 6: ipaddress.ip_address("fd00:200::2")}
+HOST_VETH = "tsveth0"
+
+
+@contextmanager
+def container(name: str) -> Iterator[str]:
+    """A network namespace behind a veth pair (addresses above); yields its name."""
+    ip = ["ip"]
+    subprocess.run(ip + ["netns", "add", name], check=True)
+    try:
+        for command in (
+            ["link", "add", HOST_VETH, "type", "veth", "peer", "name", "eth0", "netns", name],
+            ["addr", "add", f"{HOST_SIDE[4]}/24", "dev", HOST_VETH],
+            ["addr", "add", f"{HOST_SIDE[6]}/64", "dev", HOST_VETH, "nodad"],
+            ["link", "set", HOST_VETH, "up"],
+            ["-n", name, "addr", "add", f"{CONTAINER_SIDE[4]}/24", "dev", "eth0"],
+            ["-n", name, "addr", "add", f"{CONTAINER_SIDE[6]}/64", "dev", "eth0", "nodad"],
+            ["-n", name, "link", "set", "eth0", "up"],
+            ["-n", name, "link", "set", "lo", "up"],
+        ):
+            subprocess.run(ip + command, check=True)
+        yield name
+    finally:
+        subprocess.run(ip + ["netns", "del", name], check=True)  # takes the veth pair with it
+
+
+def set_sysctl_in(name: str, sysctl: str, value: int) -> None:
+    subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw", f"net.ipv4.{sysctl}={value}"], check=True)

@@ -20,7 +20,6 @@ wire or accepts:
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import os
 import random
@@ -29,7 +28,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -166,27 +165,6 @@ def test_jiffies_mode_is_the_stock_counter(tcpsecrets, syncookies):
 
 
 # SendSyn: MITIGATOR's marked SYNs never reach TCP; every other SYN does.
-LIBC = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET = 0x40000000
-
-
-@contextmanager
-def netns(name: str) -> Iterator[None]:
-    """Run the calling thread in a fresh network namespace `name`, with lo up."""
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    home = os.open("/proc/self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        assert LIBC.setns(target, CLONE_NEWNET) == 0, os.strerror(ctypes.get_errno())
-        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
-        yield
-    finally:
-        assert LIBC.setns(home, CLONE_NEWNET) == 0
-        os.close(target)
-        os.close(home)
-        subprocess.run(["ip", "netns", "del", name], check=True)
-
-
 def answered(version: int, urgptr: int) -> bool:
     src, dst = packets.client_address(version), packets.loopback(version)
     with packets.listener(version) as lsock, packets.capture() as cap:
@@ -201,12 +179,17 @@ def answered(version: int, urgptr: int) -> bool:
 def test_sendsyn_marked_syn_is_dropped_and_counted(tcpsecrets, syncookies, version, where):
     tcpsecrets()
     syncookies(2)
-    with netns(f"sendsyn{version}") if where != "init_net" else nullcontext():
+    with packets.netns(f"sendsyn{version}") if where != "init_net" else nullcontext() as name:
+        there = (lambda: packets.inside(name)) if name else nullcontext
         start = snapshot().sendsyn_dropped
-        assert not answered(version, urgptr=0x0001), "a SendSyn-marked SYN was answered"
+        with there():
+            marked = answered(version, urgptr=0x0001)
+        assert not marked, "a SendSyn-marked SYN was answered"
         assert snapshot().sendsyn_dropped == start + 1
         for other in (0, 0x0100, 0x0002, 0xFFFF):
-            assert answered(version, urgptr=other), f"SYN with urgent pointer {other:#06x} dropped"
+            with there():
+                unmarked = answered(version, urgptr=other)
+            assert unmarked, f"SYN with urgent pointer {other:#06x} dropped"
         assert snapshot().sendsyn_dropped == start + 1
 
 
