@@ -25,7 +25,7 @@ from typing import Callable, List, Optional, Tuple
 import asyncssh
 import click
 
-from . import __version__, logs
+from . import __version__, logs, namespaces
 from .answers import GET_JSON_COMMAND, validate_json_answer
 from .authkeys import DEFAULT_KEYS_PATH, KeysFile, KeysFileError, add_key, parse_keys, remove_keys
 from .config import config_option
@@ -320,6 +320,35 @@ def _probe_ssh_port(host: str, port: int, timeout: float) -> Optional[str]:
     return None
 
 
+def _is_char_device(path: str) -> bool:
+    try:
+        return stat.S_ISCHR(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _check_namespaces(report: Callable[[bool, str], None]) -> None:
+    """Network namespaces (containers) that would refuse MITIGATOR's cookies, and DNAT rules."""
+    try:
+        table = namespaces.read_table()
+    except namespaces.TableUnavailable as exc:
+        report(False, f"network namespaces: {exc}")
+        return
+    namespaces.add_processes(table)
+    losing = namespaces.losing_cookies(table)
+    if not losing:
+        report(True, f"cookies accepted in every network namespace with listeners ({len(table)} namespaces)")
+    for ns in losing:
+        where = ", ".join(ns.processes[:3]) or "processes not visible (run as root)"
+        ports = ",".join(map(str, ns.listening_ports)) or "-"
+        report(False, f"network namespace {ns.name} refuses MITIGATOR's cookies (tcp_syncookies={ns.syncookies},"
+                      f" {ns.refused} refused so far; listening ports {ports}; {where}): {namespaces.remedy(ns)}")
+    rules = namespaces.dnat_rules()
+    if rules:
+        click.echo(f"warn DNAT rules found ({len(rules)}): services reached through destination NAT cannot accept"
+                   f" MITIGATOR's cookies (use host networking, macvlan/ipvlan or routed addresses); first: {rules[0]}")
+
+
 @main.command()
 @_device_option
 @click.option("--user", default=None, help="The user the agent runs as (default: the current user).")
@@ -367,6 +396,9 @@ def check(device: str, user: Optional[str], port: int, listen: Tuple[str, ...],
         except (OSError, ValueError):
             syncookies = None
     report(syncookies == 2, f"tcp_syncookies = 2 (is {syncookies if syncookies is not None else 'unknown'})")
+
+    if snap is not None and _is_char_device(device):  # a snapshot file has no namespace table
+        _check_namespaces(report)
 
     try:
         clock = kernel_clock_state()

@@ -24,7 +24,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from mitigator_agent.snapshot import read_snapshot
 from tests.emulators import MitigatorV2308
 
 from . import packets
-from .conftest import load, open_path_to_python, sysctl
+from .conftest import agent_home, load, open_path_to_python, sysctl
 from .test_agent_in_guest import AGENT, ssh, wait_for_port
 
 NOBODY, READER_GID, WRITER_GID = 65534, 4242, 4243
@@ -107,8 +106,7 @@ def main(role: str) -> None:
     load(f"read_gid={READER_GID}", f"write_gid={WRITER_GID}")
     sysctl("tcp_syncookies", 2)
     open_path_to_python()
-    home = Path(tempfile.mkdtemp(prefix="anycast-"))
-    os.chown(home, NOBODY, NOBODY)
+    home = agent_home("anycast-")
     for name in ("mitigator1", "mitigator2"):
         keypair(home, name)
     state = home / "state"

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
+NOBODY_UID = 65534
 KO = Path(os.environ.get("TCPSECRETS_KO", "/nonexistent/tcpsecrets.ko"))
 DEVICE = Path("/dev/tcpsecrets")
 PROC = Path("/proc/tcp_secrets")
@@ -37,6 +40,36 @@ def sysctl(name: str, value: int | None = None) -> int:
     if value is not None:
         path.write_text(f"{value}\n")
     return int(path.read_text())
+
+
+# jiffies_64 starts 300 s before the 32-bit wrap (INITIAL_JIFFIES), and a
+# listener's last-SYN-queue-overflow stamp starts at 0. The kernel takes
+# "now within [stamp - 1 s, stamp + 120 s]" as a recent overflow, so for the
+# two minutes after the wrap (uptime 299-420 s) every fresh listener accepts
+# valid cookies by itself, module or not.
+JIFFIES_WRAP_WINDOW = (298.0, 422.0)
+
+
+def clear_of_jiffies_wrap() -> None:
+    """Before asserting that a cookie is refused: wait out that window if we are in it."""
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    if JIFFIES_WRAP_WINDOW[0] <= uptime < JIFFIES_WRAP_WINDOW[1]:
+        time.sleep(JIFFIES_WRAP_WINDOW[1] - uptime)
+
+
+def agent_home(prefix: str) -> Path:
+    """A fresh directory for an agent's files, owned by nobody, 0700.
+
+    Below a root-owned 0755 chain (not /tmp, which is 1777): the agent
+    checks every directory up to / as sshd's StrictModes does.
+    """
+    base = Path("/run/tcpsecrets-tests")
+    base.mkdir(mode=0o755, exist_ok=True)
+    base.chmod(0o755)
+    home = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    os.chown(home, NOBODY_UID, NOBODY_UID)
+    home.chmod(0o700)
+    return home
 
 
 def dmesg() -> str:

@@ -14,7 +14,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -26,7 +25,7 @@ from mitigator_agent import cookies
 from mitigator_agent.snapshot import Snapshot
 
 from . import packets
-from .conftest import PROC, load, open_path_to_python, unload
+from .conftest import PROC, agent_home, load, open_path_to_python, unload
 from .test_tcpsecrets import NOBODY, READER_GID, syn_synack
 
 AGENT = Path(sys.executable).with_name("mitigator-agent")
@@ -37,8 +36,7 @@ WRITER_GID = 4243
 
 def serve_as_nobody(groups: list[int], extra_args: list[str] = ()) -> Iterator[tuple[int, Path, subprocess.Popen]]:
     """(port, client key, process) of `mitigator-agent serve` on /dev/tcpsecrets as nobody."""
-    home = Path(tempfile.mkdtemp(prefix="agent-"))
-    os.chown(home, NOBODY, NOBODY)
+    home = agent_home("agent-")
     client_key = home / "client"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "mitigator1", "-f", str(client_key)],
                    check=True)

@@ -20,7 +20,7 @@ from scapy.layers.inet import TCP
 from mitigator_agent import cookies
 
 from . import packets
-from .conftest import DEVICE, PROC
+from .conftest import DEVICE, PROC, clear_of_jiffies_wrap
 from .test_tcpsecrets import NOBODY, READER_GID, snapshot
 
 NETNS_PROC = Path("/proc/tcpsecrets_netns")
@@ -28,6 +28,7 @@ NETNS_PROC = Path("/proc/tcpsecrets_netns")
 
 def forged_ack_accepted(name: str, version: int) -> bool:
     """Whether a listener in container `name` accepts a cookie ACK it never sent."""
+    clear_of_jiffies_wrap()
     src, dst = packets.HOST_SIDE[version], packets.CONTAINER_SIDE[version]
     with packets.inside(name):
         lsock = packets.listener(version, address=dst)

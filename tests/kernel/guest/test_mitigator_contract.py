@@ -25,7 +25,6 @@ import os
 import random
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from contextlib import nullcontext
@@ -40,7 +39,7 @@ from mitigator_agent.snapshot import SetValues, write_set
 from tests.emulators import LegacyConsumer, MitigatorV2308
 
 from . import packets
-from .conftest import DEVICE, PROC, dmesg, insmod, load, module_loaded, sysctl, unload
+from .conftest import DEVICE, PROC, agent_home, dmesg, insmod, load, module_loaded, sysctl, unload
 from .test_agent_in_guest import WRITER_GID, serve_as_nobody, ssh
 from .test_tcpsecrets import NOBODY, READER_GID, snapshot, syn_synack
 
@@ -79,8 +78,7 @@ def contract() -> Iterator[MitigatorV2308]:
     load(f"read_gid={READER_GID}", f"write_gid={WRITER_GID}")
     syncookies_before = sysctl("tcp_syncookies")
     sysctl("tcp_syncookies", 2)
-    state = Path(tempfile.mkdtemp(prefix="agent-state-"))
-    os.chown(state, NOBODY, NOBODY)
+    state = agent_home("agent-state-")
     agent = serve_as_nobody([READER_GID, WRITER_GID],
                             ["--anycast-instance", "mitigator1", "--state-dir", str(state)])
     port, key, _ = next(agent)

@@ -27,7 +27,7 @@ from mitigator_agent.snapshot import (
 )
 
 from . import packets
-from .conftest import DEVICE, PROC, dmesg, insmod, load, module_loaded, sysctl, unload
+from .conftest import DEVICE, PROC, clear_of_jiffies_wrap, dmesg, insmod, load, module_loaded, sysctl, unload
 
 NOBODY = 65534
 READER_GID = 4242
@@ -127,6 +127,7 @@ def test_forged_cookie_ack_refused_without_module(tcpsecrets, syncookies, versio
     snap = snapshot()
     unload()
     syncookies(2)
+    clear_of_jiffies_wrap()
     with packets.listener(version) as fresh:
         forged_cookie_ack(version, fresh.getsockname()[1], snap)
         assert not packets.accepts(fresh), "the stock kernel accepted a cookie it never sent"
@@ -136,6 +137,7 @@ def test_forged_cookie_ack_refused_without_module(tcpsecrets, syncookies, versio
 def test_forged_cookie_ack_refused_unless_syncookies_2(tcpsecrets, syncookies, version):
     tcpsecrets()
     syncookies(1)
+    clear_of_jiffies_wrap()
     with packets.listener(version) as fresh:
         forged_cookie_ack(version, fresh.getsockname()[1], snapshot())
         assert not packets.accepts(fresh), "cookie accepted with tcp_syncookies=1"
@@ -145,6 +147,7 @@ def test_accept_cookies_parameter_off(tcpsecrets, syncookies):
     tcpsecrets("accept_cookies=0")
     syncookies(2)
     assert not snapshot().cookie_accept
+    clear_of_jiffies_wrap()
     with packets.listener(4) as fresh:
         forged_cookie_ack(4, fresh.getsockname()[1], snapshot())
         assert not packets.accepts(fresh)
@@ -286,6 +289,7 @@ def test_rmmod_restores_the_kernel(syncookies):
     assert "cookie_v4_check" not in kprobes.read_text()
     assert "cookie_v6_check" not in kprobes.read_text()
     syncookies(2)
+    clear_of_jiffies_wrap()
     for version in (4, 6):
         with packets.listener(version) as fresh:
             forged_cookie_ack(version, fresh.getsockname()[1], snap)
