@@ -1,15 +1,20 @@
 # Top-level entry points. `make test` sets up everything on a fresh Debian 12
-# machine (apt packages, guest kernels, the venv) and runs the whole suite.
+# machine (apt packages, the kernel matrix, the venv) and runs the whole suite
+# against every kernel of the matrix.
 
-# Guest kernels the kernel tests boot: tests/kernel/test-kernels, or
-# TEST_KVERS="KVER ..." to override.
-TEST_KVERS ?= $(shell sed -e 's/\#.*//' tests/kernel/test-kernels)
+# Guest kernels the kernel tests boot: tests/kernel/test-kernels (one Debian
+# release's kernel per line), or TEST_KVERS="KVER ..." (or "SUITE:KVER ...")
+# to run a subset.
+TEST_KVERS ?=
+
+# Per-kernel builds, logs and the results table (build/ is not tracked).
+MATRIX := build/matrix
 
 VENV   := .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 
-.PHONY: all test unit kmod provision venv clean
+.PHONY: all test matrix unit kmod provision venv clean matrix-purge
 
 all: kmod
 
@@ -28,9 +33,24 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# Provision the host and the matrix (chroots and images cached in
+# /var/cache/tcpsecrets-matrix), then tests/kernel/matrix.py: DKMS-build the
+# module for each kernel in a chroot of its release, run pytest (the kernel
+# tests once per kernel, MATRIX_JOBS kernels at a time, default 2; logs in
+# $(MATRIX)/KVER/pytest.log) and write $(MATRIX)/results.md from what ran.
+MATRIX_RUN = kvers="$$(tests/provision-host.sh $(TEST_KVERS))" && \
+	TEST_KVERS="$$kvers" $(PY) -m tests.kernel.matrix run
+
+# Everything: the tests that boot no kernel, then the kernel tests on every
+# matrix kernel.
 test: venv
-	kvers="$$(tests/provision-host.sh $(TEST_KVERS))" && \
-	TEST_KVERS="$$kvers" $(PY) -m pytest $(PYTEST_ARGS)
+	$(MATRIX_RUN) -- $(PYTEST_ARGS)
+
+# The kernel tests only (DKMS builds, static checks, guests) on every matrix
+# kernel; then the README's matrix table is replaced by this run's (pass or fail).
+matrix: venv
+	$(MATRIX_RUN) --kernel-only -- $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m tests.kernel.matrix readme && exit $$rc
 
 # Fast loop while editing: no VM boots.
 unit: venv
@@ -39,3 +59,8 @@ unit: venv
 clean:
 	$(MAKE) -C kmod clean
 	rm -rf $(VENV) build *.egg-info
+
+# Forget the matrix's cache (chroots, images; /var/cache/tcpsecrets-matrix):
+# the next `make test` provisions as on a fresh machine.
+matrix-purge:
+	tests/kernel/matrix-chroot.sh purge

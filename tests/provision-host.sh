@@ -1,20 +1,61 @@
 #!/usr/bin/env bash
-# Install what the test suite needs on a Debian 12 host: build tools, qemu,
-# DKMS, the OpenSSH client, and the image + headers of each guest kernel the
-# kernel tests boot. Idempotent: when everything is present it runs no apt.
+# Install what the test suite needs on a Debian 12 host, and provision the
+# kernel matrix: for each kernel, a debootstrap chroot of its Debian release
+# with the kernel's headers (the module is built there with DKMS, as a user of
+# that release builds it) and the kernel image + modules where virtme-ng can
+# boot them. Idempotent and quick when everything is there (no apt, no
+# network); the chroots and images are cached outside the repository, in
+# $TCPSECRETS_MATRIX_CACHE (default /var/cache/tcpsecrets-matrix).
 #
-#   tests/provision-host.sh [KVER...]     e.g. 6.1.0-56-amd64
+#   tests/provision-host.sh [SUITE:KVER | KVER ...]
+#
+# No argument: every kernel of tests/kernel/test-kernels. A bare KVER takes
+# its suite from that file, else the host's own release.
 #
 # Prints the kernel versions to test on stdout (everything else goes to
-# stderr). A requested kernel that Debian no longer carries (its ABI moved on
-# at a point release) is replaced by bookworm's current one, with a warning:
-# the tests then prove the kernel our users run today. No KVER: that one.
+# stderr). A kernel whose ABI has left its release's archive (a point release
+# moved it on) is replaced by the release's current one, with a warning: the
+# tests then prove the kernel users of that release run today.
+#
+# The host's own release (bookworm) gets its kernels from the host's apt, as
+# packages (the host-side kbuild and DKMS tests use their headers); the other
+# releases' images are extracted from their packages (tests/kernel/matrix-chroot.sh).
 set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+LIST=$HERE/kernel/test-kernels
+CHROOT_TOOL=$HERE/kernel/matrix-chroot.sh
+CACHE=${TCPSECRETS_MATRIX_CACHE:-/var/cache/tcpsecrets-matrix}
+export TCPSECRETS_MATRIX_CACHE=$CACHE
 
 say() { echo "provision-host: $*" >&2; }
 
-[ "$(id -u)" = 0 ] || { say "needs root (apt-get)"; exit 1; }
+[ "$(id -u)" = 0 ] || { say "needs root (apt-get, debootstrap, chroot)"; exit 1; }
 command -v apt-get >/dev/null || { say "needs a Debian-like host"; exit 1; }
+
+host_suite=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+
+# --- which kernels ------------------------------------------------------------
+
+listed() { sed -e 's/#.*//' "$LIST" | awk 'NF == 2 { print $1 ":" $2 }'; }
+
+kernels=()
+if [ $# -eq 0 ]; then
+    mapfile -t kernels < <(listed)
+else
+    for arg in "$@"; do
+        case $arg in
+            *:*) kernels+=("$arg") ;;
+            *)
+                suite=$(listed | awk -F: -v k="$arg" '$2 == k { print $1; exit }')
+                kernels+=("${suite:-$host_suite}:$arg")
+                ;;
+        esac
+    done
+fi
+[ ${#kernels[@]} -gt 0 ] || { say "no kernels listed in $LIST"; exit 1; }
+
+# --- the host's packages and its own release's kernels -------------------------
 
 installed() {
     [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]
@@ -30,18 +71,28 @@ apt_update_once() {
 }
 
 available() {
-    apt-cache policy "$1" 2>/dev/null | grep -q 'Candidate: [0-9]'
+    local policy
+    policy=$(apt-cache policy "$1" 2>/dev/null) || return 1
+    case $policy in *"Candidate: "[0-9]*) return 0 ;; esac
+    return 1
 }
 
-# The kernel ABI bookworm's linux-image-amd64 points at right now.
+# The kernel ABI the host release's linux-image-amd64 points at right now.
 current_kver() {
     apt_update_once
     apt-cache depends linux-image-amd64 |
         sed -n 's/^ *Depends: linux-image-\([0-9].*-amd64\)$/\1/p' | head -n 1
 }
 
-kvers=()
-for kver in "$@"; do
+packages=(
+    build-essential kmod dkms openssl xz-utils
+    qemu-system-x86 busybox-static
+    openssh-client iproute2 procps util-linux
+    debootstrap debian-archive-keyring binutils
+)
+for i in "${!kernels[@]}"; do
+    suite=${kernels[$i]%%:*} kver=${kernels[$i]#*:}
+    [ "$suite" = "$host_suite" ] || continue
     if ! installed "linux-image-$kver"; then
         apt_update_once
         if ! available "linux-image-$kver"; then
@@ -49,18 +100,9 @@ for kver in "$@"; do
             [ -n "$now" ] || { say "linux-image-$kver is not available and no current kernel found"; exit 1; }
             say "WARNING: linux-image-$kver is no longer in the archive; testing $now instead"
             kver=$now
+            kernels[$i]=$suite:$kver
         fi
     fi
-    kvers+=("$kver")
-done
-[ $# -gt 0 ] || kvers=("$(current_kver)")
-
-packages=(
-    build-essential kmod dkms openssl
-    qemu-system-x86 busybox-static
-    openssh-client iproute2 procps util-linux
-)
-for kver in "${kvers[@]}"; do
     packages+=("linux-image-$kver" "linux-headers-$kver")
 done
 
@@ -74,4 +116,52 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
 fi
 
+# --- the matrix: one chroot per release, its kernels' headers and images ------
+# Releases are provisioned in parallel (debootstrap and apt mostly wait on the
+# network and on dpkg); each one's output goes to $CACHE/logs/SUITE.log.
+
+mkdir -p "$CACHE/logs"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+suites=()
+for k in "${kernels[@]}"; do
+    suite=${k%%:*}
+    [[ " ${suites[*]} " == *" $suite "* ]] || suites+=("$suite")
+done
+
+provision_suite() {
+    local suite=$1 k kver
+    "$CHROOT_TOOL" prepare "$suite"
+    for k in "${kernels[@]}"; do
+        [ "${k%%:*}" = "$suite" ] || continue
+        kver=$("$CHROOT_TOOL" kernel "$suite" "${k#*:}")
+        echo "$k $kver" >>"$work/$suite.resolved"
+    done
+}
+
+pids=()
+for suite in "${suites[@]}"; do
+    provision_suite "$suite" >"$CACHE/logs/$suite.log" 2>&1 &
+    pids+=($!)
+done
+failed=0
+for i in "${!suites[@]}"; do
+    if ! wait "${pids[$i]}"; then
+        say "${suites[$i]}: provisioning FAILED; the end of $CACHE/logs/${suites[$i]}.log:"
+        tail -n 40 "$CACHE/logs/${suites[$i]}.log" >&2
+        failed=1
+    fi
+    # Warnings (a kernel replaced by its release's current one) are worth seeing.
+    grep -h 'WARNING' "$CACHE/logs/${suites[$i]}.log" >&2 || true
+done
+[ "$failed" = 0 ] || exit 1
+
+kvers=()
+for k in "${kernels[@]}"; do
+    kver=$(awk -v k="$k" '$1 == k { print $2 }' "$work/${k%%:*}.resolved" | head -n 1)
+    [ -n "$kver" ] || { say "$k: not provisioned"; exit 1; }
+    say "${k%%:*} $kver: ready"
+    kvers+=("$kver")
+done
 echo "${kvers[*]}"

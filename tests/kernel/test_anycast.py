@@ -12,6 +12,7 @@ and each accepts the emulator's cookie ACK on a fresh listener.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import threading
@@ -33,7 +34,9 @@ def boot(kver: str, ko: Path, shared: Path, role: str, results: dict) -> None:
     results[role] = vm.run_in_guest(
         kver, f"{sys.executable} -m tests.kernel.guest.anycast_server {role}",
         rwdirs=[shared],
-        env={"TCPSECRETS_IN_GUEST": "1", "TCPSECRETS_KO": str(ko), "TCPSECRETS_KVER": kver,
+        env={"TCPSECRETS_IN_GUEST": "1", "TCPSECRETS_KO": str(ko),
+             "TCPSECRETS_KO_SHA256": hashlib.sha256(ko.read_bytes()).hexdigest(),
+             "TCPSECRETS_KVER": kver,
              "ANYCAST_DIR": str(shared)})
 
 
@@ -59,7 +62,7 @@ def test_two_servers_one_set_same_cookies(kver: str, tmp_path: Path) -> None:
     ok, why = vm.can_boot()
     if not ok:
         pytest.skip(why)
-    ko = vm.build_module(kver, tmp_path / "build")
+    ko = vm.build_module(kver)
     shared = tmp_path / "shared"
     shared.mkdir()
     results: dict = {}

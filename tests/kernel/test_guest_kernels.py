@@ -3,19 +3,26 @@
 One boot per kernel (TCG is slow): the guest suite runs under pytest in the
 guest and writes a JUnit report to a writable shared directory; every guest
 test then appears below as its own host test, passed or failed with the
-guest's message.
+guest's message. The guest loads the module DKMS built for that kernel in a
+chroot of its release (build/matrix/KVER/tcpsecrets.ko, tests/kernel/matrix.py);
+the outcomes, the guest's console and its dmesg after the suite are kept
+beside it (guest.json, guest.log, dmesg.txt) for the matrix's results table.
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
+import shutil
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
-from . import vm
+from . import matrix, vm
 
 pytestmark = pytest.mark.kernel
 
@@ -44,10 +51,17 @@ def guest_reports(tmp_path_factory):
     if not ok:
         pytest.skip(why)
     cache: dict[str, dict[str, tuple[str, str]]] = {}
+    failed: dict[str, str] = {}
 
     def report(kver: str) -> dict[str, tuple[str, str]]:
+        if kver in failed:  # no second boot (or build) for the next guest test
+            pytest.fail(failed[kver], pytrace=False)
         if kver not in cache:
-            cache[kver] = _run_guest_suite(kver, tmp_path_factory.mktemp(f"guest-{kver}"))
+            try:
+                cache[kver] = _run_guest_suite(kver, tmp_path_factory.mktemp(f"guest-{kver}"))
+            except pytest.fail.Exception as e:
+                failed[kver] = str(e)
+                raise
         return cache[kver]
 
     return report
@@ -55,20 +69,37 @@ def guest_reports(tmp_path_factory):
 
 def _run_guest_suite(kver: str, work: Path) -> dict[str, tuple[str, str]]:
     if not vm.kernel_image(kver).exists():
-        pytest.fail(f"kernel {kver} is not installed: run tests/provision-host.sh {kver}")
-    ko = vm.build_module(kver, work)
+        pytest.fail(f"kernel {kver} is not provisioned: run tests/provision-host.sh")
+    try:
+        ko = vm.build_module(kver)
+    except matrix.BuildFailed as e:
+        pytest.fail(str(e))
+    keep = matrix.out_dir(kver)
+    for stale in ("guest.json", "guest.log", "dmesg.txt"):
+        (keep / stale).unlink(missing_ok=True)
     out = work / "out"
     out.mkdir()
     junit = out / "junit.xml"
-    result = vm.run_in_guest(
-        kver,
-        f"{sys.executable} -m pytest -p no:cacheprovider -o addopts= -q {GUEST_DIR} "
-        f"--junitxml={junit}",
-        rwdirs=[out],
-        env={"TCPSECRETS_IN_GUEST": "1", "TCPSECRETS_KO": str(ko),
-             "TCPSECRETS_KVER": kver, "TCPSECRETS_GUEST_OUT": str(out)},
-    )
+    dmesg = out / "dmesg.txt"
+    try:
+        result = vm.run_in_guest(
+            kver,
+            f"{sys.executable} -m pytest -p no:cacheprovider -o addopts= -v {GUEST_DIR} "
+            f"--junitxml={junit}; rc=$?; dmesg > {dmesg}; exit $rc",
+            rwdirs=[out],
+            env={"TCPSECRETS_IN_GUEST": "1", "TCPSECRETS_KO": str(ko),
+                 "TCPSECRETS_KO_SHA256": hashlib.sha256(ko.read_bytes()).hexdigest(),
+                 "TCPSECRETS_KVER": kver, "TCPSECRETS_GUEST_OUT": str(out),
+                 "TCPSECRETS_KCONFIG": str(matrix.kernel_config(kver))},
+        )
+    except subprocess.TimeoutExpired as e:
+        output = (e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout) or ""
+        (keep / "guest.log").write_text(output)  # -v: its last line names the test that hung
+        pytest.fail(f"guest run on {kver} timed out after {e.timeout} s:\n" + output[-6000:])
     (work / "guest.log").write_text(result.stdout)
+    shutil.copyfile(work / "guest.log", keep / "guest.log")
+    if dmesg.exists():
+        shutil.copyfile(dmesg, keep / "dmesg.txt")
     if not junit.exists():
         pytest.fail(f"guest run on {kver} produced no report (exit {result.returncode}):\n"
                     + result.stdout[-6000:])
@@ -89,6 +120,7 @@ def _run_guest_suite(kver: str, work: Path) -> dict[str, tuple[str, str]]:
         previous = outcomes.get(key)
         if previous is None or previous[0] == "passed":  # keep the worst of parametrized cases
             outcomes[key] = (outcome, detail)
+    (keep / "guest.json").write_text(json.dumps(outcomes, indent=1) + "\n")
     return outcomes
 
 

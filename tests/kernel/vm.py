@@ -3,16 +3,23 @@
 The guest sees the host's filesystem (read-only, with `rwdirs` writable), so
 the project's venv, sources and built module are used in place. KVM is off on
 purpose: on our machines qemu with KVM aborts or hangs (shared notes).
+
+The kernels are the matrix of tests/kernel/test-kernels (one per Debian
+release); the module each guest loads is the one DKMS built in a chroot of
+that release (tests/kernel/matrix.py), kept at build/matrix/KVER/tcpsecrets.ko.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from . import matrix
 
 REPO = Path(__file__).resolve().parents[2]
 BOOT_TIMEOUT = 1200  # seconds for a whole guest run under TCG
@@ -22,13 +29,19 @@ def test_kvers() -> list[str]:
     """Kernels to test: $TEST_KVERS (set by `make test`), else tests/kernel/test-kernels."""
     listed = os.environ.get("TEST_KVERS")
     if listed is None:
-        text = (Path(__file__).parent / "test-kernels").read_text()
-        listed = " ".join(line.split("#", 1)[0] for line in text.splitlines())
+        return [kver for _, kver in matrix.listed()]
     return listed.split()
 
 
+def host_kvers() -> list[str]:
+    """The test kernels of the host's own release, installed with their headers by apt."""
+    return [kver for kver in test_kvers()
+            if matrix.suite_of(kver) in (None, matrix.host_suite())]
+
+
 def kernel_image(kver: str) -> Path:
-    return Path("/boot") / f"vmlinuz-{kver}"
+    """The image to boot: the host's /boot/vmlinuz-KVER, else the one provisioning extracted."""
+    return matrix.kernel_image(kver)
 
 
 def can_boot() -> tuple[bool, str]:
@@ -40,8 +53,37 @@ def can_boot() -> tuple[bool, str]:
     return True, ""
 
 
-def build_module(kver: str, out_dir: Path) -> Path:
-    """Build kmod/ against the headers of `kver` in a private copy; return the .ko."""
+def module(kver: str) -> Path:
+    """The module DKMS built for `kver` in its release's chroot (rebuilt if kmod/ changed).
+
+    Raises matrix.BuildFailed, with the end of the build log, when it does not build.
+    """
+    return matrix.module(kver)
+
+
+def build_module(kver: str) -> Path:
+    """A copy of the DKMS-built module for `kver` (see module()) that a guest may read.
+
+    Named by its SHA-256 under build/matrix/KVER/by-hash/ and never rewritten,
+    so a rebuild meanwhile cannot change what a running guest reads. Not
+    under /tmp: virtme-ng gives the guest /tmp as an overlay on the host's,
+    and the host changing that lower layer under a running guest (other
+    pytest sessions do) is undefined for overlayfs; reads of the module there
+    came back garbled ("Invalid module format").
+    """
+    src = module(kver)
+    data = src.read_bytes()
+    ko = matrix.out_dir(kver) / "by-hash" / f"{hashlib.sha256(data).hexdigest()}.ko"
+    if not ko.exists():
+        ko.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ko.with_name(f".{ko.name}.{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, ko)
+    return ko
+
+
+def kbuild_on_host(kver: str, out_dir: Path) -> Path:
+    """Build kmod/ with plain kbuild against the host's headers of `kver`; return the .ko."""
     src = out_dir / "kmod"
     shutil.copytree(REPO / "kmod", src, ignore=shutil.ignore_patterns(
         "*.o", "*.ko", "*.mod*", ".*.cmd", "*.order", "*.symvers", ".tmp_versions"))

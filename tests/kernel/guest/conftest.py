@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import tempfile
@@ -21,8 +22,34 @@ def module_loaded() -> bool:
     return Path("/sys/module/tcpsecrets").exists()
 
 
+_local_ko: Path | None = None
+
+
+def local_module() -> Path:
+    """The module, copied once into the guest's RAM (/run) and checked against the host's hash.
+
+    insmod reads the file afresh on every load; from the shared host
+    filesystem under a loaded TCG host, that read has come back garbled
+    (insmod: "Invalid module format", nothing in dmesg) though the file never
+    changed. One copy, verified with the SHA-256 the host computed
+    (TCPSECRETS_KO_SHA256), takes the shared filesystem out of every load.
+    """
+    global _local_ko
+    if _local_ko is None:
+        data = KO.read_bytes()
+        want = os.environ.get("TCPSECRETS_KO_SHA256")
+        if want is not None:
+            got = hashlib.sha256(data).hexdigest()
+            assert got == want, f"{KO} read in the guest has SHA-256 {got}, the host's is {want}"
+        target = Path("/run/tcpsecrets-module")
+        target.mkdir(mode=0o700, exist_ok=True)
+        (target / KO.name).write_bytes(data)
+        _local_ko = target / KO.name
+    return _local_ko
+
+
 def insmod(*params: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["insmod", str(KO), *params], capture_output=True, text=True)
+    return subprocess.run(["insmod", str(local_module()), *params], capture_output=True, text=True)
 
 
 def load(*params: str) -> None:

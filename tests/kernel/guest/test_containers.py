@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,42 @@ def test_secrets_stay_with_the_host(tcpsecrets, who):
     assert host_reader.returncode == 0 and len(host_reader.stdout) > 0, host_reader.stderr
     root = run(["cat", str(PROC)])
     assert root.returncode == 0 and re.match(rb"time_sec \d+\n", root.stdout)
+
+
+# `check`, as root on the host, names the namespace whose listeners would
+# refuse MITIGATOR's cookies: the process, the port and the remedy.
+SERVICE = ("import socket, sys\n"
+           "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+           "s.bind(('0.0.0.0', 8080)); s.listen(); print('ready', flush=True); sys.stdin.read()\n")
+
+
+def agent_check() -> tuple[int, list[str]]:
+    """`mitigator-agent check` (NTP and port probes fail fast here; only its namespace lines matter)."""
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "mitigator-agent"), "check", "--ntp-server", "127.0.0.1:9",
+         "--timeout", "0.5"], capture_output=True, text=True, timeout=120)
+    return result.returncode, result.stdout.splitlines()
+
+
+def test_check_names_the_namespace_that_refuses(tcpsecrets, syncookies):
+    tcpsecrets("accept_all_netns=0")
+    syncookies(2)
+    with packets.container("svc") as name:
+        inum = Path(f"/run/netns/{name}").stat().st_ino
+        service = subprocess.Popen(["ip", "netns", "exec", name, sys.executable, "-c", SERVICE],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert service.stdout.readline().strip() == "ready"
+            rc, lines = agent_check()
+            named = [line for line in lines if f"net:[{inum}]" in line]
+            assert rc == 1 and len(named) == 1, "\n".join(lines)
+            line = named[0]
+            assert line.startswith(f"FAIL network namespace net:[{inum}] refuses MITIGATOR's cookies"), line
+            assert "tcp_syncookies=1" in line and "listening ports 8080" in line, line
+            assert f"{service.pid} " in line, line  # the service's process, seen as root
+            assert "docker run --sysctl net.ipv4.tcp_syncookies=2" in line, line
+            # (once the namespace is at 2 it accepts: test_container_refuses_and_counts_...;
+            # a namespace that accepts is not named: tests/unit/test_namespaces.py)
+        finally:
+            service.kill()
+            service.wait()

@@ -214,7 +214,9 @@ def test_proc_text_matches_device(tcpsecrets, clock):
 def test_clocks_agree_with_guest(tcpsecrets):
     tcpsecrets()
     kver = os.environ["TCPSECRETS_KVER"]
-    config = Path(f"/boot/config-{kver}").read_text()
+    # the kernel's .config: /boot/config-KVER, or its headers' where the
+    # image was unpacked rather than installed (tests/kernel/matrix.py)
+    config = Path(os.environ.get("TCPSECRETS_KCONFIG", f"/boot/config-{kver}")).read_text()
     hz = int(re.search(r"^CONFIG_HZ=(\d+)$", config, re.M).group(1))
 
     wall0, mono0 = time.time_ns(), time.clock_gettime_ns(time.CLOCK_MONOTONIC)
@@ -226,10 +228,13 @@ def test_clocks_agree_with_guest(tcpsecrets):
     assert first.hz == second.hz == hz
     assert wall0 <= first.realtime_ns <= second.realtime_ns <= wall1
     assert mono0 // 10**6 <= first.tcp_clock_ms <= second.tcp_clock_ms <= mono1 // 10**6
-    # jiffies advance at HZ (TCG may deliver a tick late: a few ticks of slack)
+    # jiffies advance at HZ. Under TCG on a loaded host a vCPU can sit
+    # descheduled with its tick pending, so either read may lag by tens of
+    # ticks: allow 100 ms, which still tells HZ from any other rate (250 vs
+    # 1000 is 75% off) and a clock that does not run.
     ticks = second.jiffies64 - first.jiffies64
     span = (second.tcp_clock_ms - first.tcp_clock_ms) * hz / 1000
-    assert abs(ticks - span) <= 3 + span * 0.02
+    assert span >= hz * 0.9 and abs(ticks - span) <= 3 + hz // 10, (ticks, span, hz)
     # jiffies_64 starts at 2^32 - 300 s worth of ticks (INITIAL_JIFFIES)
     boot_ms = first.tcp_clock_ms
     assert abs(first.jiffies64 - (2**32 - 300 * hz) - boot_ms * hz / 1000) <= hz * 2

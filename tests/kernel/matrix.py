@@ -1,0 +1,493 @@
+"""The kernel matrix: each Debian release's kernel, the module built for it
+with DKMS in a chroot of that release, and the table of results.
+
+    python -m tests.kernel.matrix run [--kernel-only] [--jobs N] [-- PYTEST_ARGS]
+        DKMS builds, then pytest: the tests not marked `kernel` once, and the
+        `kernel` tests once per kernel, N kernels at a time (default 2), each
+        in its own pytest (output: build/matrix/KVER/pytest.log); then the
+        results table. Exit status 1 if any pytest failed.
+    python -m tests.kernel.matrix build [--force] [KVER...]
+        DKMS-build the module for each kernel (builds of the current kmod/ are kept)
+    python -m tests.kernel.matrix results [--junit FILE]...
+        write build/matrix/results.md
+    python -m tests.kernel.matrix readme
+        put build/matrix/results.md into README.md, between its
+        kernel-matrix markers (`make matrix` does this after its run)
+
+Provisioning (chroots, kernel images) is tests/provision-host.sh, which calls
+matrix-chroot.sh; that script also runs the build inside the chroot. Here:
+the bookkeeping around it. Per kernel, build/matrix/KVER/ holds
+
+    tcpsecrets.ko   the module DKMS built and signed (decompressed)
+    build.log       DKMS's output (and make.log when the build failed)
+    status.json     suite, DKMS build ok/failed, compiler, signer, probed
+                    features, and the hash of the kmod/ sources it was built from
+    guest.json      each guest test's outcome (written by test_guest_kernels.py)
+    guest.log, dmesg.txt   the guest's console and its kernel log after the suite
+    pytest.log, junit.xml  that kernel's pytest run (`run`)
+
+A build is redone only when kmod/ (or the build script) changed since.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator, Optional
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+KMOD = REPO / "kmod"
+LIST = HERE / "test-kernels"
+CHROOT_TOOL = HERE / "matrix-chroot.sh"
+OUT = REPO / "build" / "matrix"
+CACHE = Path(os.environ.get("TCPSECRETS_MATRIX_CACHE", "/var/cache/tcpsecrets-matrix"))
+
+# Kbuild output in a kmod/ tree: not part of the sources.
+_ARTIFACT = re.compile(r"(\.o|\.ko|\.mod|\.mod\.c|\.order|\.symvers|\.cmd)$|^\.tmp_versions$")
+
+
+class BuildFailed(Exception):
+    pass
+
+
+# --- which kernels ---------------------------------------------------------------
+
+def listed() -> list[tuple[str, str]]:
+    """(suite, kver) of each line of tests/kernel/test-kernels."""
+    kernels = []
+    for line in LIST.read_text().splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) == 2:
+            kernels.append((fields[0], fields[1]))
+        elif fields:
+            raise ValueError(f"{LIST}: expected 'SUITE KVER', got {line!r}")
+    return kernels
+
+
+def host_suite() -> str:
+    for line in Path("/etc/os-release").read_text().splitlines():
+        if line.startswith("VERSION_CODENAME="):
+            return line.split("=", 1)[1].strip().strip('"')
+    return ""
+
+
+def suite_of(kver: str) -> Optional[str]:
+    """The Debian suite `kver` comes from: listed, or whose chroot has its headers."""
+    for suite, listed_kver in listed():
+        if listed_kver == kver:
+            return suite
+    chroots = CACHE / "chroot"
+    if chroots.is_dir():
+        for root in sorted(chroots.iterdir()):
+            if (root / "usr" / "src" / f"linux-headers-{kver}").is_dir():
+                return root.name
+    return None
+
+
+def kernel_image(kver: str) -> Path:
+    """The kernel image virtme-ng boots: the host's own, or the one provisioning extracted."""
+    installed = Path("/boot") / f"vmlinuz-{kver}"
+    if installed.exists():
+        return installed
+    return CACHE / "kernel" / kver / "vmlinuz"
+
+
+def kernel_config(kver: str) -> Path:
+    """The kernel's build configuration: /boot/config-KVER, else the one its headers carry."""
+    installed = Path("/boot") / f"config-{kver}"
+    if installed.exists():
+        return installed
+    suite = suite_of(kver)
+    return CACHE / "chroot" / (suite or "?") / "usr" / "src" / f"linux-headers-{kver}" / ".config"
+
+
+# --- builds ----------------------------------------------------------------------
+
+def source_hash() -> str:
+    """Hash of what a build depends on: kmod/'s sources and the build script."""
+    h = hashlib.sha256()
+    files = [p for p in sorted(KMOD.rglob("*")) if p.is_file()
+             and not any(_ARTIFACT.search(part) for part in p.relative_to(KMOD).parts)
+             and p.relative_to(KMOD).as_posix() != "compat/generated.h"]
+    for path in files + [CHROOT_TOOL]:
+        h.update(path.relative_to(REPO).as_posix().encode() + b"\0")
+        h.update(path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def out_dir(kver: str) -> Path:
+    return OUT / kver
+
+
+def status(kver: str) -> Optional[dict]:
+    try:
+        return json.loads((out_dir(kver) / "status.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_fresh(kver: str) -> bool:
+    st = status(kver)
+    return st is not None and st.get("source_hash") == source_hash()
+
+
+@contextlib.contextmanager
+def _locked(suite: str) -> Iterator[None]:
+    """One build at a time per chroot (pytest and `make matrix` may overlap)."""
+    (CACHE / "chroot").mkdir(parents=True, exist_ok=True)
+    with open(CACHE / "chroot" / f"{suite}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _compiler(ko: Path, log: str) -> str:
+    """The compiler that built the module (its .comment), else the kernel's."""
+    if ko.exists():
+        text = subprocess.run(["readelf", "-p", ".comment", str(ko)], capture_output=True,
+                              text=True).stdout
+        found = sorted({m.group(1).strip() for m in re.finditer(r"\]\s+(GCC: .*)", text)})
+        if found:
+            return "; ".join(s.replace("GCC: ", "gcc ") for s in found)
+    m = re.search(r"^# dkms \S+, (.*)$", log, re.M)
+    return m.group(1) if m else "unknown"
+
+
+def modinfo(ko: Path, field: str) -> str:
+    return subprocess.run(["modinfo", "-F", field, str(ko)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def build(kver: str) -> dict:
+    """DKMS-build kmod/ for `kver` in its release's chroot, record the outcome."""
+    suite = suite_of(kver)
+    if suite is None:
+        raise BuildFailed(f"{kver}: unknown suite; list it in {LIST} and run tests/provision-host.sh")
+    out = out_dir(kver)
+    out.mkdir(parents=True, exist_ok=True)
+    digest = source_hash()
+    started = time.monotonic()
+    # Built aside, then each file renamed into place: a guest, or another
+    # pytest, may be reading out/ meanwhile (they load copies, see vm.py).
+    aside = out.parent / f".{kver}.build-{os.getpid()}"
+    shutil.rmtree(aside, ignore_errors=True)
+    with _locked(suite):
+        result = subprocess.run([str(CHROOT_TOOL), "build", suite, kver, str(KMOD), str(aside)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ko = out / "tcpsecrets.ko"
+    for name in ("tcpsecrets.ko", "build.log", "signing-cert.der"):
+        if (aside / name).exists():
+            os.replace(aside / name, out / name)
+        else:
+            (out / name).unlink(missing_ok=True)
+    shutil.rmtree(aside, ignore_errors=True)
+    log_path = out / "build.log"
+    log = log_path.read_text(errors="replace") if log_path.exists() else result.stdout
+    ok = result.returncode == 0 and ko.exists()
+    st = {
+        "kver": kver,
+        "suite": suite,
+        "dkms": "ok" if ok else "failed",
+        "compiler": _compiler(ko, log),
+        "signer": modinfo(ko, "signer") if ok else "",
+        "features": sorted(set(re.findall(r"TCPSECRETS_HAVE_\w+", _probed(log)))),
+        "seconds": round(time.monotonic() - started, 1),
+        "source_hash": digest,
+        "tool_output": result.stdout[-4000:],
+    }
+    tmp = out / f".status.json.{os.getpid()}"
+    tmp.write_text(json.dumps(st, indent=2) + "\n")
+    os.replace(tmp, out / "status.json")
+    return st
+
+
+def _probed(log: str) -> str:
+    m = re.search(r"^# probed: (.*)$", log, re.M)
+    return m.group(1) if m else ""
+
+
+def ensure_built(kver: str) -> dict:
+    """The status of a build of the current kmod/ for `kver`, building it if needed."""
+    if is_fresh(kver):
+        return status(kver)  # type: ignore[return-value]
+    if os.getuid() != 0:
+        raise BuildFailed(f"no build of the current kmod/ for {kver} and not root: run `make matrix`")
+    return build(kver)
+
+
+def module(kver: str) -> Path:
+    """The DKMS-built, signed module for `kver` (built now if kmod/ changed)."""
+    st = ensure_built(kver)
+    if st["dkms"] != "ok":
+        raise BuildFailed(f"DKMS build for {kver} ({st['suite']}) failed:\n" + build_log_tail(kver))
+    return out_dir(kver) / "tcpsecrets.ko"
+
+
+def build_log_tail(kver: str, lines: int = 60) -> str:
+    path = out_dir(kver) / "build.log"
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# --- the static check -------------------------------------------------------------
+
+# An indirect call or jump, in objdump's AT&T syntax (`call *%rax`,
+# `jmp *0x8(%rdi)`, `notrack jmp *...`), or a call/jump through a retpoline or
+# indirect-branch thunk (what -mindirect-branch=thunk-extern makes of them).
+_INDIRECT_INSN = re.compile(r"\t(?:notrack\s+)?(?:call|jmp)[lqw]?\s+\*")
+_THUNK = re.compile(r"__x86_indirect_|__x86_retpoline_|__llvm_retpoline_")
+
+
+def indirect_branches(ko: Path) -> list[str]:
+    """Lines of `objdump -dr ko` that make an indirect call or jump."""
+    text = subprocess.run(["objdump", "-dr", str(ko)], capture_output=True, text=True,
+                          check=True).stdout
+    function = "?"
+    found = []
+    for line in text.splitlines():
+        m = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if m:
+            function = m.group(1)
+        elif _INDIRECT_INSN.search(line) or _THUNK.search(line):
+            found.append(f"{function}: {line.strip()}")
+    return found
+
+
+# --- the results table --------------------------------------------------------------
+
+def _kernels_in_run() -> list[str]:
+    env = os.environ.get("TEST_KVERS")
+    if env:
+        return env.split()
+    return [kver for _, kver in listed()]
+
+
+def _host_outcomes(junits: list[Path], kvers: list[str]) -> dict[str, dict[str, str]]:
+    """test name -> {kver -> outcome} for host tests parametrized by kernel."""
+    table: dict[str, dict[str, str]] = {}
+    cases = []
+    for junit in junits:
+        if junit.exists():
+            cases += list(ET.parse(junit).getroot().iter("testcase"))
+    for case in cases:
+        name = case.get("name", "")
+        if "[" not in name or name.startswith("test_in_guest["):
+            continue
+        base, params = name.split("[", 1)
+        params = params.rstrip("]")
+        kver = next((k for k in kvers if params == k or params.endswith("-" + k)
+                     or params.startswith(k + "-")), None)
+        if kver is None:
+            continue
+        outcome = "passed"
+        for child in case:
+            if child.tag in ("failure", "error"):
+                outcome = "failed"
+            elif child.tag == "skipped" and outcome == "passed":
+                outcome = "skipped"
+        table.setdefault(base, {})[kver] = outcome
+    return table
+
+
+_MARK = {"passed": "pass", "failed": "**FAIL**", "skipped": "skip", None: "—"}
+
+
+def results(junits: Optional[list[Path]] = None) -> str:
+    kvers = _kernels_in_run()
+    if junits is None:
+        junits = [OUT / "junit-host.xml"] + [out_dir(k) / "junit.xml" for k in kvers]
+    host = _host_outcomes(junits, kvers)
+    guests: dict[str, dict[str, list]] = {}
+    for kver in kvers:
+        path = out_dir(kver) / "guest.json"
+        try:
+            guests[kver] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            guests[kver] = {}
+    host_cols = sorted(host)
+    lines = [
+        "<!-- produced by `make matrix` (tests/kernel/matrix.py); do not edit by hand -->",
+        f"Kernel matrix run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"kmod/ sources {source_hash()[:12]}: the module built with DKMS in a chroot "
+        "of each release, then the guest suite in that kernel under qemu (TCG).",
+        "",
+        "| kernel | suite | compiler | DKMS build | signer | features probed | guest tests passed |"
+        + "".join(f" {c.removeprefix('test_')} |" for c in host_cols),
+        "|---|---|---|---|---|---|---|" + "---|" * len(host_cols),
+    ]
+    for kver in kvers:
+        st = status(kver) or {}
+        fresh = st.get("source_hash") == source_hash()
+        g = guests[kver]
+        passed = sum(1 for outcome, _ in g.values() if outcome == "passed")
+        guest_cell = f"{passed}/{len(g)}" if g else "not run"
+        dkms = st.get("dkms", "not built")
+        if st and not fresh:
+            dkms += " (stale)"
+        features = ", ".join(f.removeprefix("TCPSECRETS_HAVE_") for f in st.get("features", []))
+        lines.append(
+            f"| {kver} | {st.get('suite') or suite_of(kver) or '?'} | {st.get('compiler', '?')} "
+            f"| {dkms} | {st.get('signer') or '—'} | {features or '—'} | {guest_cell} |"
+            + "".join(f" {_MARK.get(host[c].get(kver))} |" for c in host_cols))
+    test_ids = sorted({t for g in guests.values() for t in g})
+    if test_ids:
+        lines += ["", "Guest tests (tests/kernel/guest/), one boot per kernel:", "",
+                  "| guest test | " + " | ".join(kvers) + " |",
+                  "|---|" + "---|" * len(kvers)]
+        for t in test_ids:
+            cells = [_MARK.get((guests[k].get(t) or [None])[0]) for k in kvers]
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "results.md").write_text(text)
+    return text
+
+
+# --- the README's copy ---------------------------------------------------------------
+
+README = REPO / "README.md"
+README_BEGIN = "<!-- kernel-matrix:begin -->"
+README_END = "<!-- kernel-matrix:end -->"
+
+
+def splice_readme(table: str, readme: str) -> str:
+    """`readme` with the text between its kernel-matrix markers replaced by `table`.
+
+    Raises ValueError when the markers are missing or out of order: the README
+    says where the table goes, this never guesses.
+    """
+    begin = readme.find(README_BEGIN)
+    end = readme.find(README_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"README.md lacks {README_BEGIN} ... {README_END}")
+    head = readme[:begin + len(README_BEGIN)]
+    return head + "\n" + table.rstrip("\n") + "\n" + readme[end:]
+
+
+def update_readme() -> None:
+    """Copy build/matrix/results.md (written by the last run) into README.md."""
+    table = (OUT / "results.md").read_text()
+    text = README.read_text()
+    new = splice_readme(table, text)
+    if new != text:
+        tmp = README.with_name(f".README.md.{os.getpid()}")
+        tmp.write_text(new)
+        os.replace(tmp, README)
+    _say(f"README.md: kernel matrix table updated from {(OUT / 'results.md').relative_to(REPO)}")
+
+
+# --- the whole run ------------------------------------------------------------------
+
+def _say(msg: str) -> None:
+    print(f"matrix: {msg}", file=sys.stderr, flush=True)
+
+
+def _summary(log: Path) -> str:
+    """The last line of a pytest log ("N passed, M failed in T"), and its failures."""
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    failures = [line for line in lines if line.startswith(("FAILED ", "ERROR "))]
+    return "\n".join(failures + lines[-1:])
+
+
+def run(pytest_args: list[str], kernel_only: bool = False, jobs: int = 2) -> int:
+    kvers = _kernels_in_run()
+    OUT.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+
+    def build_one(kver: str) -> None:
+        try:
+            st = ensure_built(kver)
+        except BuildFailed as e:
+            _say(str(e))
+            return
+        _say(f"{kver} ({st['suite']}): DKMS build {st['dkms']}, {st['compiler']}, "
+             f"signer {st['signer'] or '-'}")
+
+    # Each release has its own chroot: two builds at a time.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(build_one, kvers))
+    _say(f"builds done in {time.monotonic() - started:.0f} s")
+
+    failed = False
+    pytest = [sys.executable, "-m", "pytest"]
+    if not kernel_only:
+        junit = OUT / "junit-host.xml"
+        junit.unlink(missing_ok=True)
+        _say("the tests that boot no kernel")
+        failed |= subprocess.run(pytest + ["-m", "not kernel", f"--junitxml={junit}",
+                                           *pytest_args], cwd=REPO).returncode != 0
+    else:
+        (OUT / "junit-host.xml").unlink(missing_ok=True)
+
+    def kernel_suite(kver: str) -> int:
+        out = out_dir(kver)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "junit.xml").unlink(missing_ok=True)
+        t0 = time.monotonic()
+        _say(f"{kver}: kernel tests started (log: {(out / 'pytest.log').relative_to(REPO)})")
+        with open(out / "pytest.log", "w") as log:
+            rc = subprocess.run(pytest + ["-m", "kernel", f"--junitxml={out / 'junit.xml'}",
+                                          *pytest_args],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, TEST_KVERS=kver)).returncode
+        _say(f"{kver}: kernel tests done in {time.monotonic() - t0:.0f} s (exit {rc})\n"
+             + _summary(out / "pytest.log"))
+        return rc
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        codes = list(pool.map(kernel_suite, kvers))
+    failed |= any(rc != 0 for rc in codes)
+
+    results()
+    _say(f"results: {(OUT / 'results.md').relative_to(REPO)}; "
+         f"whole run {time.monotonic() - started:.0f} s")
+    for kver, rc in zip(kvers, codes):
+        _say(f"{kver}: {'passed' if rc == 0 else 'FAILED'}")
+    return 1 if failed else 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.kernel.matrix")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    u = sub.add_parser("run", help="builds, pytest (per kernel, in parallel), results table")
+    u.add_argument("--kernel-only", action="store_true", help="only the tests marked kernel")
+    u.add_argument("--jobs", type=int, default=int(os.environ.get("MATRIX_JOBS", "2")),
+                   help="kernels tested at a time (default: $MATRIX_JOBS or 2)")
+    u.add_argument("pytest_args", nargs="*", help="passed to every pytest (after --)")
+    b = sub.add_parser("build", help="DKMS-build the module for each kernel (fresh builds are kept)")
+    b.add_argument("kvers", nargs="*")
+    b.add_argument("--force", action="store_true")
+    r = sub.add_parser("results", help="write build/matrix/results.md")
+    r.add_argument("--junit", type=Path, action="append")
+    sub.add_parser("readme", help="copy build/matrix/results.md into README.md")
+    args = parser.parse_args(argv)
+    if args.cmd == "readme":
+        update_readme()
+        return 0
+    if args.cmd == "run":
+        return run(args.pytest_args, args.kernel_only, args.jobs)
+    if args.cmd == "build":
+        for kver in args.kvers or _kernels_in_run():
+            st = build(kver) if args.force else ensure_built(kver)
+            _say(f"{kver} ({st['suite']}): DKMS build {st['dkms']}, {st['compiler']}, "
+                 f"signer {st['signer'] or '-'}")
+        # A failed build is reported by the test suite (test_dkms.py), with its log.
+        return 0
+    print(results(args.junit), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
