@@ -106,12 +106,24 @@ def kernel_image(kver: str) -> Path:
 
 
 def kernel_config(kver: str) -> Path:
-    """The kernel's build configuration: /boot/config-KVER, else the one its headers carry."""
+    """The kernel's build configuration, at a path a guest can read.
+
+    /boot/config-KVER where the kernel is installed; else a copy of the
+    .config its headers carry in the release's chroot, kept beside the
+    builds (the guest sees a tmpfs over /var/cache, where the chroot is).
+    """
     installed = Path("/boot") / f"config-{kver}"
     if installed.exists():
         return installed
-    suite = suite_of(kver)
-    return CACHE / "chroot" / (suite or "?") / "usr" / "src" / f"linux-headers-{kver}" / ".config"
+    copy = out_dir(kver) / f"config-{kver}"
+    if not copy.exists():
+        suite = suite_of(kver)
+        headers = CACHE / "chroot" / (suite or "?") / "usr" / "src" / f"linux-headers-{kver}" / ".config"
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        tmp = copy.with_name(f".{copy.name}.{os.getpid()}")
+        shutil.copyfile(headers, tmp)
+        os.replace(tmp, copy)
+    return copy
 
 
 # --- builds ----------------------------------------------------------------------
