@@ -18,24 +18,42 @@ Behaviour:
   option (``command=``, ``environment=``, ``permitopen=``, ``pty``, ...)
   cannot be honoured here, so the line admits nobody and a warning says so:
   never silently ignored.
-- StrictModes, checked on every authentication attempt: the file must be a
-  regular file; it and its directory must be owned by root or by the
-  agent's own user and not writable by group or others.  Otherwise, and when
-  the file is missing or holds no usable key, nobody is admitted and the log
-  says why.
-- Edits apply to the next connection: the file is stat'ed on every attempt
-  and re-parsed when its (device, inode, size, mtime) changed.
+- Lines end at ``\n`` only (a ``\r`` before it is tolerated), exactly as
+  sshd reads the file.  A line holding any other control character
+  (``\x0b``, ``\x1c``, a lone ``\r``, NUL, ...), non-ASCII white space
+  (U+0085, U+00A0, U+2028, ...), an invisible format character or bytes
+  that are not UTF-8 admits nobody and is reported with its line number:
+  a line that some other reader would split differently never counts.
+- StrictModes, checked on every authentication attempt: the final
+  component is opened without following a symbolic link; the file must be
+  a regular file owned by root or the agent's own user and not writable by
+  group or others, and so must every directory of its resolved path up to
+  ``/`` (sshd's ``safe_path``; unlike sshd we never stop early at a home
+  directory).  Otherwise, and when the file is missing, larger than
+  ``MAX_FILE_BYTES`` or holds no usable key, nobody is admitted and the
+  log says why.
+- Edits apply to the next connection: the file is read on every attempt
+  and re-parsed whenever its content changed (SHA-256 of the bytes), so a
+  same-size replacement with an unchanged mtime (``cp -p``) is seen too.
 - ``add_key``/``remove_keys`` rewrite the file atomically, keeping its owner
-  and mode.
+  and mode, under an exclusive ``flock`` on ``PATH.lock`` (beside the file)
+  so concurrent edits never lose one another.  ``add_key`` checks that the
+  line it writes parses back to exactly one entry, and replaces the line of
+  a key that is already present when its options or instance name differ.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import logging
 import os
 import stat
+import unicodedata
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import FrozenSet, List, Optional, Sequence, Tuple
+from typing import FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 import asyncssh
 
@@ -45,6 +63,8 @@ from .atomic import write_file_atomically
 DEFAULT_KEYS_PATH = "/opt/mitigator_agent/keys"
 ADMITTED_KEY_TYPE = "ssh-ed25519"
 NEW_FILE_MODE = 0o644  # public keys only; readable by an unprivileged agent
+LOCK_FILE_MODE = 0o600
+MAX_FILE_BYTES = 1 << 20  # far beyond any real keys file; bigger admits nobody
 
 # Options this agent honours; all compared case-insensitively, as sshd does.
 FROM_OPTION = "from"
@@ -76,6 +96,9 @@ class KeyEntry:
     # Built from the key and its from= patterns only; asyncssh evaluates
     # the patterns against the connecting address.
     from_matcher: asyncssh.SSHAuthorizedKeys = field(compare=False, repr=False)
+    # The from="..." pattern lists as written (admission uses them to tell
+    # MITIGATOR's addresses from strangers).
+    from_patterns: Tuple[str, ...] = ()
 
     @property
     def fingerprint(self) -> str:
@@ -206,12 +229,56 @@ def _check_options(options: Sequence[Tuple[str, Optional[str]]]) -> List[str]:
     return from_patterns
 
 
+def line_problem(line: str) -> Optional[str]:
+    """Why ``line`` (without its ``\n``) may not be trusted as one line, or None.
+
+    Refused: control characters other than TAB (C0, DEL, C1; a ``\r`` is
+    only tolerated right before the ``\n`` and removed by split_lines),
+    non-ASCII white space and line/paragraph separators (Python, and so
+    some other reader, would split or trim there; sshd would not), Unicode
+    format characters (invisible text such as U+202E) and undecodable bytes
+    (surrogate escapes).  Columns count from 1.
+    """
+    for column, char in enumerate(line, start=1):
+        code = ord(char)
+        if char == "\t":
+            continue
+        if code < 0x20 or code == 0x7F or 0x80 <= code <= 0x9F:
+            return f"control character U+{code:04X} at column {column}"
+        if code < 0x80:
+            continue
+        category = unicodedata.category(char)
+        if char.isspace() or category in ("Zs", "Zl", "Zp"):
+            return f"non-ASCII white space U+{code:04X} at column {column}"
+        if category == "Cs":
+            return f"bytes that are not UTF-8 at column {column}"
+        if category == "Cf":
+            return f"invisible format character U+{code:04X} at column {column}"
+    return None
+
+
+def split_lines(text: str) -> List[str]:
+    """Split keys-file text into lines as sshd does: at ``\n`` only.
+
+    One ``\r`` right before a ``\n`` (or at the very end) is dropped, so
+    files edited on Windows still work; every other character, including
+    the ones ``str.splitlines`` would split at, stays in its line.
+    """
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def parse_line(line: str, line_number: int) -> Optional[KeyEntry]:
-    """Parse one line; None for blank lines and comments.
+    """Parse one line (without its line end); None for blank lines and comments.
 
     Raises _LineError (message without file/line) when the line admits nobody.
     """
-    line = line.strip()
+    problem = line_problem(line)
+    if problem is not None:
+        raise _LineError(problem)
+    line = line.strip(" \t")
     if not line or line.startswith("#"):
         return None
     options_text, rest = _split_options(line)
@@ -242,14 +309,19 @@ def parse_line(line: str, line_number: int) -> Optional[KeyEntry]:
         instance=fields[2].strip() if len(fields) > 2 else "",
         options=tuple(name if value is None else f'{name}="{value}"' for name, value in options),
         from_matcher=matcher,
+        from_patterns=tuple(from_patterns),
     )
 
 
 def parse_keys(text: str, source: str) -> ParsedKeys:
-    """Parse keys-file text; each warning reads ``SOURCE:LINE: reason``."""
+    """Parse keys-file text; each warning reads ``SOURCE:LINE: reason``.
+
+    Undecodable bytes should arrive as surrogate escapes
+    (``bytes.decode("utf-8", "surrogateescape")``): their line is refused.
+    """
     entries: List[KeyEntry] = []
     warnings: List[str] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(split_lines(text), start=1):
         try:
             entry = parse_line(line, number)
         except _LineError as exc:
@@ -265,30 +337,100 @@ def default_allowed_owners() -> FrozenSet[int]:
     return frozenset({0, os.geteuid()})
 
 
+def _owner_or_mode_problem(label: str, what: str, name: str, st: os.stat_result,
+                           allowed_owners: FrozenSet[int]) -> Optional[str]:
+    if st.st_uid not in allowed_owners:
+        owners = ", ".join(str(uid) for uid in sorted(allowed_owners))
+        return f"{label} {what} {name} is owned by uid {st.st_uid}, not by uid {owners}"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (f"{label} {what} {name} is writable by group or others"
+                f" (mode {stat.S_IMODE(st.st_mode):04o})")
+    return None
+
+
 def strict_modes_problem(
     path: str, file_stat: os.stat_result, allowed_owners: FrozenSet[int], label: str = "keys"
 ) -> Optional[str]:
-    """Why the file may not be trusted (sshd StrictModes), or None.
+    """Why the file may not be trusted (file and its own directory only), or None.
 
     ``file_stat`` is the fstat of the opened file, so the checked file is
     the one that is read; ``label`` names it in the reason ("keys file ...").
+    The keys file and the config use :func:`secure_path_problem`, which also
+    checks every directory up to ``/``.
     """
     if not stat.S_ISREG(file_stat.st_mode):
         return f"{path} is not a regular file"
     directory = os.path.dirname(os.path.abspath(path))
-    dir_stat = os.stat(directory)
-    for what, name, st in (("file", path, file_stat), ("directory", directory, dir_stat)):
-        if st.st_uid not in allowed_owners:
-            owners = ", ".join(str(uid) for uid in sorted(allowed_owners))
-            return f"{label} {what} {name} is owned by uid {st.st_uid}, not by uid {owners}"
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            return (f"{label} {what} {name} is writable by group or others"
-                    f" (mode {stat.S_IMODE(st.st_mode):04o})")
+    for what, name, st in (("file", path, file_stat), ("directory", directory, os.stat(directory))):
+        problem = _owner_or_mode_problem(label, what, name, st, allowed_owners)
+        if problem is not None:
+            return problem
     return None
 
 
+def secure_path_problem(
+    path: str, file_stat: os.stat_result, allowed_owners: FrozenSet[int], label: str = "keys"
+) -> Optional[str]:
+    """sshd's StrictModes (``safe_path``) for an opened file, or None when it is safe.
+
+    ``file_stat`` is the fstat of the descriptor that is read (opened with
+    O_NOFOLLOW).  The file must be regular, owned by an allowed owner and
+    not group/other-writable; the directory holding it is resolved
+    (``realpath``: symbolic links in directory components are followed, as
+    sshd does) and it and every parent up to ``/`` must pass the same
+    owner and mode test, otherwise whoever may write there could swap the
+    file.  The resolved directory must still hold the opened file (same
+    device and inode), so a rename between open and check is noticed.
+    """
+    if not stat.S_ISREG(file_stat.st_mode):
+        return f"{path} is not a regular file"
+    problem = _owner_or_mode_problem(label, "file", path, file_stat, allowed_owners)
+    if problem is not None:
+        return problem
+    try:
+        directory = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+        resolved = os.path.join(directory, os.path.basename(path))
+        seen = os.lstat(resolved)
+        if (seen.st_dev, seen.st_ino) != (file_stat.st_dev, file_stat.st_ino):
+            return f"{label} file {path} changed while it was being checked"
+        while True:
+            problem = _owner_or_mode_problem(label, "directory", directory, os.stat(directory),
+                                             allowed_owners)
+            if problem is not None:
+                return problem
+            parent = os.path.dirname(directory)
+            if parent == directory:
+                return None
+            directory = parent
+    except OSError as exc:
+        return f"{label} file {path}: cannot check its directories ({exc.strerror or exc})"
+
+
+def open_no_follow(path: str) -> int:
+    """Open ``path`` read-only without following a symbolic link at its last component.
+
+    O_NONBLOCK so a FIFO planted there cannot hang the caller (StrictModes
+    then refuses it as not a regular file).  Raises OSError; ELOOP means the
+    last component is a symbolic link.
+    """
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+
+
+def _read_fd(fd: int, limit: int) -> bytes:
+    """Read at most ``limit + 1`` bytes (so a caller can tell ``too large``)."""
+    chunks: List[bytes] = []
+    remaining = limit + 1
+    while remaining > 0:
+        chunk = os.read(fd, min(remaining, 65536))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
 class KeysFile:
-    """The live keys file, re-checked on every authentication attempt."""
+    """The live keys file, re-checked and re-read on every authentication attempt."""
 
     def __init__(
         self,
@@ -299,35 +441,40 @@ class KeysFile:
         self.path = path
         self._allowed_owners = allowed_owners if allowed_owners is not None else default_allowed_owners()
         self._log = logger or logs.get_logger()
-        self._cache_id: Optional[Tuple[int, int, int, int]] = None
+        self._digest: Optional[bytes] = None
         self._parsed = ParsedKeys((), ())
         self._last_refusal: Optional[str] = None
 
     def _read(self) -> KeysState:
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            fd = open_no_follow(self.path)
         except FileNotFoundError:
             return KeysState((), f"keys file {self.path} does not exist")
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return KeysState((), f"keys file {self.path} is a symbolic link (never followed)")
             return KeysState((), f"keys file {self.path} cannot be opened: {exc.strerror}")
         try:
             st = os.fstat(fd)
-            problem = strict_modes_problem(self.path, st, self._allowed_owners)
+            problem = secure_path_problem(self.path, st, self._allowed_owners)
             if problem is not None:
                 return KeysState((), problem)
-            cache_id = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            if cache_id != self._cache_id:
-                with os.fdopen(os.dup(fd), "rb") as handle:
-                    text = handle.read().decode("utf-8", errors="replace")
-                self._parsed = parse_keys(text, self.path)
-                self._cache_id = cache_id
-                for warning in self._parsed.warnings:
-                    self._log.warning(logs.event("keys-file-warning", problem=warning))
-                self._log.info(logs.event("keys-file-loaded", path=self.path,
-                                          keys=len(self._parsed.entries),
-                                          skipped=len(self._parsed.warnings)))
+            data = _read_fd(fd, MAX_FILE_BYTES)
+        except OSError as exc:
+            return KeysState((), f"keys file {self.path} cannot be read: {exc.strerror}")
         finally:
             os.close(fd)
+        if len(data) > MAX_FILE_BYTES:
+            return KeysState((), f"keys file {self.path} is larger than {MAX_FILE_BYTES} bytes")
+        digest = hashlib.sha256(data).digest()
+        if digest != self._digest:
+            self._parsed = parse_keys(data.decode("utf-8", "surrogateescape"), self.path)
+            self._digest = digest
+            for warning in self._parsed.warnings:
+                self._log.warning(logs.event("keys-file-warning", problem=warning))
+            self._log.info(logs.event("keys-file-loaded", path=self.path,
+                                      keys=len(self._parsed.entries),
+                                      skipped=len(self._parsed.warnings)))
         if not self._parsed.entries:
             return KeysState((), f"keys file {self.path} holds no usable key", self._parsed.warnings)
         return KeysState(self._parsed.entries, None, self._parsed.warnings)
@@ -339,6 +486,11 @@ class KeysFile:
             self._log.warning(logs.event("keys-file-admits-nobody", reason=state.refusal))
         self._last_refusal = state.refusal
         return state
+
+    def forget(self) -> None:
+        """Drop the cache: the next check re-parses and logs ``keys-file-loaded`` (SIGHUP)."""
+        self._digest = None
+        self._last_refusal = None
 
     def match(self, key: asyncssh.SSHKey, address: str) -> Match:
         """Find the entry admitting ``key`` from ``address``; else say why not."""
@@ -357,12 +509,43 @@ class KeysFile:
         return Match(None, "key not in keys file")
 
 
+@contextmanager
+def edit_lock(path: str) -> Iterator[None]:
+    """Hold an exclusive flock on ``PATH.lock`` (created 0600 if missing).
+
+    Every ``keys add``/``keys remove`` takes it around its read-modify-
+    rename, so concurrent edits apply one after the other.  The lock file
+    stays (removing it would race with a waiting editor); the agent never
+    reads it.
+    """
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, LOCK_FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _read_text(path: str) -> Tuple[str, Optional[os.stat_result]]:
     try:
-        with open(path, "rb") as handle:
-            return handle.read().decode("utf-8"), os.fstat(handle.fileno())
+        fd = open_no_follow(path)
     except FileNotFoundError:
         return "", None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise KeysFileError(f"{path} is a symbolic link; edit its target instead") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise KeysFileError(f"{path} is not a regular file")
+        data = _read_fd(fd, MAX_FILE_BYTES)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FILE_BYTES:
+        raise KeysFileError(f"{path} is larger than {MAX_FILE_BYTES} bytes; fix it by hand")
+    try:
+        return data.decode("utf-8"), st
     except UnicodeDecodeError:
         raise KeysFileError(f"{path} is not UTF-8 text; fix it by hand") from None
 
@@ -375,31 +558,66 @@ def _rewrite(path: str, text: str, old_stat: Optional[os.stat_result]) -> None:
                               owner=(old_stat.st_uid, old_stat.st_gid))
 
 
-def add_key(path: str, line: str) -> Tuple[KeyEntry, bool]:
-    """Append one key line; return (entry, whether the file changed).
+ADDED = "added"
+UNCHANGED = "already present"
+REPLACED = "replaced"
 
-    The line must parse as one admitted ssh-ed25519 key (options allowed as
-    above).  A key already in the file is left alone (returned with False),
-    so re-running an installer is harmless.
+
+def _join_lines(lines: Sequence[str]) -> str:
+    return "".join(line + "\n" for line in lines)
+
+
+def add_key(path: str, line: str) -> Tuple[KeyEntry, str]:
+    """Add one key line; return (its entry in the new file, ADDED, REPLACED or UNCHANGED).
+
+    The line must parse as exactly one admitted ssh-ed25519 key (options
+    allowed as above) with no refused character anywhere.  A key that is
+    already in the file with the same options and instance name is left
+    alone (UNCHANGED, so re-running an installer is harmless); with other
+    options or another name its line is replaced in place and any further
+    line holding the same key is dropped (REPLACED: the file then says what
+    was asked last, never the old, possibly wider, options).  The new text
+    is parsed again before it is written: it must hold the key exactly
+    once, as given, and lose no other entry.  Runs under :func:`edit_lock`.
     """
-    line = line.strip()
-    if "\n" in line or "\r" in line:
+    line = line[:-1] if line.endswith("\n") else line
+    line = line[:-1] if line.endswith("\r") else line
+    if "\n" in line:
         raise KeysFileError("one key per line")
-    text, old_stat = _read_text(path)
-    if text and not text.endswith("\n"):
-        text += "\n"
-    line_number = len(text.splitlines()) + 1
     try:
-        entry = parse_line(line, line_number)
+        entry = parse_line(line, 1)
     except _LineError as exc:
         raise KeysFileError(str(exc)) from None
     if entry is None:
         raise KeysFileError("no key given")
-    for existing in parse_keys(text, path).entries:
-        if existing.same_key(entry.key):
-            return existing, False
-    _rewrite(path, text + line + "\n", old_stat)
-    return entry, True
+    line = line.strip(" \t")
+    with edit_lock(path):
+        text, old_stat = _read_text(path)
+        lines = split_lines(text)
+        before = parse_keys(text, path)
+        present = [e for e in before.entries if e.same_key(entry.key)]
+        if (len(present) == 1 and present[0].options == entry.options
+                and present[0].instance == entry.instance):
+            return present[0], UNCHANGED
+        if present:
+            first = present[0].line_number
+            drop = {e.line_number for e in present[1:]}
+            lines = [line if number == first else old
+                     for number, old in enumerate(lines, start=1) if number not in drop]
+            outcome = REPLACED
+        else:
+            lines.append(line)
+            outcome = ADDED
+        new_text = _join_lines(lines)
+        after = parse_keys(new_text, path)
+        written = [e for e in after.entries if e.same_key(entry.key)]
+        if (len(written) != 1 or written[0].options != entry.options
+                or written[0].instance != entry.instance
+                or len(after.entries) != len(before.entries) - len(present) + 1
+                or len(after.warnings) != len(before.warnings)):
+            raise KeysFileError("the line would not read back as exactly this one key; nothing written")
+        _rewrite(path, new_text, old_stat)
+        return written[0], outcome
 
 
 def _selects(entry: KeyEntry, selector: str) -> bool:
@@ -419,14 +637,15 @@ def remove_keys(path: str, selector: str) -> List[KeyEntry]:
     ``selector`` is a fingerprint (``SHA256:...``), a public key
     (``ssh-ed25519 BASE64 ...``) or an instance name (the comment).  Other
     lines (comments, skipped lines) are kept byte for byte.  Raises
-    KeysFileError when nothing matches.
+    KeysFileError when nothing matches.  Runs under :func:`edit_lock`.
     """
-    text, old_stat = _read_text(path)
-    lines = text.splitlines(keepends=True)
-    removed = [entry for entry in parse_keys(text, path).entries if _selects(entry, selector)]
-    if not removed:
-        raise KeysFileError(f"no key in {path} matches {selector!r}")
-    drop = {entry.line_number for entry in removed}
-    kept = "".join(line for number, line in enumerate(lines, start=1) if number not in drop)
-    _rewrite(path, kept, old_stat)
-    return removed
+    with edit_lock(path):
+        text, old_stat = _read_text(path)
+        lines = text.split("\n")  # keeps every byte, CRs included
+        removed = [entry for entry in parse_keys(text, path).entries if _selects(entry, selector)]
+        if not removed:
+            raise KeysFileError(f"no key in {path} matches {selector!r}")
+        drop = {entry.line_number for entry in removed}
+        kept = "\n".join(line for number, line in enumerate(lines, start=1) if number not in drop)
+        _rewrite(path, kept, old_stat)
+        return removed

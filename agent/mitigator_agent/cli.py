@@ -27,7 +27,8 @@ import click
 
 from . import __version__, logs, namespaces
 from .answers import GET_JSON_COMMAND, validate_json_answer
-from .authkeys import DEFAULT_KEYS_PATH, KeysFile, KeysFileError, add_key, parse_keys, remove_keys
+from .authkeys import (DEFAULT_KEYS_PATH, REPLACED, KeysFile, KeysFileError, add_key, parse_keys,
+                       remove_keys, split_lines)
 from .config import config_option
 from .clock import DEFAULT_NTP_SERVERS, NtpUnavailable, kernel_clock_state, measure_ntp_offset
 from .hostkey import (
@@ -148,18 +149,28 @@ def keys() -> None:
 @_keys_option
 @click.argument("key", nargs=-1, required=True)
 def keys_add(keys_path: str, key: Tuple[str, ...]) -> None:
-    """Add KEY (`ssh-ed25519 BASE64 [instance-name]`, options allowed; `-` reads lines from stdin)."""
-    lines = sys.stdin.read().splitlines() if key == ("-",) else [" ".join(key)]
+    """Add KEY (`ssh-ed25519 BASE64 [instance-name]`, options allowed; `-` reads lines from stdin).
+
+    A key already present with other options or another instance name has
+    its line replaced (`replaced: ...`). Lines split at newlines only; a line
+    with a control character or non-ASCII white space is refused whole.
+    """
+    if key == ("-",):
+        lines = split_lines(sys.stdin.buffer.read().decode("utf-8", "surrogateescape"))
+    else:
+        lines = [" ".join(key)]
     failed = False
-    for line in filter(str.strip, lines):
+    for line in lines:
+        if not line.strip(" \t"):
+            continue
         try:
-            entry, changed = add_key(keys_path, line)
+            entry, outcome = add_key(keys_path, line)
         except (KeysFileError, OSError) as exc:
             click.echo(f"refused: {exc}", err=True)
             failed = True
             continue
-        verb = "added" if changed else "already present"
-        click.echo(f"{verb}: line {entry.line_number} {entry.fingerprint} {entry.instance or '-'}")
+        detail = " (options or instance name changed)" if outcome == REPLACED else ""
+        click.echo(f"{outcome}: line {entry.line_number} {entry.fingerprint} {entry.instance or '-'}{detail}")
     refusal = KeysFile(keys_path, logger=_quiet_logger()).state().refusal
     if refusal is not None:
         click.echo(f"warning: the agent would admit nobody: {refusal}", err=True)
@@ -172,7 +183,7 @@ def keys_list(keys_path: str) -> None:
     """List admitted keys: line, fingerprint, instance name, options."""
     try:
         with open(keys_path, "rb") as handle:
-            text = handle.read().decode("utf-8", errors="replace")
+            text = handle.read().decode("utf-8", "surrogateescape")
     except FileNotFoundError:
         click.echo(f"{keys_path} does not exist", err=True)
         sys.exit(1)

@@ -18,19 +18,22 @@ point the keys path elsewhere, so it is trusted like the keys file): a file
 named with --config that is missing, a file that is not valid TOML, an
 unknown key, a list where one value is expected or the reverse, and a file
 that is writable by group or others or owned by someone other than root or
-the agent's user (sshd's StrictModes). Values are then checked by the
-flags' own types, with the flag's name in the message.
+the agent's user, or that sits in a directory (any up to ``/``) that is,
+or that is a symbolic link (sshd's StrictModes, as for the keys file).
+Values are then checked by the flags' own types, with the flag's name in
+the message.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Any, Dict
 
 import click
 
-from .authkeys import default_allowed_owners, strict_modes_problem
+from .authkeys import default_allowed_owners, open_no_follow, secure_path_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,6 +41,7 @@ else:  # pragma: no cover - Debian 11's Python 3.9
     import tomli as tomllib
 
 DEFAULT_CONFIG_PATH = "/opt/mitigator_agent/agent.toml"
+CONFIG_META_KEY = "mitigator_agent.config"  # ctx.meta: (path, whether it was named with --config)
 
 
 class ConfigError(Exception):
@@ -58,9 +62,9 @@ def _option_names(command: click.Command) -> Dict[str, click.Option]:
 def load_defaults(path: str, command: click.Command, required: bool) -> Dict[str, Any]:
     """Read ``path`` into click's default_map for ``command`` ({} if absent and not required)."""
     try:
-        with open(path, "rb") as handle:
-            problem = strict_modes_problem(path, os.fstat(handle.fileno()), default_allowed_owners(),
-                                           label="config")
+        with os.fdopen(open_no_follow(path), "rb") as handle:
+            problem = secure_path_problem(path, os.fstat(handle.fileno()), default_allowed_owners(),
+                                          label="config")
             if problem:
                 raise ConfigError(problem)
             data = tomllib.load(handle)
@@ -71,6 +75,8 @@ def load_defaults(path: str, command: click.Command, required: bool) -> Dict[str
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(f"config file {path} is a symbolic link (never followed)") from None
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
 
     options = _option_names(command)
@@ -99,8 +105,41 @@ def config_option(function: Any) -> Any:
         except ConfigError as exc:
             raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
         ctx.default_map = {**(ctx.default_map or {}), **defaults}
+        ctx.meta[CONFIG_META_KEY] = (value or DEFAULT_CONFIG_PATH, value is not None)
 
     return click.option(
         "--config", type=click.Path(dir_okay=False), default=None, is_eager=True, expose_value=False,
         callback=load, help=f"Config file with defaults for these flags [default: {DEFAULT_CONFIG_PATH}, if present].",
     )(function)
+
+
+def reload_params(ctx: click.Context) -> Dict[str, Any]:
+    """Read the config file again (SIGHUP) and return the command's parameters as they would now be.
+
+    ``ctx`` is the running command's context (``click.get_current_context``).
+    Values given on the command line keep winning; every other parameter
+    takes the file's value, or its default when the file no longer sets
+    it.  Values are converted by the option's own type, as at start.
+    Raises ConfigError (file unusable) or click.BadParameter (bad value);
+    then nothing may change.
+    """
+    path, required = ctx.meta.get(CONFIG_META_KEY, (DEFAULT_CONFIG_PATH, False))
+    defaults = load_defaults(path, ctx.command, required)
+    params: Dict[str, Any] = {}
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or not param.expose_value or param.name is None:
+            continue
+        if ctx.get_parameter_source(param.name) == click.core.ParameterSource.COMMANDLINE:
+            params[param.name] = ctx.params[param.name]
+        elif param.name in defaults:
+            value = param.type_cast_value(ctx, defaults[param.name])
+            params[param.name] = tuple(value) if param.multiple else value
+        else:
+            default = param.get_default(ctx, call=True)
+            if param.multiple:
+                params[param.name] = tuple(param.type_cast_value(ctx, default or ()))
+            else:
+                params[param.name] = param.type_cast_value(ctx, default) if default is not None else None
+        if param.callback is not None and param.name in params and not param.is_eager:
+            params[param.name] = param.callback(ctx, param, params[param.name])
+    return params

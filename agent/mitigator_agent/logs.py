@@ -13,6 +13,8 @@ import json
 import logging
 import re
 import sys
+import time
+from typing import Callable, Dict, List, Optional, Tuple
 
 LOGGER_NAME = "mitigator_agent"
 MAX_VALUE_CHARS = 200
@@ -63,3 +65,67 @@ def setup(level: int = logging.INFO) -> None:
     # asyncio warns when a client hangs up while an answer is still being
     # sent; that is the client's business, not an event worth a line.
     logging.getLogger("asyncio").setLevel(logging.ERROR)
+
+
+AGGREGATE_WINDOW_SECONDS = 60.0
+AGGREGATE_LINES_PER_WINDOW = 10
+
+
+class RefusalAggregator:
+    """Bounds refusal lines per source: a flood is summarised, not echoed.
+
+    In each ``window`` seconds (starting at a source's first refusal) the
+    first ``lines`` refusals of a source are logged in full; the rest are
+    counted, and when the window has passed ``flush`` returns one summary
+    per source that had more: ``... and N more from SRC in 60 s``.  So
+    3,000 refused connects from one address make 11 lines, not 3,000
+    (journald's default rate limit would otherwise drop real events).
+    """
+
+    def __init__(self, window: float = AGGREGATE_WINDOW_SECONDS, lines: int = AGGREGATE_LINES_PER_WINDOW,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.window = window
+        self.lines = lines
+        self._clock = clock
+        self._windows: Dict[str, List[float]] = {}  # source -> [window start, logged, suppressed]
+
+    def note(self, source: str) -> Tuple[bool, Optional[str]]:
+        """Count one refusal of ``source``.
+
+        Returns (whether it gets a line of its own, the summary of the
+        source's previous window if that just ended with refusals unlogged).
+        """
+        now = self._clock()
+        state = self._windows.get(source)
+        summary = None
+        if state is not None and now - state[0] >= self.window:
+            summary = self._summary(source, state[2])
+            state = None
+        if state is None:
+            self._windows[source] = [now, 1, 0]
+            return True, summary
+        if state[1] < self.lines:
+            state[1] += 1
+            return True, None
+        state[2] += 1
+        return False, None
+
+    def _summary(self, source: str, suppressed: float) -> Optional[str]:
+        if not suppressed:
+            return None
+        return f"... and {int(suppressed)} more from {source} in {self.window:g} s"
+
+    def flush(self, force: bool = False) -> List[str]:
+        """Summaries of ended windows (all windows with ``force``); forgets those windows."""
+        now = self._clock()
+        summaries = []
+        for source, state in list(self._windows.items()):
+            if force or now - state[0] >= self.window:
+                summary = self._summary(source, state[2])
+                if summary:
+                    summaries.append(summary)
+                del self._windows[source]
+        return summaries
+
+    def __len__(self) -> int:
+        return len(self._windows)

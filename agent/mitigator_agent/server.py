@@ -5,41 +5,72 @@ Behaviour:
 - Public-key authentication only, against the keys file (see authkeys);
   the SSH user name is logged, never used for authorisation.  Passwords,
   keyboard-interactive and host-based authentication are not offered.
-  After ``max_auth_attempts`` refused keys the connection is dropped.
+  After ``max_auth_attempts`` refused keys the connection is dropped.  A
+  key's instance name is logged only once its signature verified: a
+  refused login never carries one.
+- Crypto (the lists are explicit, nothing else is offered): key exchange
+  curve25519-sha256, curve25519-sha256@libssh.org, then
+  mlkem768x25519-sha256 where the installed asyncssh has it; host key and
+  signatures ssh-ed25519 only; ciphers chacha20-poly1305@openssh.com,
+  aes256-gcm@openssh.com, aes128-gcm@openssh.com (AEAD: no MAC is used);
+  MACs hmac-sha2-256/512-etm only for clients that insist on one; no
+  compression.  A client's first_kex_packet_follows guess is judged as
+  RFC 4253 7.1 says (wrong unless both sides prefer the same kex and host
+  key algorithm) and a wrong guess is discarded: asyncssh judges it by the
+  negotiated algorithm alone, which breaks Dropbear's dbclient whenever
+  our first kex is not its first (KexGuessServerConnection).
 - Per connection: an exec request is answered by answers.respond (one
   snapshot read per answer; ``set`` judged against the authenticated key's
   instance name), a shell request without a PTY gets the legacy text (what
   the tcpsecrets-era MITIGATOR expects), then the channel closes with the
-  answer's exit status.
+  answer's exit status.  Only known commands are logged whole; of any other
+  only a verb matching ``^[a-z-]{1,16}$`` is, else ``(unprintable verb)``.
 - Anycast (anycast.py): off unless ``anycast_instances`` names key
   instances; at start, before listening, a stored set the module lacks is
   replayed (and again before any answer whenever the module shows none).  PTYs, subsystems (sftp), env requests,
   port/agent/X11 forwarding are refused and logged.
-- Limits: ``login_timeout`` seconds to authenticate; at most
-  ``max_unauthenticated`` connections that have not authenticated yet, and
-  ``max_unauthenticated_per_source`` of them from one address (so a single
-  host cannot take every slot and lock MITIGATOR out); a
-  token bucket per source address (``rate`` per second, ``burst``); at most
-  ``max_sessions`` sessions open at once per connection.
+- Admission before authentication (ratelimit.Admission): sources the keys
+  file names in from= patterns, and those in ``allow`` (CIDRs), have
+  ``max_unauthenticated_allowed`` slots strangers cannot take; strangers
+  share ``max_unauthenticated``, at most ``max_unauthenticated_per_source``
+  per IPv4 address or IPv6 /64, pass a token bucket per such source
+  (``rate``/``burst``) and are refused for a growing time after their
+  connections time out or fail authentication (penalties, as OpenSSH's
+  PerSourcePenalties).  With ``strict_allow`` a connection from anyone else
+  is dropped before the SSH banner.  ``login_timeout`` seconds to
+  authenticate; at most ``max_sessions`` sessions open at once per
+  connection.
+- Daemon: SIGTERM/SIGINT stop; SIGHUP re-reads the keys file and the
+  config file (values given on the command line keep winning) and logs
+  ``reloaded``; core dumps are off (RLIMIT_CORE 0, PR_SET_DUMPABLE 0) before
+  any secret is read.
 - Logs (stdout, one line per event): each bound address
   (``listening on ADDR:PORT``), each poll (instance, source, user, command,
-  exit status, result, duration) and each refusal with its reason.
-  Answers are never logged, so secrets never reach the log.
+  exit status, result, duration) and each refusal with its reason, at
+  most ``logs.AGGREGATE_LINES_PER_WINDOW`` refusal lines per source in 60 s,
+  then ``... and N more from SRC in 60 s``.  Answers are never logged, so
+  secrets never reach the log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import dataclasses
 import ipaddress
 import logging
 import os
+import re
+import resource
 import signal
 import time
-from collections import Counter
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import asyncssh
+from asyncssh.constants import MSG_KEXINIT
+from asyncssh.kex import get_kex_algs
 from asyncssh.packet import SSHPacket
 
 from . import __version__, logs
@@ -48,12 +79,31 @@ from .anycast import DEFAULT_STATE_DIR, Anycast
 from .authkeys import DEFAULT_KEYS_PATH, KeyEntry, KeysFile
 from .clock import kernel_clock_synced
 from .hostkey import DEFAULT_HOST_KEY_PATH
-from .ratelimit import SourceRateLimiter
+from .ratelimit import Admission, Ticket, source_bucket
 from .snapshot import DEFAULT_DEVICE
 
 DEFAULT_PORT = 7100
 SERVER_VERSION = "mitigator_agent"  # the SSH banner's software field
 EXIT_INTERNAL_ERROR = 4
+
+# --- crypto posture ---------------------------------------------------------------
+
+_PQ_KEX = "mlkem768x25519-sha256"
+KEX_ALGS: Tuple[str, ...] = ("curve25519-sha256", "curve25519-sha256@libssh.org") + (
+    (_PQ_KEX,) if _PQ_KEX.encode() in get_kex_algs() else ())
+HOST_KEY_ALG = "ssh-ed25519"
+SIGNATURE_ALGS: Tuple[str, ...] = (HOST_KEY_ALG,)
+ENCRYPTION_ALGS: Tuple[str, ...] = ("chacha20-poly1305@openssh.com", "aes256-gcm@openssh.com",
+                                    "aes128-gcm@openssh.com")
+MAC_ALGS: Tuple[str, ...] = ("hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com")
+COMPRESSION_ALGS: Tuple[str, ...] = ("none",)
+
+LOGGABLE_VERB = re.compile(r"[a-z-]{1,16}")
+UNPRINTABLE_VERB = "(unprintable verb)"
+FLUSH_INTERVAL_SECONDS = 5.0   # how often refusal summaries are written
+ALLOWED_CACHE_SECONDS = 1.0    # keys-file from= patterns re-read at most this often for admission
+
+PR_SET_DUMPABLE = 4
 
 
 @dataclass(frozen=True)
@@ -66,14 +116,22 @@ class ServerSettings:
     host_key_path: str = DEFAULT_HOST_KEY_PATH
     device: str = DEFAULT_DEVICE
     login_timeout: float = 10.0
-    max_unauthenticated: int = 16
-    max_unauthenticated_per_source: int = 4
+    max_unauthenticated: int = 16             # strangers, all together
+    max_unauthenticated_per_source: int = 4   # strangers, per IPv4 address or IPv6 /64
+    max_unauthenticated_allowed: int = 16     # allowed sources' own pool
     rate: float = 2.0  # connections per second per source address, sustained
     burst: int = 20    # connections a source may open at once
     max_auth_attempts: int = 6
     max_sessions: int = 4
     anycast_instances: Tuple[str, ...] = ()  # key instances allowed to `set`; empty: set disabled
     state_dir: str = DEFAULT_STATE_DIR       # where the last accepted set is stored
+    allow: Tuple[str, ...] = ()              # CIDRs with admission of their own (besides from=)
+    strict_allow: bool = False               # drop everyone else before the banner
+    kex_algs: Tuple[str, ...] = KEX_ALGS     # tests reorder it; not a flag
+
+
+# Settings that only a restart can change (the listeners and the host key).
+RESTART_ONLY = ("port", "listen", "host_key_path")
 
 
 def plain_address(host: str) -> str:
@@ -97,8 +155,90 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def loggable(command: Optional[str]) -> str:
+    """What the log may show of a command: known commands whole, else a safe verb only.
+
+    answers.loggable_command decides what is known; of anything else only a
+    verb (up to the first ``;`` or blank) matching ``^[a-z-]{1,16}$`` is
+    shown, since ``set,<secret>`` or a mistyped command may carry secrets in
+    its first word.  Otherwise the log says ``(unprintable verb)``.
+    """
+    shown = loggable_command(command)
+    if command is None or shown == command.strip():
+        return shown
+    stripped = command.strip()
+    verb = stripped.split(";", 1)[0].split(None, 1)[0] if stripped else ""
+    if not LOGGABLE_VERB.fullmatch(verb):
+        return f"{UNPRINTABLE_VERB}...(+{len(command)} chars not logged)"
+    left_out = len(command) - len(verb)
+    return f"{verb}...(+{left_out} chars not logged)" if left_out else verb
+
+
+def disable_core_dumps() -> Optional[str]:
+    """RLIMIT_CORE 0 and PR_SET_DUMPABLE 0: no core file, no ptrace by our own uid.
+
+    A core dump of this process would hold the secrets it served.  Returns
+    why it could not be done, or None.
+    """
+    problems = []
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ValueError, OSError) as exc:
+        problems.append(f"RLIMIT_CORE: {exc}")
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        problems.append(f"prctl(PR_SET_DUMPABLE): {os.strerror(ctypes.get_errno())}")
+    return "; ".join(problems) or None
+
+
+def first_kex_guess_is_wrong(client_kexinit: bytes, server_kex_algs: Sequence[bytes],
+                             server_host_key_algs: Sequence[bytes]) -> bool:
+    """RFC 4253 7.1: a client's guessed kex packet is wrong unless both sides prefer the same algorithms.
+
+    ``client_kexinit`` is the client's whole KEXINIT payload (message byte
+    included).  The guess is right only when the first kex algorithm and
+    the first host key algorithm of the client's lists are also the first
+    of ours ("server and client have different preferred algorithm" makes
+    it wrong).  Dropbear judges its own guess exactly so, and re-sends its
+    KEXDH_INIT when it was wrong; accepting the guess anyway, as asyncssh
+    does whenever the negotiated algorithm is the client's first, leaves
+    the re-sent packet to arrive after the exchange ("Key exchange not in
+    progress").
+    """
+    packet = SSHPacket(client_kexinit)
+    packet.get_byte()
+    packet.get_bytes(16)
+    client_kex = packet.get_namelist()
+    client_host_key = packet.get_namelist()
+    for _ in range(8):
+        packet.get_namelist()
+    if not packet.get_boolean():
+        return False
+    return (not client_kex or not server_kex_algs or client_kex[0] != server_kex_algs[0]
+            or not client_host_key or not server_host_key_algs
+            or client_host_key[0] != server_host_key_algs[0])
+
+
+class KexGuessServerConnection(asyncssh.SSHServerConnection):
+    """asyncssh's server connection with RFC 4253's rule for a wrong first-kex guess.
+
+    Installed on each connection by AgentConnection.connection_made (class
+    switch, as RestrictedChannel.adopt: no state of its own).  asyncssh
+    buffers further packets until an async handler finishes, so the
+    guessed packet is judged with the corrected flag.
+    """
+
+    async def _process_kexinit_rfc(self, pkttype: int, pktid: int, packet: SSHPacket) -> None:
+        await asyncssh.SSHServerConnection._process_kexinit(self, pkttype, pktid, packet)  # type: ignore[attr-defined]
+        self._ignore_first_kex = first_kex_guess_is_wrong(
+            self._client_kexinit, self._kex_algs, self._server_host_key_algs or [])  # type: ignore[attr-defined]
+
+    _packet_handlers = {**asyncssh.SSHServerConnection._packet_handlers,  # type: ignore[attr-defined]
+                        MSG_KEXINIT: _process_kexinit_rfc}
+
+
 class AgentServer:
-    """Shared state of all connections: settings, keys file, limits."""
+    """Shared state of all connections: settings, keys file, admission, logging."""
 
     def __init__(self, settings: ServerSettings, host_key: asyncssh.SSHKey,
                  keys: Optional[KeysFile] = None) -> None:
@@ -106,61 +246,147 @@ class AgentServer:
         self.keys = keys or KeysFile(settings.keys_path)
         self.log = logs.get_logger()
         self._host_key = host_key
-        self._limiter = SourceRateLimiter(settings.rate, settings.burst)
-        self._unauthenticated: Counter[str] = Counter()  # per source address
+        self._allow_networks = self._networks(settings.allow)
+        self.admission = Admission(settings.max_unauthenticated, settings.max_unauthenticated_per_source,
+                                   settings.max_unauthenticated_allowed, settings.rate, settings.burst,
+                                   self.is_allowed)
+        self.refusals = logs.RefusalAggregator()
+        self._allowed_entries: Tuple[KeyEntry, ...] = ()
+        self._allowed_checked = float("-inf")
         self._acceptors: List[asyncssh.SSHAcceptor] = []
+        self._flusher: Optional["asyncio.Task[None]"] = None
         self.anycast = Anycast(settings.anycast_instances, settings.state_dir, settings.device, self.log)
         uname = os.uname()
         self._os_name, self._kernel_release = uname.sysname, uname.release
+
+    @staticmethod
+    def _networks(cidrs: Sequence[str]) -> Tuple[Union[ipaddress.IPv4Network, ipaddress.IPv6Network], ...]:
+        return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
 
     def host_facts(self) -> HostFacts:
         """Facts for an answer, the clock state read fresh."""
         return HostFacts(self._os_name, self._kernel_release, __version__, kernel_clock_synced())
 
-    def admit_connection(self, address: str) -> Optional[str]:
-        """Count a new connection in; return why it is refused, or None."""
-        if not self._limiter.allow(address):
-            return (f"rate limit: over {self.settings.burst} connections from this address"
-                    f" at {self.settings.rate:g}/s")
-        total = sum(self._unauthenticated.values())
-        if total >= self.settings.max_unauthenticated:
-            return f"too many unauthenticated connections ({total})"
-        if self._unauthenticated[address] >= self.settings.max_unauthenticated_per_source:
-            return f"too many unauthenticated connections from this address ({self._unauthenticated[address]})"
-        self._unauthenticated[address] += 1
-        return None
+    # --- admission ---------------------------------------------------------
 
-    def release_unauthenticated(self, address: str) -> None:
-        """A connection counted by admit_connection authenticated or went away."""
-        self._unauthenticated[address] -= 1
-        if not self._unauthenticated[address]:
-            del self._unauthenticated[address]
+    def is_allowed(self, address: str) -> bool:
+        """Whether ``address`` is one of MITIGATOR's: in ``allow``, or named by a key's from=.
+
+        Only keys with from= name sources (a key without one admits every
+        address and names none).  The keys file is consulted at most every
+        ALLOWED_CACHE_SECONDS for this, so a flood does not re-read it per
+        connection; authentication itself always reads it fresh.
+        """
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if any(ip in network for network in self._allow_networks):
+            return True
+        now = time.monotonic()
+        if now - self._allowed_checked >= ALLOWED_CACHE_SECONDS:
+            state = self.keys.state()
+            self._allowed_entries = tuple(entry for entry in state.entries if entry.from_patterns)
+            self._allowed_checked = now
+        return any(entry.admits(entry.key, address) for entry in self._allowed_entries)
+
+    def note_refusal(self, bucket: str) -> bool:
+        """Count a refusal of ``bucket``; True if it may have a log line of its own."""
+        own_line, summary = self.refusals.note(bucket)
+        if summary:
+            self.log.warning(logs.event("refused", summary=summary))
+        return own_line
+
+    async def _flush_refusals(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_SECONDS)
+            for summary in self.refusals.flush():
+                self.log.warning(logs.event("refused", summary=summary))
+
+    # --- settings ----------------------------------------------------------
+
+    def apply_settings(self, new: ServerSettings) -> List[str]:
+        """Take over reloaded settings; return the names of the settings that changed.
+
+        Limits, allow list, keys path and anycast apply at once (connections
+        already admitted keep their slots); ``RESTART_ONLY`` settings are
+        logged as needing a restart and otherwise ignored.
+        """
+        changed = [f.name for f in dataclasses.fields(ServerSettings)
+                   if getattr(new, f.name) != getattr(self.settings, f.name)]
+        restart = [name for name in changed if name in RESTART_ONLY]
+        if restart:
+            self.log.warning(logs.event("reload-needs-restart", settings=",".join(restart)))
+            new = dataclasses.replace(new, **{name: getattr(self.settings, name) for name in restart})
+        self._allow_networks = self._networks(new.allow)
+        self.admission.stranger_slots = new.max_unauthenticated
+        self.admission.per_source = new.max_unauthenticated_per_source
+        self.admission.allowed_slots = new.max_unauthenticated_allowed
+        self.admission.limiter.rate, self.admission.limiter.burst = new.rate, new.burst
+        if new.keys_path != self.settings.keys_path:
+            self.keys = KeysFile(new.keys_path)
+        if (new.anycast_instances, new.state_dir, new.device) != (
+                self.settings.anycast_instances, self.settings.state_dir, self.settings.device):
+            self.anycast = Anycast(new.anycast_instances, new.state_dir, new.device, self.log)
+            self.anycast.startup()
+        self.settings = new
+        self._allowed_checked = float("-inf")
+        return changed
+
+    def reload(self, load_settings: Optional[Callable[[ServerSettings], ServerSettings]]) -> None:
+        """SIGHUP: re-read the keys file (and config, via ``load_settings``) and log what happened."""
+        changed: List[str] = []
+        if load_settings is not None:
+            try:
+                changed = self.apply_settings(load_settings(self.settings))
+            except Exception as exc:  # a bad config must not stop a running agent
+                self.log.error(logs.event("reload-failed", reason=str(exc), kept="previous settings"))
+        self.keys.forget()
+        self._allowed_checked = float("-inf")
+        state = self.keys.state()
+        self.log.info(logs.event("reloaded", keys=len(state.entries),
+                                 config="reloaded" if load_settings is not None else "not used",
+                                 changed=",".join(changed) or "nothing"))
+
+    # --- listening ---------------------------------------------------------
+
+    def listen_options(self) -> dict:
+        """asyncssh.listen keyword arguments besides host, port and factory."""
+        settings = self.settings
+        return dict(
+            server_host_keys=[self._host_key],
+            server_version=SERVER_VERSION,
+            login_timeout=settings.login_timeout,
+            public_key_auth=True,
+            password_auth=False,
+            kbdint_auth=False,
+            gss_host=None,
+            kex_algs=list(settings.kex_algs),
+            encryption_algs=list(ENCRYPTION_ALGS),
+            mac_algs=list(MAC_ALGS),
+            compression_algs=list(COMPRESSION_ALGS),
+            signature_algs=list(SIGNATURE_ALGS),
+            # PTY requests reach AgentSession.pty_requested, which
+            # refuses and logs them; asyncssh's own refusal is silent.
+            allow_pty=True,
+            agent_forwarding=False,
+            x11_forwarding=False,
+            allow_scp=False,
+        )
 
     async def start(self) -> List[Tuple[str, int]]:
         """Listen on every configured address; return the bound (host, port) pairs."""
         self.keys.state()  # report keys-file problems at start, not at the first poll
         self.anycast.startup()  # a stored set goes back into the module before anyone is answered
+        if self.settings.strict_allow and not self.settings.allow:
+            self.log.warning(logs.event("strict-allow", note="no --allow given: only sources named by"
+                                                             " keys-file from= patterns get in"))
         bound: List[Tuple[str, int]] = []
         try:
             for host in self.settings.listen or ("",):
                 acceptor = await asyncssh.listen(
-                    host,
-                    self.settings.port,
-                    server_factory=lambda: AgentConnection(self),
-                    server_host_keys=[self._host_key],
-                    server_version=SERVER_VERSION,
-                    login_timeout=self.settings.login_timeout,
-                    public_key_auth=True,
-                    password_auth=False,
-                    kbdint_auth=False,
-                    gss_host=None,
-                    # PTY requests reach AgentSession.pty_requested, which
-                    # refuses and logs them; asyncssh's own refusal is silent.
-                    allow_pty=True,
-                    agent_forwarding=False,
-                    x11_forwarding=False,
-                    allow_scp=False,
-                )
+                    host, self.settings.port, server_factory=lambda: AgentConnection(self),
+                    **self.listen_options())
                 self._acceptors.append(acceptor)
                 for sock in acceptor.sockets:
                     address = sock.getsockname()
@@ -169,10 +395,16 @@ class AgentServer:
         except BaseException:
             await self.close()
             raise
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_refusals())
         return bound
 
     async def close(self) -> None:
-        """Stop listening and wait for the listeners to go."""
+        """Stop listening, write pending refusal summaries, wait for the listeners to go."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+        for summary in self.refusals.flush(force=True):
+            self.log.warning(logs.event("refused", summary=summary))
         for acceptor in self._acceptors:
             acceptor.close()
         for acceptor in self._acceptors:
@@ -181,7 +413,7 @@ class AgentServer:
 
 
 class AgentConnection(asyncssh.SSHServer):
-    """One client connection: admission, authentication, refusals."""
+    """One client connection: admission, authentication, refusals, penalties."""
 
     def __init__(self, server: AgentServer) -> None:
         self.server = server
@@ -189,8 +421,9 @@ class AgentConnection(asyncssh.SSHServer):
         self.address = ""
         self.source = "?"
         self.user: Optional[str] = None
-        self.entry: Optional[KeyEntry] = None
-        self._counted = False
+        self.entry: Optional[KeyEntry] = None      # set only once authentication succeeded
+        self._candidate: Optional[KeyEntry] = None  # the listed key offered, signature not yet checked
+        self._ticket: Optional[Ticket] = None
         self._authenticated = False
         self._auth_failures = 0
         self._login_refused = False  # the refusal was logged when it happened
@@ -210,31 +443,49 @@ class AgentConnection(asyncssh.SSHServer):
         self.server.log.log(level, logs.event(event, **identity, **fields))
 
     def refuse(self, request: str, /, **detail: object) -> None:
-        """Log a refused request."""
-        self.log_event(logging.WARNING, "refused", request=request, **detail)
+        """Log a refused request (bounded per source: see logs.RefusalAggregator)."""
+        if self.server.note_refusal(source_bucket(self.address)):
+            self.log_event(logging.WARNING, "refused", request=request, **detail)
 
     # --- connection --------------------------------------------------------
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        conn.__class__ = KexGuessServerConnection
         self._conn = conn
         peer = conn.get_extra_info("peername")
         self.address = plain_address(peer[0])
         self.source = format_address(self.address, peer[1])
-        reason = self.server.admit_connection(self.address)
-        if reason is not None:
-            self.refuse("connection", reason=reason)
+        if self.server.settings.strict_allow and not self.server.is_allowed(self.address):
+            self.refuse("connection", reason="not in the allow list (strict-allow)")
+            conn.abort()  # before asyncssh sends its banner
+            return
+        ticket = self.server.admission.admit(self.address)
+        if isinstance(ticket, str):
+            self.refuse("connection", reason=ticket)
             conn.abort()
             return
-        self._counted = True
+        self._ticket = ticket
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
-        if not self._counted:
+        if self._ticket is None:
             return
         if not self._authenticated:
-            self.server.release_unauthenticated(self.address)
+            self.server.admission.release(self._ticket)
+            detail = str(exc) if exc else None
+            if detail == "Login timeout expired":
+                offence = "grace_exceeded"
+            elif self._auth_failures:
+                offence = "authfail"
+            else:
+                offence = "noauth"
+            left, activated = self.server.admission.penalise(self._ticket, offence)
             if not self._login_refused:
-                self.refuse("login", reason="closed before authenticating",
-                            detail=str(exc) if exc else None)
+                self.refuse("login", reason="closed before authenticating", detail=detail)
+            if activated:
+                self.server.log.warning(logs.event(
+                    "source-penalised", src=self._ticket.bucket, offence=offence.replace("_", "-"),
+                    penalty_s=f"{left:.0f}",
+                    refused_s=f"{left - self.server.admission.penalties.settings.min_seconds:.0f}"))
         elif self._polls == 0:
             self.log_event(logging.INFO, "closed", reason="no command was run")
 
@@ -250,7 +501,9 @@ class AgentConnection(asyncssh.SSHServer):
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         match = self.server.keys.match(key, self.address)
         if match.entry is not None:
-            self.entry = match.entry
+            # Not yet self.entry: asyncssh checks the signature after this,
+            # and a refusal must not name an instance it never proved.
+            self._candidate = match.entry
             return True
         self._auth_failures += 1
         self.refuse("publickey", offered=key.get_fingerprint("sha256"), reason=match.reason)
@@ -263,7 +516,9 @@ class AgentConnection(asyncssh.SSHServer):
 
     def auth_completed(self) -> None:
         self._authenticated = True
-        self.server.release_unauthenticated(self.address)
+        self.entry = self._candidate
+        if self._ticket is not None:
+            self.server.admission.release(self._ticket)
 
     # --- channels ----------------------------------------------------------
 
@@ -406,7 +661,7 @@ class AgentSession(asyncssh.SSHServerSession):
         self._connection.log_event(
             logging.INFO if status == 0 else logging.WARNING,
             "poll",
-            command=loggable_command(self._command),
+            command=loggable(self._command),
             status=status,
             result=result,
             duration_ms=f"{(time.monotonic() - self._requested_at) * 1000:.1f}",
@@ -416,15 +671,49 @@ class AgentSession(asyncssh.SSHServerSession):
         self._connection.session_closed(self._answered)
 
 
-async def run_until_signalled(settings: ServerSettings, host_key: asyncssh.SSHKey) -> None:
-    """Serve until SIGTERM or SIGINT (also one that arrives while starting)."""
+def settings_from_click() -> Optional[Callable[[ServerSettings], ServerSettings]]:
+    """How SIGHUP re-reads the config when running under ``mitigator-agent serve``.
+
+    The serve command's parameters are named as ServerSettings fields, so
+    config.reload_params gives the new values directly; None outside click.
+    """
+    import click
+
+    from .config import reload_params
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return None
+    names = {f.name for f in dataclasses.fields(ServerSettings)}
+
+    def load(current: ServerSettings) -> ServerSettings:
+        params = reload_params(ctx)
+        return dataclasses.replace(current, **{k: v for k, v in params.items() if k in names})
+
+    return load
+
+
+async def run_until_signalled(settings: ServerSettings, host_key: asyncssh.SSHKey,
+                              load_settings: Optional[Callable[[ServerSettings], ServerSettings]] = None
+                              ) -> None:
+    """Serve until SIGTERM or SIGINT (also one that arrives while starting); SIGHUP reloads.
+
+    ``load_settings`` re-reads the configuration on SIGHUP (default: the
+    serve command's config file through click's context, if any).
+    """
+    problem = disable_core_dumps()
     server = AgentServer(settings, host_key)
+    if problem:
+        server.log.warning(logs.event("core-dumps-not-disabled", reason=problem))
+    if load_settings is None:
+        load_settings = settings_from_click()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Before listening: once `listening on` is logged a supervisor may stop
     # us at once, and the default action would kill the process unclean.
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload, load_settings)
     await server.start()
     await stop.wait()
     server.log.info(logs.event("stopping"))

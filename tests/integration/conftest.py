@@ -22,6 +22,9 @@ from typing import Callable, Iterator, List, Optional, Sequence, Union
 import asyncssh
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))
+from safe_tmp import safe_tmp_path  # noqa: E402  (shared with tests/unit)
+
 from mitigator_agent.cookies import wall_ts_shift_ms
 from mitigator_agent.snapshot import (
     ABI_VERSION,
@@ -227,6 +230,12 @@ class AgentProcess:
             ) as conn:
                 return await conn.run(command)
         return asyncio.run(asyncio.wait_for(run(), WAIT_SECONDS))
+
+
+@pytest.fixture
+def tmp_path(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """Overrides pytest's tmp_path: below ~/.cache, not /tmp (mode 1777 fails StrictModes)."""
+    yield from safe_tmp_path(re.sub(r"[^\w-]", "_", request.node.name))
 
 
 @pytest.fixture

@@ -218,8 +218,8 @@ def test_edits_are_seen_on_the_next_check_and_parsed_once(keys_path, caplog):
 
 def test_add_creates_the_file(keys_dir):
     path = keys_dir / "keys"
-    entry, changed = add_key(str(path), public(ED1, "mitigator1"))
-    assert changed and entry.line_number == 1 and entry.instance == "mitigator1"
+    entry, outcome = add_key(str(path), public(ED1, "mitigator1"))
+    assert outcome == "added" and entry.line_number == 1 and entry.instance == "mitigator1"
     assert path.read_text() == public(ED1, "mitigator1") + "\n"
     assert path.stat().st_mode & 0o777 == 0o644
 
@@ -228,16 +228,16 @@ def test_add_appends_keeps_mode_and_content_and_is_idempotent(keys_path, keys_di
     keys_path.write_text("# header\n" + public(ED1, "mitigator1"))  # no final newline
     keys_path.chmod(0o600)
     inode = keys_path.stat().st_ino
-    entry, changed = add_key(str(keys_path), f'from="192.0.2.1" {public(ED2, "mitigator2")}')
-    assert changed and entry.line_number == 3
+    entry, outcome = add_key(str(keys_path), f'from="192.0.2.1" {public(ED2, "mitigator2")}')
+    assert outcome == "added" and entry.line_number == 3
     assert keys_path.read_text() == (f"# header\n{public(ED1, 'mitigator1')}\n"
                                      f'from="192.0.2.1" {public(ED2, "mitigator2")}\n')
     st = keys_path.stat()
     assert st.st_mode & 0o777 == 0o600 and st.st_uid == os.geteuid()
     assert st.st_ino != inode  # replaced by rename, never rewritten in place
-    assert sorted(p.name for p in keys_dir.iterdir()) == ["keys"]  # no temp file left
-    again, changed = add_key(str(keys_path), public(ED2, "another name"))
-    assert not changed and again.line_number == 3
+    assert sorted(p.name for p in keys_dir.iterdir()) == ["keys", "keys.lock"]  # no temp file left
+    again, outcome = add_key(str(keys_path), f'from="192.0.2.1" {public(ED2, "mitigator2")}')
+    assert outcome == "already present" and again.line_number == 3
 
 
 @pytest.mark.parametrize("line, reason", [

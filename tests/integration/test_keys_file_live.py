@@ -1,0 +1,63 @@
+"""The keys file against the running agent and the real `keys` commands."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+from conftest import AGENT, WAIT_SECONDS, make_client_key
+
+
+def keys_cmd(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([AGENT, "keys", *args], input=stdin, capture_output=True, text=True,
+                          timeout=WAIT_SECONDS)
+
+
+def test_twenty_concurrent_keys_add_processes_lose_no_key_thanks_to_the_lock(workdir):
+    keys = workdir / "keys"
+    clients = [make_client_key(workdir, f"m{n}") for n in range(20)]
+    with ThreadPoolExecutor(len(clients)) as pool:
+        results = list(pool.map(lambda c: keys_cmd("add", "--keys", str(keys), c.public_line), clients))
+    assert all(r.returncode == 0 and r.stdout.startswith("added: line ") for r in results), results
+    listed = keys_cmd("list", "--keys", str(keys))
+    assert sorted(line.split()[1] for line in listed.stdout.splitlines()) == sorted(c.fingerprint for c in clients)
+    assert sorted(int(r.stdout.split()[2]) for r in results) == list(range(1, 21))  # each its own line
+
+
+def test_keys_add_says_replaced_and_the_agent_then_enforces_the_new_from(start_agent, client_key):
+    agent = start_agent(client_key.public_line + "\n")
+    assert agent.ssh(client_key, "get", host="::1").returncode == 0
+    result = keys_cmd("add", "--keys", str(agent.keys_path), f'from="127.0.0.1" {client_key.public_line}')
+    assert result.returncode == 0 and result.stdout.startswith("replaced: line 1 ")
+    assert "(options or instance name changed)" in result.stdout
+    assert agent.ssh(client_key, "get", host="::1").returncode == 255
+    agent.wait_for(r'refused src=\[::1\]:\d+ user=mitigator_agent request=publickey .*'
+                   r'reason="from= of line 1 does not admit ::1"')
+    assert agent.ssh(client_key, "get", host="127.0.0.1").returncode == 0
+
+
+def test_a_0x1c_separated_second_key_from_stdin_is_refused_and_never_admitted(start_agent, client_key,
+                                                                               second_key):
+    agent = start_agent(client_key.public_line + "\n")
+    smuggled = f'from="10.9.9.9" {second_key.public_line}\x1c{second_key.public_line}\n'
+    result = keys_cmd("add", "--keys", str(agent.keys_path), "-", stdin=smuggled)
+    assert result.returncode == 1 and "control character U+001C" in result.stderr
+    assert agent.ssh(second_key, "get").returncode == 255
+    assert agent.ssh(client_key, "get").returncode == 0
+
+
+def test_cp_p_same_size_replacement_revokes_the_old_key_for_the_next_connection(start_agent, client_key,
+                                                                                  second_key, workdir):
+    agent = start_agent(f"{client_key.public_line}\n")
+    assert agent.ssh(client_key, "get").returncode == 0
+    replacement = workdir / "keys.new"
+    # Same length: both ed25519, and the comment padded to the same size.
+    replacement.write_text(f"{second_key.public_line[:-len('mitigator2')]}mitigator1\n")
+    assert replacement.stat().st_size == agent.keys_path.stat().st_size
+    old = agent.keys_path.stat()
+    os.utime(replacement, ns=(old.st_atime_ns, old.st_mtime_ns))
+    subprocess.run(["cp", "-p", str(replacement), str(agent.keys_path)], check=True)
+    assert agent.keys_path.stat().st_mtime_ns == old.st_mtime_ns
+    assert agent.ssh(client_key, "get").returncode == 255
+    assert agent.ssh(second_key, "get").returncode == 0

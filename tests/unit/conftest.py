@@ -1,0 +1,17 @@
+"""Unit-test fixtures: tmp_path lives in a StrictModes-safe directory (see safe_tmp)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from safe_tmp import safe_tmp_path
+
+
+@pytest.fixture
+def tmp_path(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """Overrides pytest's tmp_path: below ~/.cache, not /tmp (mode 1777 fails StrictModes)."""
+    yield from safe_tmp_path(re.sub(r"[^\w-]", "_", request.node.name))
