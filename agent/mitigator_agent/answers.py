@@ -35,6 +35,7 @@ be replayed (secrets are not answered until that is fixed).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -411,26 +412,36 @@ def _set(command: str, anycast: Optional[Anycast], instance: Optional[str]) -> A
     return Answer(SET_APPLIED + "\n", "", EXIT_OK, "anycast set applied and stored")
 
 
-MAX_LOGGED_VERB_CHARS = 32
+# Only a verb of this shape reaches the log: lower-case letters and dashes,
+# so no hex digit, no base64, no separator of a secret-carrying command can.
+LOGGABLE_VERB = re.compile(r"[a-z-]{1,16}")
+UNPRINTABLE_VERB = "(unprintable verb)"
 
 
 def loggable_command(command: Optional[str]) -> str:
-    """The command as the log may show it: never its arguments.
+    """The command as the log may show it: never its arguments, never a doubtful verb.
 
     ``set;NET;SYNCOOKIE;...`` carries secrets, and a mistyped command may
-    too, so only a known command is logged whole; of anything else the log
-    keeps the verb (up to the first ``;`` or blank, at most 32 characters)
-    and says how much it left out.
+    too (``set,<net_secret>...``), so only a known command (``get``,
+    ``get json``, ``get-tcp-secrets``) is logged whole.  Of anything else
+    the log keeps the verb -- the text up to the first ``;`` or white space
+    -- only if it matches ``^[a-z-]{1,16}$``, else ``(unprintable verb)``,
+    and says how many characters it left out: ``set...(+120 chars not
+    logged)``, ``(unprintable verb)...(+40 chars not logged)``.  An empty
+    or blank command is ``(empty)``.
     """
     if command is None:
         return "(none)"
     stripped = command.strip()
     if stripped in (LEGACY_COMMAND, GET_COMMAND) or " ".join(stripped.split()) == GET_JSON_COMMAND:
         return stripped
-    verb = stripped.split(";", 1)[0].split(None, 1)[0] if stripped else ""
-    verb = verb[:MAX_LOGGED_VERB_CHARS]
-    left_out = len(command) - len(verb)
-    return f"{verb}...(+{left_out} chars not logged)" if left_out else verb
+    if not stripped:
+        return "(empty)"
+    verb = re.split(r"[;\s]", stripped, maxsplit=1)[0]
+    if LOGGABLE_VERB.fullmatch(verb):
+        left_out = len(command) - len(verb)
+        return f"{verb}...(+{left_out} chars not logged)" if left_out else verb
+    return f"{UNPRINTABLE_VERB}...(+{len(command)} chars not logged)"
 
 
 def respond(command: Optional[str], device: str, facts: Callable[[], HostFacts],

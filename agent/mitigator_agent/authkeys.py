@@ -105,6 +105,11 @@ class KeyEntry:
         """``SHA256:...`` as ssh-keygen prints it."""
         return self.key.get_fingerprint("sha256")
 
+    @property
+    def names_sources(self) -> bool:
+        """Whether this entry's from= names particular sources (see :func:`names_particular_sources`)."""
+        return names_particular_sources(self.from_patterns)
+
     def same_key(self, key: asyncssh.SSHKey) -> bool:
         """Whether ``key`` is this entry's key (options not considered)."""
         return self.key.public_data == key.public_data
@@ -112,6 +117,34 @@ class KeyEntry:
     def admits(self, key: asyncssh.SSHKey, address: str) -> bool:
         """Whether this entry lets ``key`` in from ``address`` (an IP string)."""
         return self.from_matcher.validate(key, address, address) is not None
+
+
+_WILDCARD_ONLY = frozenset("*?.:")
+
+
+def names_particular_sources(from_patterns: Sequence[str]) -> bool:
+    """Whether from= pattern lists name particular sources rather than everyone.
+
+    The agent gives the sources a key's from= names an admission pool of
+    their own (MITIGATOR's addresses, see ratelimit.Admission); a list
+    that admits anyone must not turn every stranger into one of them.  So
+    an entry names nobody in particular when it has no from= at all, or
+    when one of its positive patterns (not ``!``-negated) matches any
+    address: made of wildcards and separators only (``*``, ``*.*.*.*``,
+    ``*:*``) or a CIDR of prefix length 0 (``0.0.0.0/0``, ``::/0``).
+    """
+    if not from_patterns:
+        return False
+    for pattern_list in from_patterns:
+        for pattern in pattern_list.split(","):
+            pattern = pattern.strip()
+            if not pattern or pattern.startswith("!"):
+                continue
+            if set(pattern) <= _WILDCARD_ONLY:
+                return False
+            if pattern.endswith("/0"):
+                return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import grp
+import ipaddress
 import json
 import logging
 import os
@@ -38,7 +39,7 @@ from .hostkey import (
     load_host_key,
     load_or_create_host_key,
 )
-from .server import DEFAULT_PORT, ServerSettings, format_address, run_until_signalled
+from .server import DEFAULT_PORT, ServerSettings, disable_core_dumps, format_address, run_until_signalled
 from .snapshot import DEFAULT_DEVICE, DeviceMissing, Snapshot, SnapshotError, read_snapshot
 
 DEFAULTS = ServerSettings()
@@ -79,6 +80,26 @@ def _check_instance_names(ctx: click.Context, param: click.Parameter,
     return value
 
 
+def _check_networks(ctx: click.Context, param: click.Parameter, value: Tuple[str, ...]) -> Tuple[str, ...]:
+    """Refuse anything that is not an IPv4/IPv6 address or CIDR; return them normalised.
+
+    Host bits are allowed (``192.0.2.7/24`` means 192.0.2.0/24), as in the
+    keys file's from= patterns.  ``0.0.0.0/0`` or ``::/0`` would make every
+    stranger one of MITIGATOR's sources, so they are refused.
+    """
+    networks = []
+    for text in value:
+        try:
+            network = ipaddress.ip_network(text.strip(), strict=False)
+        except ValueError:
+            raise click.BadParameter(f"{text!r} is not an IP address or CIDR", ctx=ctx, param=param) from None
+        if network.prefixlen == 0:
+            raise click.BadParameter(f"{text!r} allows every address; name MITIGATOR's addresses",
+                                     ctx=ctx, param=param)
+        networks.append(str(network))
+    return tuple(networks)
+
+
 @click.group()
 @click.version_option(__version__, prog_name="mitigator-agent")
 def main() -> None:
@@ -111,18 +132,34 @@ def main() -> None:
                    " None: set is disabled.")
 @click.option("--state-dir", default=DEFAULTS.state_dir, show_default=True,
               help="Directory for the last accepted anycast set (replayed into a reloaded module).")
+@click.option("--allow", multiple=True, metavar="CIDR", callback=_check_networks,
+              help="MITIGATOR's addresses (repeatable): admission of their own, like sources the keys"
+                   " file's from= names.")
+@click.option("--max-unauthenticated-allowed", type=click.IntRange(min=1),
+              default=DEFAULTS.max_unauthenticated_allowed, show_default=True,
+              help="Connections allowed at once before authentication from --allow and from= sources"
+                   " (a pool of their own).")
+@click.option("--strict-allow", is_flag=True, default=DEFAULTS.strict_allow,
+              help="Drop connections from anyone but --allow and from= sources before the SSH banner.")
 def serve(listen: Tuple[str, ...], port: int, keys_path: str, host_key_path: str, device: str,
           login_timeout: float, max_unauthenticated: int, max_unauthenticated_per_source: int,
-          rate: float, burst: int, anycast_instances: Tuple[str, ...], state_dir: str) -> None:
+          rate: float, burst: int, anycast_instances: Tuple[str, ...], state_dir: str,
+          allow: Tuple[str, ...], max_unauthenticated_allowed: int, strict_allow: bool) -> None:
     """Run the SSH server (logs on stdout, one line per event)."""
+    # First of all: the host key and the secrets must never end up in a core file.
+    core_dump_problem = disable_core_dumps()
     logs.setup()
     log = logs.get_logger()
+    if core_dump_problem:
+        log.warning(logs.event("core-dumps-not-disabled", reason=core_dump_problem))
     settings = ServerSettings(port=port, listen=listen, keys_path=keys_path, host_key_path=host_key_path,
                               device=device, login_timeout=login_timeout,
                               max_unauthenticated=max_unauthenticated,
                               max_unauthenticated_per_source=max_unauthenticated_per_source,
                               rate=rate, burst=burst, anycast_instances=anycast_instances,
-                              state_dir=state_dir)
+                              state_dir=state_dir, allow=allow,
+                              max_unauthenticated_allowed=max_unauthenticated_allowed,
+                              strict_allow=strict_allow)
     try:
         host_key, created = load_or_create_host_key(host_key_path)
     except (HostKeyError, OSError) as exc:

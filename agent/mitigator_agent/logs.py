@@ -69,6 +69,8 @@ def setup(level: int = logging.INFO) -> None:
 
 AGGREGATE_WINDOW_SECONDS = 60.0
 AGGREGATE_LINES_PER_WINDOW = 10
+AGGREGATE_MAX_SOURCES = 4096  # sources tracked at once; beyond, refusals are only counted
+OTHER_SOURCES = "other sources"
 
 
 class RefusalAggregator:
@@ -76,18 +78,26 @@ class RefusalAggregator:
 
     In each ``window`` seconds (starting at a source's first refusal) the
     first ``lines`` refusals of a source are logged in full; the rest are
-    counted, and when the window has passed ``flush`` returns one summary
-    per source that had more: ``... and N more from SRC in 60 s``.  So
-    3,000 refused connects from one address make 11 lines, not 3,000
-    (journald's default rate limit would otherwise drop real events).
+    counted, and once the window has passed one summary per source that had
+    more is returned (by ``note`` for that source's next refusal, or by
+    ``flush``): ``... and N more from SRC in 60 s``.  So 3,000 refused
+    connects from one address make 11 lines, not 3,000 (journald's default
+    rate limit would otherwise drop real events).  At most ``max_sources``
+    sources are tracked at once, so a flood from many addresses (an IPv6
+    /48 holds 65,536 /64s) cannot grow the table or the log without bound:
+    refusals from further sources get no line and are summarised together
+    as ``... and N more from other sources in 60 s``.
     """
 
     def __init__(self, window: float = AGGREGATE_WINDOW_SECONDS, lines: int = AGGREGATE_LINES_PER_WINDOW,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 max_sources: int = AGGREGATE_MAX_SOURCES) -> None:
         self.window = window
         self.lines = lines
+        self.max_sources = max_sources
         self._clock = clock
         self._windows: Dict[str, List[float]] = {}  # source -> [window start, logged, suppressed]
+        self._overflow: Optional[List[float]] = None  # [window start, suppressed] of untracked sources
 
     def note(self, source: str) -> Tuple[bool, Optional[str]]:
         """Count one refusal of ``source``.
@@ -100,8 +110,14 @@ class RefusalAggregator:
         summary = None
         if state is not None and now - state[0] >= self.window:
             summary = self._summary(source, state[2])
+            del self._windows[source]
             state = None
         if state is None:
+            if len(self._windows) >= self.max_sources:
+                if self._overflow is None:
+                    self._overflow = [now, 0]
+                self._overflow[1] += 1
+                return False, summary
             self._windows[source] = [now, 1, 0]
             return True, summary
         if state[1] < self.lines:
@@ -125,6 +141,11 @@ class RefusalAggregator:
                 if summary:
                     summaries.append(summary)
                 del self._windows[source]
+        if self._overflow is not None and (force or now - self._overflow[0] >= self.window):
+            summary = self._summary(OTHER_SOURCES, self._overflow[1])
+            if summary:
+                summaries.append(summary)
+            self._overflow = None
         return summaries
 
     def __len__(self) -> int:

@@ -58,10 +58,10 @@ import asyncio
 import ctypes
 import ctypes.util
 import dataclasses
+import inspect
 import ipaddress
 import logging
 import os
-import re
 import resource
 import signal
 import time
@@ -98,10 +98,8 @@ ENCRYPTION_ALGS: Tuple[str, ...] = ("chacha20-poly1305@openssh.com", "aes256-gcm
 MAC_ALGS: Tuple[str, ...] = ("hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com")
 COMPRESSION_ALGS: Tuple[str, ...] = ("none",)
 
-LOGGABLE_VERB = re.compile(r"[a-z-]{1,16}")
-UNPRINTABLE_VERB = "(unprintable verb)"
 FLUSH_INTERVAL_SECONDS = 5.0   # how often refusal summaries are written
-ALLOWED_CACHE_SECONDS = 1.0    # keys-file from= patterns re-read at most this often for admission
+ALLOWED_CACHE_SECONDS = 1.0    # admission re-reads the keys file at least this often (besides on stat changes)
 
 PR_SET_DUMPABLE = 4
 
@@ -153,25 +151,6 @@ def plain_address(host: str) -> str:
 def format_address(host: str, port: int) -> str:
     """``1.2.3.4:5`` or ``[::1]:5``."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def loggable(command: Optional[str]) -> str:
-    """What the log may show of a command: known commands whole, else a safe verb only.
-
-    answers.loggable_command decides what is known; of anything else only a
-    verb (up to the first ``;`` or blank) matching ``^[a-z-]{1,16}$`` is
-    shown, since ``set,<secret>`` or a mistyped command may carry secrets in
-    its first word.  Otherwise the log says ``(unprintable verb)``.
-    """
-    shown = loggable_command(command)
-    if command is None or shown == command.strip():
-        return shown
-    stripped = command.strip()
-    verb = stripped.split(";", 1)[0].split(None, 1)[0] if stripped else ""
-    if not LOGGABLE_VERB.fullmatch(verb):
-        return f"{UNPRINTABLE_VERB}...(+{len(command)} chars not logged)"
-    left_out = len(command) - len(verb)
-    return f"{verb}...(+{left_out} chars not logged)" if left_out else verb
 
 
 def disable_core_dumps() -> Optional[str]:
@@ -229,7 +208,12 @@ class KexGuessServerConnection(asyncssh.SSHServerConnection):
     """
 
     async def _process_kexinit_rfc(self, pkttype: int, pktid: int, packet: SSHPacket) -> None:
-        await asyncssh.SSHServerConnection._process_kexinit(self, pkttype, pktid, packet)  # type: ignore[attr-defined]
+        result = asyncssh.SSHServerConnection._process_kexinit(  # type: ignore[attr-defined]
+            self, pkttype, pktid, packet)
+        # A coroutine in current asyncssh, a plain method in some older
+        # releases the dependency floor admits.
+        if inspect.isawaitable(result):
+            await result
         self._ignore_first_kex = first_kex_guess_is_wrong(
             self._client_kexinit, self._kex_algs, self._server_host_key_algs or [])  # type: ignore[attr-defined]
 
@@ -253,6 +237,7 @@ class AgentServer:
         self.refusals = logs.RefusalAggregator()
         self._allowed_entries: Tuple[KeyEntry, ...] = ()
         self._allowed_checked = float("-inf")
+        self._allowed_identity: Optional[Tuple[int, int, int, int, int]] = None
         self._acceptors: List[asyncssh.SSHAcceptor] = []
         self._flusher: Optional["asyncio.Task[None]"] = None
         self.anycast = Anycast(settings.anycast_instances, settings.state_dir, settings.device, self.log)
@@ -272,10 +257,12 @@ class AgentServer:
     def is_allowed(self, address: str) -> bool:
         """Whether ``address`` is one of MITIGATOR's: in ``allow``, or named by a key's from=.
 
-        Only keys with from= name sources (a key without one admits every
-        address and names none).  The keys file is consulted at most every
-        ALLOWED_CACHE_SECONDS for this, so a flood does not re-read it per
-        connection; authentication itself always reads it fresh.
+        Only keys whose from= names particular sources count
+        (authkeys.names_particular_sources: a key without from=, or with a
+        pattern such as ``*``, admits everyone and names nobody).  For this
+        the keys file is re-read only when its stat identity changed or
+        ALLOWED_CACHE_SECONDS passed, so a flood of connections does not
+        re-read it for each; authentication itself always reads it fresh.
         """
         try:
             ip = ipaddress.ip_address(address)
@@ -284,11 +271,20 @@ class AgentServer:
         if any(ip in network for network in self._allow_networks):
             return True
         now = time.monotonic()
-        if now - self._allowed_checked >= ALLOWED_CACHE_SECONDS:
+        identity = self._keys_identity()
+        if identity != self._allowed_identity or now - self._allowed_checked >= ALLOWED_CACHE_SECONDS:
             state = self.keys.state()
-            self._allowed_entries = tuple(entry for entry in state.entries if entry.from_patterns)
-            self._allowed_checked = now
+            self._allowed_entries = tuple(entry for entry in state.entries if entry.names_sources)
+            self._allowed_checked, self._allowed_identity = now, identity
         return any(entry.admits(entry.key, address) for entry in self._allowed_entries)
+
+    def _keys_identity(self) -> Optional[Tuple[int, int, int, int, int]]:
+        """What changes whenever the keys file is replaced or written (ctime included)."""
+        try:
+            st = os.lstat(self.keys.path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def note_refusal(self, bucket: str) -> bool:
         """Count a refusal of ``bucket``; True if it may have a log line of its own."""
@@ -661,7 +657,7 @@ class AgentSession(asyncssh.SSHServerSession):
         self._connection.log_event(
             logging.INFO if status == 0 else logging.WARNING,
             "poll",
-            command=loggable(self._command),
+            command=loggable_command(self._command),
             status=status,
             result=result,
             duration_ms=f"{(time.monotonic() - self._requested_at) * 1000:.1f}",
@@ -699,12 +695,11 @@ async def run_until_signalled(settings: ServerSettings, host_key: asyncssh.SSHKe
     """Serve until SIGTERM or SIGINT (also one that arrives while starting); SIGHUP reloads.
 
     ``load_settings`` re-reads the configuration on SIGHUP (default: the
-    serve command's config file through click's context, if any).
+    serve command's config file through click's context, if any).  The
+    caller disables core dumps first (disable_core_dumps), before the host
+    key or any secret is in memory.
     """
-    problem = disable_core_dumps()
     server = AgentServer(settings, host_key)
-    if problem:
-        server.log.warning(logs.event("core-dumps-not-disabled", reason=problem))
     if load_settings is None:
         load_settings = settings_from_click()
     stop = asyncio.Event()

@@ -25,6 +25,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))
 from safe_tmp import safe_tmp_path  # noqa: E402  (shared with tests/unit)
 
+import mitigator_agent
 from mitigator_agent.cookies import wall_ts_shift_ms
 from mitigator_agent.snapshot import (
     ABI_VERSION,
@@ -45,6 +46,12 @@ from mitigator_agent.snapshot import (
 )
 
 AGENT = str(Path(sys.executable).with_name("mitigator-agent"))
+# The agent runs as a subprocess: make it import the very package these
+# tests import (a checkout next to the venv's editable install, say), not
+# whatever the console script's environment would find first.
+_PACKAGE_ROOT = str(Path(mitigator_agent.__file__).resolve().parent.parent)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_PACKAGE_ROOT] + [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry])
 SSH = shutil.which("ssh") or "/usr/bin/ssh"
 SSH_USER = "mitigator_agent"
 WAIT_SECONDS = 30  # upper bound on any wait; a healthy run never gets near it

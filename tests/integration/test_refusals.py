@@ -135,10 +135,43 @@ def test_password_and_keyboard_interactive_refused(agent, client_key):
 def test_rsa_key_in_keys_file_refused_with_warning(start_agent, client_key, workdir):
     rsa = make_client_key(workdir, "rsa-instance", "ssh-rsa")
     agent = start_agent(f"{rsa.public_line}\n{client_key.public_line}\n")
-    assert_refused_login(agent.ssh(rsa, "get"))
     agent.wait_for(rf"keys-file-warning problem=\"{re.escape(str(agent.keys_path))}:1: key type ssh-rsa refused")
-    agent.wait_for(r'refused .*request=publickey offered=SHA256:\S+ reason="key type ssh-rsa refused')
+    # The agent's server-sig-algs names ssh-ed25519 only, so OpenSSH finds no
+    # signature algorithm for an RSA key and never offers it.
+    start = agent.mark()
+    result = agent.ssh(rsa, "get", options=["-v"])
+    assert_refused_login(result)
+    assert b"server-sig-algs=<ssh-ed25519>" in result.stderr
+    agent.wait_for(r'refused src=127.0.0.1:\d+ user=mitigator_agent request=login reason="closed before'
+                   r' authenticating"', start)
+    # A client that ignores server-sig-algs and offers it anyway (asyncssh
+    # falls back to the key's own algorithm) is refused by the agent, with
+    # the reason and without the line's instance name.
+    start = agent.mark()
+    with pytest.raises(asyncssh.PermissionDenied):
+        agent.asyncssh_run(rsa, "get")
+    line = agent.wait_for(rf'refused src=127.0.0.1:\d+ user=mitigator_agent request=publickey'
+                          rf' offered={re.escape(rsa.fingerprint)} reason="key type ssh-rsa refused', start)
+    assert "instance=" not in line.string
     assert agent.ssh(client_key, "get").returncode == 0
+
+
+def test_a_listed_key_claimed_without_its_signature_is_refused_and_logged_without_instance(agent, client_key,
+                                                                                          workdir):
+    # OpenSSH offers the public half first (no signature), the agent says the
+    # key would do (PK_OK), then the client cannot sign: it has no private
+    # key.  The refusal must not name the instance the key belongs to, since
+    # nothing was proven (issue 9: "a refused login carries no instance name").
+    claimed = workdir / "claimed"
+    (workdir / "claimed.pub").write_text(client_key.public_line + "\n")
+    args = [*agent.ssh_command(client_key), f"{SSH_USER}@127.0.0.1", "get"]
+    args[args.index(str(client_key.path))] = str(claimed)
+    start = agent.mark()
+    result = subprocess.run(args, capture_output=True, timeout=WAIT_SECONDS)
+    assert_refused_login(result)
+    line = agent.wait_for(r'refused src=127.0.0.1:\d+ .*request=login reason="closed before authenticating"', start)
+    assert "instance=" not in line.string and "key=" not in line.string
+    assert not any("mitigator1" in logged for logged in agent.lines[start:])
 
 
 def test_unknown_ed25519_key_refused(agent, second_key):

@@ -280,4 +280,23 @@ def test_loggable_command_keeps_arguments_out():
     logged = loggable_command(f"set;{secret};x")
     assert logged == f"set...(+{len(secret) + 3} chars not logged)" and secret not in logged
     assert secret not in loggable_command(f"get {secret}")
-    assert loggable_command("x" * 100) == "x" * 32 + "...(+68 chars not logged)"
+    assert loggable_command("x" * 100) == "(unprintable verb)...(+100 chars not logged)"
+
+
+@pytest.mark.parametrize("command, logged", [
+    ("nonsense", "nonsense"),
+    ("reboot now", "reboot...(+4 chars not logged)"),
+    ("get-tcp-secrets;x", "get-tcp-secrets...(+2 chars not logged)"),
+    ("abcdefghijklmnop", "abcdefghijklmnop"),                      # 16 letters: the limit
+    ("abcdefghijklmnopq", "(unprintable verb)...(+17 chars not logged)"),
+    ("set,00112233aabbccdd;x", "(unprintable verb)...(+22 chars not logged)"),  # the case
+    ("00112233445566778899aabbccddeeff", "(unprintable verb)...(+32 chars not logged)"),
+    ("GET", "(unprintable verb)...(+3 chars not logged)"),
+    ("get\udcff", "(unprintable verb)...(+4 chars not logged)"),
+    ("g\u0435t", "(unprintable verb)...(+3 chars not logged)"),      # Cyrillic e
+    ("", "(empty)"),
+    ("  ", "(empty)"),
+])
+def test_only_verbs_matching_lowercase_letters_and_dashes_up_to_16_are_logged(command, logged):
+    from mitigator_agent.answers import loggable_command
+    assert loggable_command(command) == logged

@@ -1,0 +1,118 @@
+"""Admission before authentication against the running agent (issue 9).
+
+Sources are loopback addresses: every 127.0.0.0/8 address is local on Linux,
+so a client bound to 127.0.0.2 is another source than one on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+from contextlib import ExitStack
+from typing import List, Optional
+
+import asyncssh
+import pytest
+
+from conftest import SSH_USER, WAIT_SECONDS, AgentProcess, ClientKey, make_client_key
+
+
+def open_raw(agent: AgentProcess, source: str, host: str = "127.0.0.1") -> socket.socket:
+    """A connection from ``source`` that never authenticates; returns once the banner came."""
+    sock = socket.create_connection((host, agent.port(host)), timeout=WAIT_SECONDS, source_address=(source, 0))
+    assert sock.recv(256).startswith(b"SSH-2.0-mitigator_agent")
+    return sock
+
+
+def ssh_from(agent: AgentProcess, key: ClientKey, source: str) -> subprocess.CompletedProcess:
+    """OpenSSH `get` from the loopback address ``source`` (BindAddress)."""
+    return agent.ssh(key, "get", options=["-o", f"BindAddress={source}"])
+
+
+def asyncssh_from(agent: AgentProcess, keys: List[asyncssh.SSHKey], source: str) -> Optional[Exception]:
+    """One login attempt with asyncssh from ``source``; the exception it ended with, if any."""
+    async def run() -> None:
+        async with asyncssh.connect("127.0.0.1", agent.port("127.0.0.1"), username=SSH_USER,
+                                    client_keys=keys, local_addr=(source, 0),
+                                    known_hosts=str(agent.known_hosts), agent_path=None, config=None) as conn:
+            await conn.run("get", check=True)
+    try:
+        asyncio.run(asyncio.wait_for(run(), WAIT_SECONDS))
+    except (asyncssh.Error, OSError) as exc:
+        return exc
+    return None
+
+
+def test_strangers_filling_every_slot_do_not_lock_out_a_key_with_from(start_agent, client_key):
+    # The issue's lock-out: idle connections from a few sources took the
+    # shared cap and every `ssh ... get` failed.  MITIGATOR's source, named
+    # by from=, has slots of its own.
+    agent = start_agent(f'from="127.0.0.1" {client_key.public_line}\n', "--max-unauthenticated", "2",
+                        "--max-unauthenticated-per-source", "1")
+    with ExitStack() as stack:
+        stack.enter_context(open_raw(agent, "127.0.0.2"))
+        stack.enter_context(open_raw(agent, "127.0.0.3"))
+        start = agent.mark()
+        refused = ssh_from(agent, client_key, "127.0.0.4")
+        assert refused.returncode == 255 and refused.stdout == b""
+        agent.wait_for(r'refused src=127.0.0.4:\d+ request=connection'
+                       r' reason="too many unauthenticated connections \(2\)"', start)
+        for _ in range(3):
+            assert ssh_from(agent, client_key, "127.0.0.1").returncode == 0
+
+
+def test_allow_list_sources_have_the_same_pool(start_agent, client_key):
+    agent = start_agent(f"{client_key.public_line}\n", "--max-unauthenticated", "1",
+                        "--allow", "127.0.0.9/32")
+    with open_raw(agent, "127.0.0.2"):
+        assert ssh_from(agent, client_key, "127.0.0.3").returncode == 255
+        assert ssh_from(agent, client_key, "127.0.0.9").returncode == 0
+
+
+def test_a_from_star_key_names_nobody_so_strangers_stay_strangers(start_agent, client_key):
+    agent = start_agent(f'from="*" {client_key.public_line}\n', "--max-unauthenticated", "1")
+    with open_raw(agent, "127.0.0.2"):
+        start = agent.mark()
+        assert ssh_from(agent, client_key, "127.0.0.3").returncode == 255
+        agent.wait_for(r'refused src=127.0.0.3:\d+ request=connection'
+                       r' reason="too many unauthenticated connections \(1\)"', start)
+    assert ssh_from(agent, client_key, "127.0.0.3").returncode == 0
+
+
+def test_failed_logins_penalise_their_source_for_a_growing_time_and_no_one_else(start_agent, client_key,
+                                                                                workdir):
+    agent = start_agent(f"{client_key.public_line}\n")
+    stranger = make_client_key(workdir, "stranger").key
+    # 5 s per failed authentication; refused once more than 15 s are owed.
+    for _ in range(4):
+        assert isinstance(asyncssh_from(agent, [stranger], "127.0.0.2"), asyncssh.PermissionDenied)
+    agent.wait_for(r"source-penalised src=127.0.0.2 offence=authfail penalty_s=20 refused_s=5$")
+    start = agent.mark()
+    assert asyncssh_from(agent, [stranger], "127.0.0.2") is not None
+    agent.wait_for(r'refused src=127.0.0.2:\d+ request=connection reason="source 127.0.0.2 penalised for'
+                   r' \d+ s more"', start)
+    assert ssh_from(agent, client_key, "127.0.0.1").returncode == 0
+
+
+def test_strict_allow_drops_strangers_before_the_banner(start_agent, client_key):
+    agent = start_agent(f"{client_key.public_line}\n", "--strict-allow", "--allow", "127.0.0.1")
+    start = agent.mark()
+    sock = socket.create_connection(("127.0.0.1", agent.port("127.0.0.1")), timeout=WAIT_SECONDS,
+                                    source_address=("127.0.0.2", 0))
+    with sock:
+        try:
+            assert sock.recv(256) == b""  # closed, not a byte of SSH
+        except ConnectionResetError:
+            pass
+    agent.wait_for(r'refused src=127.0.0.2:\d+ request=connection'
+                   r' reason="not in the allow list \(strict-allow\)"', start)
+    assert ssh_from(agent, client_key, "127.0.0.1").returncode == 0
+
+
+@pytest.mark.parametrize("value", ["0.0.0.0/0", "::/0", "mitigator.example", "192.0.2.300"])
+def test_allow_refuses_what_is_not_a_particular_network(workdir, value):
+    from conftest import AGENT
+    result = subprocess.run([AGENT, "serve", "--allow", value, "--keys", str(workdir / "keys")],
+                            capture_output=True, text=True, timeout=WAIT_SECONDS)
+    assert result.returncode == 2 and "--allow" in result.stderr

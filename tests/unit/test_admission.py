@@ -1,0 +1,147 @@
+"""Admission before authentication (issue 9, "Admission that MITIGATOR always gets").
+
+Driven by a fake clock: the pools, the per-source count (IPv4 address, IPv6
+/64), penalties that grow with repeated offences, and which from= patterns
+name MITIGATOR's sources.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+
+from mitigator_agent.authkeys import names_particular_sources
+from mitigator_agent.ratelimit import Admission, PenaltyBox, PenaltySettings, Ticket, source_bucket
+
+MITIGATOR = "192.0.2.10"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def admission(clock: FakeClock, stranger_slots: int = 4, per_source: int = 2, allowed_slots: int = 2,
+              is_allowed: Callable[[str], bool] = lambda address: address == MITIGATOR,
+              burst: int = 100) -> Admission:
+    return Admission(stranger_slots, per_source, allowed_slots, rate=1.0, burst=burst,
+                     is_allowed=is_allowed, clock=clock)
+
+
+@pytest.mark.parametrize("address, bucket", [
+    ("192.0.2.7", "192.0.2.7"),
+    ("2001:db8:1:2::99", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+    ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+    ("::ffff:192.0.2.7", "192.0.2.7"),
+    ("::1", "::/64"),
+    ("not an address", "not an address"),
+])
+def test_strangers_are_counted_per_ipv4_address_and_per_ipv6_64(address, bucket):
+    assert source_bucket(address) == bucket
+
+
+def test_strangers_filling_their_pool_never_take_mitigators_slots():
+    # The issue's lock-out: the shared cap taken by four sources.  Now the
+    # strangers' pool is full and MITIGATOR is still admitted.
+    gate = admission(FakeClock())
+    strangers = [gate.admit(f"198.51.100.{n}") for n in (1, 1, 2, 2)]
+    assert all(isinstance(ticket, Ticket) for ticket in strangers)
+    assert gate.admit("198.51.100.3") == "too many unauthenticated connections (4)"
+    assert gate.admit(MITIGATOR) == Ticket(MITIGATOR, True)
+    assert gate.counts() == (4, 1)
+
+
+def test_one_ipv6_host_cycling_addresses_of_its_64_gets_only_the_per_source_cap():
+    gate = admission(FakeClock())
+    assert isinstance(gate.admit("2001:db8::1"), Ticket)
+    assert isinstance(gate.admit("2001:db8::2"), Ticket)
+    assert gate.admit("2001:db8::3") == "too many unauthenticated connections from 2001:db8::/64 (2)"
+    assert isinstance(gate.admit("2001:db8:0:1::1"), Ticket)  # the next /64 is another source
+
+
+def test_released_tickets_free_their_slots():
+    gate = admission(FakeClock(), per_source=1)
+    ticket = gate.admit("198.51.100.1")
+    assert isinstance(ticket, Ticket)
+    assert isinstance(gate.admit("198.51.100.1"), str)
+    gate.release(ticket)
+    assert isinstance(gate.admit("198.51.100.1"), Ticket)
+    allowed = gate.admit(MITIGATOR)
+    assert isinstance(allowed, Ticket)
+    gate.release(allowed)
+    assert gate.counts() == (1, 0)
+
+
+def test_the_allowed_pool_has_its_own_cap():
+    gate = admission(FakeClock(), allowed_slots=1)
+    assert isinstance(gate.admit(MITIGATOR), Ticket)
+    assert gate.admit(MITIGATOR) == "too many unauthenticated connections from allowed sources (1)"
+
+
+def test_strangers_pass_a_token_bucket_per_source_and_allowed_sources_do_not():
+    gate = admission(FakeClock(), stranger_slots=100, per_source=100, allowed_slots=100, burst=2)
+    assert [isinstance(gate.admit("198.51.100.1"), Ticket) for _ in range(3)] == [True, True, False]
+    assert all(isinstance(gate.admit(MITIGATOR), Ticket) for _ in range(10))
+
+
+def test_penalties_grow_with_each_offence_until_the_source_is_refused_for_a_while():
+    clock = FakeClock()
+    box = PenaltyBox(PenaltySettings(noauth=1, authfail=5, grace_exceeded=10, min_seconds=15, max_seconds=600),
+                     clock)
+    assert box.add("198.51.100.1", "grace_exceeded") == (10.0, False)  # one timeout locks nobody out
+    assert box.refused_for("198.51.100.1") == 0
+    assert box.add("198.51.100.1", "grace_exceeded") == (20.0, True)   # the second one does
+    assert box.refused_for("198.51.100.1") == 5.0
+    assert box.add("198.51.100.1", "authfail") == (25.0, False)        # already refused: grows
+    assert box.refused_for("198.51.100.1") == 10.0
+    clock.now += 10
+    assert box.refused_for("198.51.100.1") == 0                        # served its time
+    clock.now += 15
+    assert box.remaining("198.51.100.1") == 0 and len(box) == 0
+
+
+def test_penalties_are_capped():
+    box = PenaltyBox(PenaltySettings(max_seconds=60), FakeClock())
+    for _ in range(100):
+        box.add("198.51.100.1", "grace_exceeded")
+    assert box.remaining("198.51.100.1") == 60.0
+
+
+def test_a_penalised_64_is_refused_and_mitigator_is_never_penalised():
+    clock = FakeClock()
+    gate = admission(clock)
+    for n in range(4):  # 4 x 5 s of authfail: past the 15 s threshold
+        ticket = gate.admit(f"2001:db8::{n + 1}")
+        assert isinstance(ticket, Ticket)
+        gate.release(ticket)
+        gate.penalise(ticket, "authfail")
+    refusal = gate.admit("2001:db8::99")
+    assert isinstance(refusal, str) and refusal.startswith("source 2001:db8::/64 penalised for ")
+    mitigator = gate.admit(MITIGATOR)
+    assert isinstance(mitigator, Ticket)
+    assert gate.penalise(mitigator, "grace_exceeded") == (0.0, False)
+    assert gate.penalties.remaining(MITIGATOR) == 0
+
+
+@pytest.mark.parametrize("patterns, names", [
+    ((), False),                                  # no from=: admits everyone, names nobody
+    (("192.0.2.10",), True),
+    (("192.0.2.0/24,2001:db8::/32",), True),
+    (("10.1.*",), True),
+    (("*",), False),
+    (("*.*.*.*",), False),
+    (("192.0.2.10,*",), False),
+    (("!192.0.2.66,*",), False),
+    (("0.0.0.0/0",), False),
+    (("::/0",), False),
+    (("!10.0.0.0/8,192.0.2.10",), True),
+])
+def test_only_from_patterns_that_name_particular_sources_make_them_mitigators(patterns, names):
+    # A from="*" key would otherwise turn every stranger into an allowed
+    # source, and the pool strangers cannot exhaust would be theirs.
+    assert names_particular_sources(patterns) is names
