@@ -117,29 +117,18 @@ def reload_params(ctx: click.Context) -> Dict[str, Any]:
     """Read the config file again (SIGHUP) and return the command's parameters as they would now be.
 
     ``ctx`` is the running command's context (``click.get_current_context``).
-    Values given on the command line keep winning; every other parameter
-    takes the file's value, or its default when the file no longer sets
-    it.  Values are converted by the option's own type, as at start.
-    Raises ConfigError (file unusable) or click.BadParameter (bad value);
-    then nothing may change.
+    The command's parameters are processed again by click itself, exactly
+    as at start but with no command line except the ``--config`` that named
+    the file (so types, ranges and callbacks apply as they did then); the
+    values that were given on the command line then replace theirs, since
+    flags keep winning.  Raises click.ClickException (ConfigError arrives
+    as click.BadParameter: file unusable, unknown key, bad value); then
+    nothing may change.
     """
-    path, required = ctx.meta.get(CONFIG_META_KEY, (DEFAULT_CONFIG_PATH, False))
-    defaults = load_defaults(path, ctx.command, required)
-    params: Dict[str, Any] = {}
-    for param in ctx.command.params:
-        if not isinstance(param, click.Option) or not param.expose_value or param.name is None:
-            continue
-        if ctx.get_parameter_source(param.name) == click.core.ParameterSource.COMMANDLINE:
-            params[param.name] = ctx.params[param.name]
-        elif param.name in defaults:
-            value = param.type_cast_value(ctx, defaults[param.name])
-            params[param.name] = tuple(value) if param.multiple else value
-        else:
-            default = param.get_default(ctx, call=True)
-            if param.multiple:
-                params[param.name] = tuple(param.type_cast_value(ctx, default or ()))
-            else:
-                params[param.name] = param.type_cast_value(ctx, default) if default is not None else None
-        if param.callback is not None and param.name in params and not param.is_eager:
-            params[param.name] = param.callback(ctx, param, params[param.name])
+    path, named = ctx.meta.get(CONFIG_META_KEY, (DEFAULT_CONFIG_PATH, False))
+    fresh = ctx.command.make_context(ctx.info_name, ["--config", path] if named else [], parent=ctx.parent)
+    params = dict(fresh.params)
+    for name, value in ctx.params.items():
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+            params[name] = value
     return params

@@ -306,7 +306,9 @@ class AgentServer:
 
         Limits, allow list, keys path and anycast apply at once (connections
         already admitted keep their slots); ``RESTART_ONLY`` settings are
-        logged as needing a restart and otherwise ignored.
+        logged as needing a restart and otherwise ignored.  Everything that
+        can fail is built before anything is changed, so a failure leaves
+        the previous settings whole.
         """
         changed = [f.name for f in dataclasses.fields(ServerSettings)
                    if getattr(new, f.name) != getattr(self.settings, f.name)]
@@ -314,34 +316,47 @@ class AgentServer:
         if restart:
             self.log.warning(logs.event("reload-needs-restart", settings=",".join(restart)))
             new = dataclasses.replace(new, **{name: getattr(self.settings, name) for name in restart})
-        self._allow_networks = self._networks(new.allow)
+        networks = self._networks(new.allow)
+        keys = KeysFile(new.keys_path) if new.keys_path != self.settings.keys_path else self.keys
+        anycast = self.anycast
+        if (new.anycast_instances, new.state_dir, new.device) != (
+                self.settings.anycast_instances, self.settings.state_dir, self.settings.device):
+            anycast = Anycast(new.anycast_instances, new.state_dir, new.device, self.log)
+        # From here on nothing raises.
+        self._allow_networks = networks
         self.admission.stranger_slots = new.max_unauthenticated
         self.admission.per_source = new.max_unauthenticated_per_source
         self.admission.allowed_slots = new.max_unauthenticated_allowed
         self.admission.limiter.rate, self.admission.limiter.burst = new.rate, new.burst
-        if new.keys_path != self.settings.keys_path:
-            self.keys = KeysFile(new.keys_path)
-        if (new.anycast_instances, new.state_dir, new.device) != (
-                self.settings.anycast_instances, self.settings.state_dir, self.settings.device):
-            self.anycast = Anycast(new.anycast_instances, new.state_dir, new.device, self.log)
-            self.anycast.startup()
+        self.keys = keys
+        if anycast is not self.anycast:
+            self.anycast = anycast
+            anycast.startup()  # logs its problems instead of raising, as at start
         self.settings = new
         self._allowed_checked = float("-inf")
         return changed
 
     def reload(self, load_settings: Optional[Callable[[ServerSettings], ServerSettings]]) -> None:
-        """SIGHUP: re-read the keys file (and config, via ``load_settings``) and log what happened."""
+        """SIGHUP: re-read the config (via ``load_settings``) and the keys file; log what happened.
+
+        Logs ``reloaded keys=N config=reloaded|failed|not-used changed=NAMES``;
+        a config that cannot be used is logged as ``reload-failed`` and the
+        previous settings stay in force.  Never raises: a signal must not
+        stop a running agent.
+        """
         changed: List[str] = []
+        config = "not-used"
         if load_settings is not None:
             try:
                 changed = self.apply_settings(load_settings(self.settings))
+                config = "reloaded"
             except Exception as exc:  # a bad config must not stop a running agent
                 self.log.error(logs.event("reload-failed", reason=str(exc), kept="previous settings"))
+                config = "failed"
         self.keys.forget()
         self._allowed_checked = float("-inf")
         state = self.keys.state()
-        self.log.info(logs.event("reloaded", keys=len(state.entries),
-                                 config="reloaded" if load_settings is not None else "not used",
+        self.log.info(logs.event("reloaded", keys=len(state.entries), config=config,
                                  changed=",".join(changed) or "nothing"))
 
     # --- listening ---------------------------------------------------------

@@ -118,7 +118,7 @@ class AgentProcess:
     """A running ``mitigator-agent serve`` and its collected log lines."""
 
     def __init__(self, workdir: Path, extra_args: Sequence[str],
-                 listen: Sequence[str] = ("127.0.0.1", "::1")) -> None:
+                 listen: Sequence[str] = ("127.0.0.1", "::1"), command_prefix: Sequence[str] = ()) -> None:
         self.workdir = workdir
         self.keys_path = workdir / "keys"
         self.host_key_path = workdir / "host.ed25519"
@@ -126,7 +126,7 @@ class AgentProcess:
         self.lines: List[str] = []
         self._changed = threading.Condition()
         listen_args = [arg for address in listen for arg in ("--listen", address)]
-        args = [AGENT, "serve", "--port", "0", *listen_args, "--keys", str(self.keys_path), "--host-key", str(self.host_key_path),
+        args = [*command_prefix, AGENT, "serve", "--port", "0", *listen_args, "--keys", str(self.keys_path), "--host-key", str(self.host_key_path),
                 "--device", str(self.device_path), *extra_args]
         self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         text=True, errors="replace", cwd=workdir)
@@ -268,16 +268,19 @@ def second_key(workdir: Path) -> ClientKey:
 
 @pytest.fixture
 def start_agent(workdir: Path, snapshot: Snapshot) -> Iterator[Callable[..., AgentProcess]]:
-    """Factory: start_agent(keys_text, *extra_serve_args, listen=...) -> running AgentProcess."""
+    """Factory: start_agent(keys_text, *extra_serve_args, listen=..., command_prefix=...) -> AgentProcess.
+
+    ``command_prefix`` runs the agent through another program (``setpriv ...``).
+    """
     agents: List[AgentProcess] = []
 
     def start(keys_text: Optional[str], *extra_args: str,
-              listen: Sequence[str] = ("127.0.0.1", "::1")) -> AgentProcess:
+              listen: Sequence[str] = ("127.0.0.1", "::1"), command_prefix: Sequence[str] = ()) -> AgentProcess:
         if keys_text is not None:
             (workdir / "keys").write_text(keys_text)
             (workdir / "keys").chmod(0o644)
         (workdir / "snapshot").write_bytes(encode(snapshot))
-        agent = AgentProcess(workdir, extra_args, listen)
+        agent = AgentProcess(workdir, extra_args, listen, command_prefix)
         agents.append(agent)
         return agent
 

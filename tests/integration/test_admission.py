@@ -17,6 +17,11 @@ import pytest
 
 from conftest import SSH_USER, WAIT_SECONDS, AgentProcess, ClientKey, make_client_key
 
+# Idle connections must stay open for the whole test, however slow the
+# machine: a login timeout no test comes near.
+HOLD = ("--login-timeout", "3600")
+ATTEMPTS = 20  # upper bound on attempts in loops that wait for an outcome
+
 
 def open_raw(agent: AgentProcess, source: str, host: str = "127.0.0.1") -> socket.socket:
     """A connection from ``source`` that never authenticates; returns once the banner came."""
@@ -49,7 +54,7 @@ def test_strangers_filling_every_slot_do_not_lock_out_a_key_with_from(start_agen
     # shared cap and every `ssh ... get` failed.  MITIGATOR's source, named
     # by from=, has slots of its own.
     agent = start_agent(f'from="127.0.0.1" {client_key.public_line}\n', "--max-unauthenticated", "2",
-                        "--max-unauthenticated-per-source", "1")
+                        "--max-unauthenticated-per-source", "1", *HOLD)
     with ExitStack() as stack:
         stack.enter_context(open_raw(agent, "127.0.0.2"))
         stack.enter_context(open_raw(agent, "127.0.0.3"))
@@ -64,14 +69,14 @@ def test_strangers_filling_every_slot_do_not_lock_out_a_key_with_from(start_agen
 
 def test_allow_list_sources_have_the_same_pool(start_agent, client_key):
     agent = start_agent(f"{client_key.public_line}\n", "--max-unauthenticated", "1",
-                        "--allow", "127.0.0.9/32")
+                        "--allow", "127.0.0.9/32", *HOLD)
     with open_raw(agent, "127.0.0.2"):
         assert ssh_from(agent, client_key, "127.0.0.3").returncode == 255
         assert ssh_from(agent, client_key, "127.0.0.9").returncode == 0
 
 
 def test_a_from_star_key_names_nobody_so_strangers_stay_strangers(start_agent, client_key):
-    agent = start_agent(f'from="*" {client_key.public_line}\n', "--max-unauthenticated", "1")
+    agent = start_agent(f'from="*" {client_key.public_line}\n', "--max-unauthenticated", "1", *HOLD)
     with open_raw(agent, "127.0.0.2"):
         start = agent.mark()
         assert ssh_from(agent, client_key, "127.0.0.3").returncode == 255
@@ -84,15 +89,32 @@ def test_failed_logins_penalise_their_source_for_a_growing_time_and_no_one_else(
                                                                                 workdir):
     agent = start_agent(f"{client_key.public_line}\n")
     stranger = make_client_key(workdir, "stranger").key
-    # 5 s per failed authentication; refused once more than 15 s are owed.
-    for _ in range(4):
-        assert isinstance(asyncssh_from(agent, [stranger], "127.0.0.2"), asyncssh.PermissionDenied)
-    agent.wait_for(r"source-penalised src=127.0.0.2 offence=authfail penalty_s=20 refused_s=5$")
-    start = agent.mark()
-    assert asyncssh_from(agent, [stranger], "127.0.0.2") is not None
-    agent.wait_for(r'refused src=127.0.0.2:\d+ request=connection reason="source 127.0.0.2 penalised for'
-                   r' \d+ s more"', start)
-    assert ssh_from(agent, client_key, "127.0.0.1").returncode == 0
+    # 5 s owed per failed authentication, refused once more than 15 s are
+    # owed: four quick failures do it.  Owed time also runs off, so on a
+    # slow machine it takes more: attempt until the agent says so.
+    for _ in range(ATTEMPTS):
+        # PermissionDenied; or, once penalised, the connection dropped.
+        assert asyncssh_from(agent, [stranger], "127.0.0.2") is not None
+        if agent.count(r"source-penalised src=127.0.0.2 "):
+            break
+    # Logged by the offence that crossed the threshold: more than 15 s, at most 20.
+    agent.wait_for(r"source-penalised src=127.0.0.2 offence=authfail penalty_s=(1[5-9]|20) refused_s=\d+$")
+    # Now dropped before the banner.  (If the time ran off meanwhile, on a
+    # slow machine, fail once more: that owes 5 s again.)  The log line may
+    # be held back by the per-source refusal budget, so the client's view
+    # is what is checked.
+    for _ in range(ATTEMPTS):
+        with socket.create_connection(("127.0.0.1", agent.port("127.0.0.1")), timeout=WAIT_SECONDS,
+                                      source_address=("127.0.0.2", 0)) as sock:
+            try:
+                banner = sock.recv(256)
+            except ConnectionResetError:
+                banner = b""
+        if not banner:
+            break
+        asyncssh_from(agent, [stranger], "127.0.0.2")
+    assert banner == b""
+    assert ssh_from(agent, client_key, "127.0.0.1").returncode == 0  # nobody else is penalised
 
 
 def test_strict_allow_drops_strangers_before_the_banner(start_agent, client_key):
@@ -110,9 +132,14 @@ def test_strict_allow_drops_strangers_before_the_banner(start_agent, client_key)
     assert ssh_from(agent, client_key, "127.0.0.1").returncode == 0
 
 
-@pytest.mark.parametrize("value", ["0.0.0.0/0", "::/0", "mitigator.example", "192.0.2.300"])
-def test_allow_refuses_what_is_not_a_particular_network(workdir, value):
+@pytest.mark.parametrize("value, reason", [
+    ("0.0.0.0/0", "allows every address"),
+    ("::/0", "allows every address"),
+    ("mitigator.example", "is not an IP address or CIDR"),
+    ("192.0.2.300", "is not an IP address or CIDR"),
+])
+def test_allow_refuses_what_is_not_a_particular_network(workdir, value, reason):
     from conftest import AGENT
     result = subprocess.run([AGENT, "serve", "--allow", value, "--keys", str(workdir / "keys")],
                             capture_output=True, text=True, timeout=WAIT_SECONDS)
-    assert result.returncode == 2 and "--allow" in result.stderr
+    assert result.returncode == 2 and "--allow" in result.stderr and f"'{value}' {reason}" in result.stderr

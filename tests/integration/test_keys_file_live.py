@@ -65,3 +65,47 @@ def test_cp_p_same_size_replacement_revokes_the_old_key_for_the_next_connection(
     assert agent.keys_path.stat().st_mtime_ns == old.st_mtime_ns
     assert agent.ssh(client_key, "get").returncode == 255
     assert agent.ssh(second_key, "get").returncode == 0
+
+
+def test_keys_add_of_a_0x1c_joined_argument_adds_nothing_and_admits_nobody_new(start_agent, client_key,
+                                                                             second_key):
+    # The issue's exact command: one argv string that str.splitlines() cut
+    # in two (one key printed as added, the second admitted from anywhere).
+    agent = start_agent(client_key.public_line + "\n")
+    before = agent.keys_path.read_bytes()
+    smuggled = f'from="10.9.9.9" {second_key.public_line}\x1c{second_key.public_line}'
+    result = keys_cmd("add", "--keys", str(agent.keys_path), smuggled)
+    assert result.returncode == 1 and "control character U+001C at column" in result.stderr
+    assert result.stdout == "" and agent.keys_path.read_bytes() == before
+    assert agent.ssh(second_key, "get").returncode == 255
+
+
+def test_a_keys_file_through_a_0777_directory_admits_nobody_as_sshd_walks_up_to_root(start_agent, client_key,
+                                                                                    workdir):
+    # sshd's safe_path checks every directory up to /; the old check looked
+    # at the file's own directory only, so this path was accepted.
+    open_dir = workdir / "open"
+    keys = open_dir / "sub" / "keys"
+    keys.parent.mkdir(parents=True)
+    keys.write_text(client_key.public_line + "\n")
+    open_dir.chmod(0o777)
+    agent = start_agent(None, "--keys", str(keys))
+    assert agent.ssh(client_key, "get").returncode == 255
+    agent.wait_for(rf'keys-file-admits-nobody reason="keys directory {open_dir} is writable by group or others'
+                   rf' \(mode 0777\)"')
+    open_dir.chmod(0o755)
+    assert agent.ssh(client_key, "get").returncode == 0  # next connection: no restart needed
+
+
+def test_a_keys_file_that_is_a_symlink_admits_nobody_as_o_nofollow_refuses_it(start_agent, client_key, workdir):
+    real = workdir / "real-keys"
+    real.write_text(client_key.public_line + "\n")
+    real.chmod(0o644)
+    link = workdir / "keys"
+    link.symlink_to(real)
+    agent = start_agent(None)
+    assert agent.ssh(client_key, "get").returncode == 255
+    agent.wait_for(rf'keys-file-admits-nobody reason="keys file {link} is a symbolic link \(never followed\)"')
+    link.unlink()
+    real.rename(link)
+    assert agent.ssh(client_key, "get").returncode == 0

@@ -7,6 +7,10 @@ from contextlib import ExitStack
 
 from conftest import WAIT_SECONDS
 
+# Idle connections must stay open for the whole test, however slow the
+# machine: a login timeout no test comes near.
+HOLD = ("--login-timeout", "3600")
+
 
 def open_raw(port: int, host: str = "127.0.0.1") -> socket.socket:
     """A TCP connection that never authenticates; returns once the agent sent its banner."""
@@ -34,7 +38,7 @@ def test_rate_limit_per_source_address(start_agent, client_key):
 
 
 def test_unauthenticated_connections_capped(start_agent, client_key):
-    agent = start_agent(client_key.public_line + "\n", "--max-unauthenticated", "2")
+    agent = start_agent(client_key.public_line + "\n", "--max-unauthenticated", "2", *HOLD)
     port = agent.port("127.0.0.1")
     with ExitStack() as stack:
         for _ in range(2):
@@ -49,7 +53,7 @@ def test_unauthenticated_connections_capped(start_agent, client_key):
 
 
 def test_unauthenticated_connections_capped_per_source(start_agent, client_key):
-    agent = start_agent(client_key.public_line + "\n", "--max-unauthenticated-per-source", "1")
+    agent = start_agent(client_key.public_line + "\n", "--max-unauthenticated-per-source", "1", *HOLD)
     with open_raw(agent.port("127.0.0.1")):
         refused = agent.ssh(client_key, "get")
         assert refused.returncode == 255 and refused.stdout == b""

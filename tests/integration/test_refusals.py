@@ -157,18 +157,22 @@ def test_rsa_key_in_keys_file_refused_with_warning(start_agent, client_key, work
 
 
 def test_a_listed_key_claimed_without_its_signature_is_refused_and_logged_without_instance(agent, client_key,
-                                                                                          workdir):
-    # OpenSSH offers the public half first (no signature), the agent says the
-    # key would do (PK_OK), then the client cannot sign: it has no private
-    # key.  The refusal must not name the instance the key belongs to, since
+                                                                                          second_key, workdir):
+    # OpenSSH offers the public half (claimed.pub: the listed key) first,
+    # without a signature, and the agent says the key would do (PK_OK).  The
+    # private key beside it is another one, so no valid signature follows.
+    # The refusal must not name the instance the key belongs to, since
     # nothing was proven (issue 9: "a refused login carries no instance name").
     claimed = workdir / "claimed"
+    claimed.write_bytes(second_key.path.read_bytes())
+    claimed.chmod(0o600)
     (workdir / "claimed.pub").write_text(client_key.public_line + "\n")
-    args = [*agent.ssh_command(client_key), f"{SSH_USER}@127.0.0.1", "get"]
+    args = [*agent.ssh_command(client_key, options=["-v"]), f"{SSH_USER}@127.0.0.1", "get"]
     args[args.index(str(client_key.path))] = str(claimed)
     start = agent.mark()
     result = subprocess.run(args, capture_output=True, timeout=WAIT_SECONDS)
     assert_refused_login(result)
+    assert b"Server accepts key: " + str(claimed).encode() in result.stderr  # the claim got PK_OK
     line = agent.wait_for(r'refused src=127.0.0.1:\d+ .*request=login reason="closed before authenticating"', start)
     assert "instance=" not in line.string and "key=" not in line.string
     assert not any("mitigator1" in logged for logged in agent.lines[start:])
