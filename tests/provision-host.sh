@@ -87,7 +87,7 @@ current_kver() {
 packages=(
     build-essential kmod dkms openssl xz-utils
     qemu-system-x86 busybox-static
-    openssh-client iproute2 procps util-linux
+    openssh-client dropbear-bin iproute2 procps util-linux
     debootstrap debian-archive-keyring binutils
 )
 for i in "${!kernels[@]}"; do
