@@ -15,7 +15,7 @@ from typing import List, Optional
 import asyncssh
 import pytest
 
-from conftest import SSH_USER, WAIT_SECONDS, AgentProcess, ClientKey, make_client_key
+from conftest import AGENT, SSH_USER, WAIT_SECONDS, AgentProcess, ClientKey, make_client_key
 
 # Idle connections must stay open for the whole test, however slow the
 # machine: a login timeout no test comes near.
@@ -139,7 +139,6 @@ def test_strict_allow_drops_strangers_before_the_banner(start_agent, client_key)
     ("192.0.2.300", "is not an IP address or CIDR"),
 ])
 def test_allow_refuses_what_is_not_a_particular_network(workdir, value, reason):
-    from conftest import AGENT
     result = subprocess.run([AGENT, "serve", "--allow", value, "--keys", str(workdir / "keys")],
                             capture_output=True, text=True, timeout=WAIT_SECONDS)
     assert result.returncode == 2 and "--allow" in result.stderr and f"'{value}' {reason}" in result.stderr
