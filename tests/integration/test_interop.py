@@ -64,8 +64,12 @@ async def dbclient_get(workdir: Path, key: ClientKey, kex_algs: Tuple[str, ...])
             DBCLIENT, "-p", str(port), "-i", str(workdir / "client.dropbear"), f"{SSH_USER}@127.0.0.1", "get",
             env={**os.environ, "HOME": str(home)}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, start_new_session=True)
-        out, err = await asyncio.wait_for(client.communicate(), WAIT_SECONDS)
-        assert client.returncode is not None
+        try:
+            out, err = await asyncio.wait_for(client.communicate(), WAIT_SECONDS)
+        finally:
+            if client.returncode is None:  # timed out: a stuck dbclient spins, never leave it
+                client.kill()
+                await client.wait()
         return client.returncode, out.decode(), err.decode()
     finally:
         await server.close()
