@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -62,7 +63,15 @@ class ClockState:
     maxerror_us: int    # maximum error estimate, microseconds
 
 
-def _libc() -> ctypes.CDLL:
+@functools.lru_cache(maxsize=None)
+def libc() -> ctypes.CDLL:
+    """The C library, loaded once per process.
+
+    Cached because ``ctypes.util.find_library`` runs ``ldconfig -p`` in a
+    child process (about 1.4 ms), and every ``get`` asks the clock state:
+    uncached, that was most of the agent's own CPU per answer, and each new
+    CDLL left a little memory behind.
+    """
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
@@ -73,7 +82,7 @@ def kernel_clock_state() -> ClockState:
     is clear (an NTP daemon is disciplining the clock).
     """
     timex = _Timex()  # modes = 0: read only
-    result = _libc().adjtimex(ctypes.byref(timex))
+    result = libc().adjtimex(ctypes.byref(timex))
     if result < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))

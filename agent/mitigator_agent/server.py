@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import dataclasses
 import inspect
 import ipaddress
@@ -77,7 +76,7 @@ from . import __version__, logs
 from .answers import HostFacts, loggable_command, respond
 from .anycast import DEFAULT_STATE_DIR, Anycast
 from .authkeys import DEFAULT_KEYS_PATH, KeyEntry, KeysFile
-from .clock import kernel_clock_synced
+from .clock import kernel_clock_synced, libc
 from .hostkey import DEFAULT_HOST_KEY_PATH
 from .ratelimit import Admission, Ticket, source_bucket
 from .snapshot import DEFAULT_DEVICE
@@ -164,8 +163,7 @@ def disable_core_dumps() -> Optional[str]:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     except (ValueError, OSError) as exc:
         problems.append(f"RLIMIT_CORE: {exc}")
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+    if libc().prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         problems.append(f"prctl(PR_SET_DUMPABLE): {os.strerror(ctypes.get_errno())}")
     return "; ".join(problems) or None
 

@@ -84,6 +84,23 @@ def test_kernel_clock_synced_unknown_when_adjtimex_fails(monkeypatch):
     assert kernel_clock_synced() is None
 
 
+def test_the_c_library_is_looked_up_once_not_per_answer(monkeypatch):
+    # Every `get` asks the clock state.  ctypes.util.find_library runs
+    # `ldconfig -p` in a child process (~1.4 ms): per answer, that was most
+    # of the agent's own CPU and left memory behind (issue 9's growth per poll).
+    import ctypes.util
+    lookups = []
+    real = ctypes.util.find_library
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: lookups.append(name) or real(name))
+    clock.libc.cache_clear()
+    try:
+        for _ in range(5):
+            kernel_clock_synced()
+    finally:
+        clock.libc.cache_clear()
+    assert lookups == ["c"]
+
+
 @pytest.mark.parametrize("spec, parsed", [
     ("pool.ntp.org", ("pool.ntp.org", 123)),
     ("192.0.2.1:1123", ("192.0.2.1", 1123)),
