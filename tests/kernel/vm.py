@@ -67,9 +67,8 @@ def build_module(kver: str) -> Path:
     Named by its SHA-256 under build/matrix/KVER/by-hash/ and never rewritten,
     so a rebuild meanwhile cannot change what a running guest reads. Not
     under /tmp: virtme-ng gives the guest /tmp as an overlay on the host's,
-    and the host changing that lower layer under a running guest (other
-    pytest sessions do) is undefined for overlayfs; reads of the module there
-    came back garbled ("Invalid module format").
+    and overlayfs leaves changes to its lower layer under a running guest
+    (other pytest sessions make them) undefined.
     """
     src = module(kver)
     data = src.read_bytes()

@@ -28,11 +28,9 @@ _local_ko: Path | None = None
 def local_module() -> Path:
     """The module, copied once into the guest's RAM (/run) and checked against the host's hash.
 
-    insmod reads the file afresh on every load; from the shared host
-    filesystem under a loaded TCG host, that read has come back garbled
-    (insmod: "Invalid module format", nothing in dmesg) though the file never
-    changed. One copy, verified with the SHA-256 the host computed
-    (TCPSECRETS_KO_SHA256), takes the shared filesystem out of every load.
+    Every load then reads the very bytes the host built and hashed
+    (TCPSECRETS_KO_SHA256), not the shared filesystem, which is slow under
+    TCG and which the host may change meanwhile.
     """
     global _local_ko
     if _local_ko is None:
