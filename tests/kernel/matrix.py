@@ -279,7 +279,8 @@ def indirect_branches(ko: Path) -> list[str]:
 
 # --- the results table --------------------------------------------------------------
 
-def _kernels_in_run() -> list[str]:
+def kernels_in_run() -> list[str]:
+    """$TEST_KVERS (set by `make test`), else every kernel of tests/kernel/test-kernels."""
     env = os.environ.get("TEST_KVERS")
     if env:
         return env.split()
@@ -317,7 +318,7 @@ _MARK = {"passed": "pass", "failed": "**FAIL**", "skipped": "skip", None: "—"}
 
 
 def results(junits: Optional[list[Path]] = None) -> str:
-    kvers = _kernels_in_run()
+    kvers = kernels_in_run()
     if junits is None:
         junits = [OUT / "junit-host.xml"] + [out_dir(k) / "junit.xml" for k in kvers]
     host = _host_outcomes(junits, kvers)
@@ -414,7 +415,7 @@ def _summary(log: Path) -> str:
 
 
 def run(pytest_args: list[str], kernel_only: bool = False, jobs: int = 2) -> int:
-    kvers = _kernels_in_run()
+    kvers = kernels_in_run()
     OUT.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
 
@@ -491,7 +492,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.cmd == "run":
         return run(args.pytest_args, args.kernel_only, args.jobs)
     if args.cmd == "build":
-        for kver in args.kvers or _kernels_in_run():
+        for kver in args.kvers or kernels_in_run():
             st = build(kver) if args.force else ensure_built(kver)
             _say(f"{kver} ({st['suite']}): DKMS build {st['dkms']}, {st['compiler']}, "
                  f"signer {st['signer'] or '-'}")

@@ -12,7 +12,6 @@ and each accepts the emulator's cookie ACK on a fresh listener.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import threading
@@ -34,10 +33,7 @@ def boot(kver: str, ko: Path, shared: Path, role: str, results: dict) -> None:
     results[role] = vm.run_in_guest(
         kver, f"{sys.executable} -m tests.kernel.guest.anycast_server {role}",
         rwdirs=[shared],
-        env={"TCPSECRETS_IN_GUEST": "1", "TCPSECRETS_KO": str(ko),
-             "TCPSECRETS_KO_SHA256": hashlib.sha256(ko.read_bytes()).hexdigest(),
-             "TCPSECRETS_KVER": kver,
-             "ANYCAST_DIR": str(shared)})
+        env={**vm.guest_env(kver, ko), "ANYCAST_DIR": str(shared)})
 
 
 def wait_for(path: Path, results: dict, role: str) -> None:

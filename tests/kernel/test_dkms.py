@@ -27,10 +27,6 @@ HOST_KVERS = vm.host_kvers()
 VERSION = (vm.REPO / "kmod" / "VERSION").read_text().strip()
 
 
-def modinfo(ko: Path, field: str) -> str:
-    return matrix.modinfo(ko, field)
-
-
 def built(kver: str) -> Path:
     """The DKMS-built module for kver; fails the test with the build log if it does not build."""
     try:
@@ -48,10 +44,10 @@ def test_dkms_build_in_release_chroot(kver):
     assert st is not None and st["dkms"] == "ok"
     log = (matrix.out_dir(kver) / "build.log").read_text()
     assert "dkms install" in log and ": installed" in log, log[-3000:]
-    assert modinfo(ko, "version") == VERSION
-    assert modinfo(ko, "vermagic").split()[0] == kver
-    assert modinfo(ko, "license") == "GPL"
-    assert "read_gid" in modinfo(ko, "parm")
+    assert matrix.modinfo(ko, "version") == VERSION
+    assert matrix.modinfo(ko, "vermagic").split()[0] == kver
+    assert matrix.modinfo(ko, "license") == "GPL"
+    assert "read_gid" in matrix.modinfo(ko, "parm")
 
 
 @pytest.mark.parametrize("kver", KVERS)
@@ -66,11 +62,11 @@ def test_dkms_signed_the_module(kver):
     serial = subprocess.run(
         ["openssl", "x509", "-inform", "DER", "-in", str(cert), "-noout", "-serial"],
         capture_output=True, text=True, check=True).stdout.strip().split("=", 1)[1]
-    signer = modinfo(ko, "signer")
+    signer = matrix.modinfo(ko, "signer")
     assert signer, f"{ko} is not signed"
     assert f"commonName                = {signer}" in subject, (signer, subject)
-    assert modinfo(ko, "sig_key").replace(":", "").lstrip("0") == serial.lstrip("0").upper()
-    assert modinfo(ko, "sig_id") == "PKCS#7"
+    assert matrix.modinfo(ko, "sig_key").replace(":", "").lstrip("0") == serial.lstrip("0").upper()
+    assert matrix.modinfo(ko, "sig_id") == "PKCS#7"
 
 
 # The signature sign-file appends: PKCS#7 (CMS) DER, then struct module_signature
@@ -164,10 +160,10 @@ def test_dkms_add_build_install_remove(tmp_path, kver):
     assert f"tcpsecrets/{VERSION}, {kver}, x86_64: installed" in dkms("status")
 
     ko = trees["install"] / kver / "updates" / "dkms" / "tcpsecrets.ko"
-    assert modinfo(ko, "version") == VERSION
-    assert modinfo(ko, "vermagic").split()[0] == kver
-    assert modinfo(ko, "license") == "GPL"
-    assert "read_gid" in modinfo(ko, "parm")
+    assert matrix.modinfo(ko, "version") == VERSION
+    assert matrix.modinfo(ko, "vermagic").split()[0] == kver
+    assert matrix.modinfo(ko, "license") == "GPL"
+    assert "read_gid" in matrix.modinfo(ko, "parm")
 
     dkms("remove", "-m", "tcpsecrets", "-v", VERSION, "--all")
     assert not ko.exists()
@@ -176,5 +172,5 @@ def test_dkms_add_build_install_remove(tmp_path, kver):
 @pytest.mark.parametrize("kver", HOST_KVERS)
 def test_kbuild_make_with_kver(tmp_path, kver):
     ko = vm.kbuild_on_host(kver, tmp_path)
-    assert modinfo(ko, "version") == VERSION
-    assert modinfo(ko, "vermagic").split()[0] == kver
+    assert matrix.modinfo(ko, "version") == VERSION
+    assert matrix.modinfo(ko, "vermagic").split()[0] == kver

@@ -12,7 +12,6 @@ beside it (guest.json, guest.log, dmesg.txt) for the matrix's results table.
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import shutil
 import subprocess
@@ -87,10 +86,7 @@ def _run_guest_suite(kver: str, work: Path) -> dict[str, tuple[str, str]]:
             f"{sys.executable} -m pytest -p no:cacheprovider -o addopts= -v {GUEST_DIR} "
             f"--junitxml={junit}; rc=$?; dmesg > {dmesg}; exit $rc",
             rwdirs=[out],
-            env={"TCPSECRETS_IN_GUEST": "1", "TCPSECRETS_KO": str(ko),
-                 "TCPSECRETS_KO_SHA256": hashlib.sha256(ko.read_bytes()).hexdigest(),
-                 "TCPSECRETS_KVER": kver, "TCPSECRETS_GUEST_OUT": str(out),
-                 "TCPSECRETS_KCONFIG": str(matrix.kernel_config(kver))},
+            env={**vm.guest_env(kver, ko), "TCPSECRETS_GUEST_OUT": str(out)},
         )
     except subprocess.TimeoutExpired as e:
         output = (e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout) or ""

@@ -27,10 +27,7 @@ BOOT_TIMEOUT = 2700  # seconds for a whole guest run under TCG (5.10 on a loaded
 
 def test_kvers() -> list[str]:
     """Kernels to test: $TEST_KVERS (set by `make test`), else tests/kernel/test-kernels."""
-    listed = os.environ.get("TEST_KVERS")
-    if listed is None:
-        return [kver for _, kver in matrix.listed()]
-    return listed.split()
+    return matrix.kernels_in_run()
 
 
 def host_kvers() -> list[str]:
@@ -53,16 +50,8 @@ def can_boot() -> tuple[bool, str]:
     return True, ""
 
 
-def module(kver: str) -> Path:
-    """The module DKMS built for `kver` in its release's chroot (rebuilt if kmod/ changed).
-
-    Raises matrix.BuildFailed, with the end of the build log, when it does not build.
-    """
-    return matrix.module(kver)
-
-
 def build_module(kver: str) -> Path:
-    """A copy of the DKMS-built module for `kver` (see module()) that a guest may read.
+    """A copy of the DKMS-built module for `kver` (matrix.module()) that a guest may read.
 
     Named by its SHA-256 under build/matrix/KVER/by-hash/ and never rewritten,
     so a rebuild meanwhile cannot change what a running guest reads. Not
@@ -70,8 +59,7 @@ def build_module(kver: str) -> Path:
     and overlayfs leaves changes to its lower layer under a running guest
     (other pytest sessions make them) undefined.
     """
-    src = module(kver)
-    data = src.read_bytes()
+    data = matrix.module(kver).read_bytes()
     ko = matrix.out_dir(kver) / "by-hash" / f"{hashlib.sha256(data).hexdigest()}.ko"
     if not ko.exists():
         ko.parent.mkdir(parents=True, exist_ok=True)
@@ -79,6 +67,17 @@ def build_module(kver: str) -> Path:
         tmp.write_bytes(data)
         os.replace(tmp, ko)
     return ko
+
+
+def guest_env(kver: str, ko: Path) -> dict[str, str]:
+    """What every guest program needs to know: the kernel, its .config and the module.
+
+    `ko` comes from build_module(): its name is its SHA-256, which the guest
+    checks its copy against.
+    """
+    return {"TCPSECRETS_IN_GUEST": "1", "TCPSECRETS_KVER": kver,
+            "TCPSECRETS_KCONFIG": str(matrix.kernel_config(kver)),
+            "TCPSECRETS_KO": str(ko), "TCPSECRETS_KO_SHA256": ko.stem}
 
 
 def kbuild_on_host(kver: str, out_dir: Path) -> Path:
