@@ -177,6 +177,31 @@ def serve(listen: Tuple[str, ...], port: int, keys_path: str, host_key_path: str
         sys.exit(1)
 
 
+@main.command("host-key")
+@_host_key_option
+def host_key_command(host_key_path: str) -> None:
+    """Print the host key's fingerprint (MITIGATOR pins it); create the key first if there is none.
+
+    Run as the agent's user, so the key is theirs (mode 0600), exactly as
+    ``serve`` would create it. An existing key is never replaced.
+    """
+    try:
+        key, created = load_or_create_host_key(host_key_path)
+    except FileNotFoundError:
+        click.echo(f"cannot create host key {host_key_path}: its directory does not exist", err=True)
+        sys.exit(1)
+    except PermissionError:
+        click.echo(f"cannot create host key {host_key_path}: no write permission in its directory"
+                   " (run this as the agent's user)", err=True)
+        sys.exit(1)
+    except (HostKeyError, OSError) as exc:
+        click.echo(f"host key: {exc}", err=True)
+        sys.exit(1)
+    if created:
+        click.echo(f"created {host_key_path}", err=True)
+    click.echo(fingerprint_line(key))
+
+
 @main.group()
 def keys() -> None:
     """List or edit the keys file (edits are atomic and keep owner and mode)."""

@@ -115,3 +115,24 @@ def test_serve_reports_a_port_in_use(workdir):
                            "--device", str(workdir / "snapshot"))
     assert result.returncode == 1
     assert "ERROR cannot-start" in result.stdout and "address already in use" in result.stdout.lower()
+
+
+def test_host_key_command_creates_once_then_prints_the_same_fingerprint(workdir):
+    host_key = workdir / "host.ed25519"
+    first = run_agent("host-key", "--host-key", str(host_key))
+    assert first.returncode == 0, first.stderr
+    assert first.stderr == f"created {host_key}\n"
+    assert oct(host_key.stat().st_mode & 0o777) == "0o600"
+    keygen = subprocess.run(["ssh-keygen", "-l", "-f", str(host_key)], capture_output=True, text=True, check=True)
+    assert first.stdout.split()[1] == keygen.stdout.split()[1]
+    key_bytes = host_key.read_bytes()
+    second = run_agent("host-key", "--host-key", str(host_key))
+    assert (second.returncode, second.stderr, second.stdout) == (0, "", first.stdout)
+    assert host_key.read_bytes() == key_bytes
+
+
+def test_host_key_command_in_a_missing_directory_says_so(workdir):
+    missing = workdir / "nowhere" / "host.ed25519"
+    result = run_agent("host-key", "--host-key", str(missing))
+    assert result.returncode == 1
+    assert result.stderr == f"cannot create host key {missing}: its directory does not exist\n"
