@@ -14,7 +14,7 @@ VENV   := .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 
-.PHONY: all test matrix unit kmod provision venv clean matrix-purge
+.PHONY: all test matrix unit kmod provision venv clean matrix-purge dist demo
 
 all: kmod
 
@@ -54,7 +54,19 @@ matrix: venv
 
 # Fast loop while editing: no VM boots.
 unit: venv
-	$(PY) -m pytest -m 'not kernel' $(PYTEST_ARGS)
+	$(PY) -m pytest -m 'not kernel and not system' $(PYTEST_ARGS)
+
+# dist/mitigator-agent: the one-file installer (module source, agent, wheels for
+# every supported CPython; wheels cached in /var/cache/mitigator-agent-build).
+dist: venv
+	installer/make-dist.sh
+
+# The whole system in a VM: boot the Debian 12 test image (built and cached by
+# tests/installer/system-image.sh), install with dist/mitigator-agent as an
+# admin would, add a key, poll from here with OpenSSH and `mitigator-agent poll`.
+demo: venv dist
+	tests/provision-host.sh --system-image >/dev/null
+	$(PY) -m tests.installer.demo dist/mitigator-agent
 
 clean:
 	$(MAKE) -C kmod clean

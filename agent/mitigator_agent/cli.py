@@ -100,10 +100,36 @@ def _check_networks(ctx: click.Context, param: click.Parameter, value: Tuple[str
     return tuple(networks)
 
 
-@click.group()
+INSTALL_SCRIPT = "/usr/lib/mitigator-agent/install.sh"  # kept by the install script, for -d
+
+
+def _uninstall(purge: bool) -> None:
+    """Run the install script's own uninstall (the copy kept at install time); never returns."""
+    if not os.path.exists(INSTALL_SCRIPT):
+        click.echo(f"mitigator-agent: {INSTALL_SCRIPT} is missing, so the install script did not install this"
+                   " agent: remove the Debian package with apt remove mitigator-agent", err=True)
+        sys.exit(1)
+    argv = ["sh", INSTALL_SCRIPT, "-d"] + (["--purge"] if purge else [])
+    os.execvp("sh", argv)
+
+
+@click.group(invoke_without_command=True)
 @click.version_option(__version__, prog_name="mitigator-agent")
-def main() -> None:
+@click.option("-d", "--uninstall", is_flag=True,
+              help="Uninstall (as root): the service, the module, the agent and the system settings;"
+                   " the keys file and the host key stay.")
+@click.option("--purge", is_flag=True, help="With -d: also remove the keys file, the host key and the user.")
+@click.pass_context
+def main(ctx: click.Context, uninstall: bool, purge: bool) -> None:
     """Serve this server's TCP SYN-cookie/ISN secrets to MITIGATOR over SSH."""
+    if purge and not uninstall:
+        raise click.UsageError("--purge goes with -d")
+    if uninstall:
+        if ctx.invoked_subcommand is not None:
+            raise click.UsageError("-d takes no command")
+        _uninstall(purge)
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
 
 
 @main.command()
@@ -200,6 +226,23 @@ def host_key_command(host_key_path: str) -> None:
     if created:
         click.echo(f"created {host_key_path}", err=True)
     click.echo(fingerprint_line(key))
+
+
+@main.command()
+@_device_option
+def selftest(device: str) -> None:
+    """Prove on this server what MITIGATOR relies on (root; IPv4 and IPv6, on a private loopback listener).
+
+    The kernel's cookie SYN-ACK must equal the cookie computed from the
+    agent's own answer, and a cookie ACK for a SYN the kernel never saw must
+    open a connection. One ok/FAIL line per check; exit status 1 on any FAIL.
+    """
+    from . import selftest as checks  # scapy is loaded only here
+
+    results = checks.run(device)
+    for result in results:
+        click.echo(f"{'ok  ' if result.ok else 'FAIL'} {result.text}")
+    sys.exit(1 if any(not result.ok for result in results) else 0)
 
 
 @main.group()
