@@ -33,6 +33,7 @@ from __future__ import annotations
 import grp
 import logging
 import os
+import pwd
 import socket
 import stat
 import time
@@ -258,12 +259,13 @@ def _host_key_item(view: Dict[str, Any], subject: Subject) -> Item:
                     label="host key", summary=f"{info['line']} ({path}; MITIGATOR pins it)")
     if info["missing"]:
         directory = os.path.dirname(os.path.abspath(path))
+        create = f"{_as_user_prefix(subject.user)}mitigator-agent host-key --host-key {path}"
         if not info.get("directory_exists", True):
-            fix = f"run mkdir -p {directory} && chown {subject.user} {directory}, then runuser -u {subject.user} -- mitigator-agent host-key --host-key {path}"
+            fix = f"run mkdir -p {directory} && chown {subject.user} {directory}, then {create}"
         elif info["creatable"]:
-            fix = f"run runuser -u {subject.user} -- mitigator-agent host-key --host-key {path} and give MITIGATOR the fingerprint it prints"
+            fix = f"run {create} and give MITIGATOR the fingerprint it prints"
         else:
-            fix = f"run chown {subject.user} {directory}, then runuser -u {subject.user} -- mitigator-agent host-key --host-key {path}"
+            fix = f"run chown {subject.user} {directory}, then {create}"
         return Item("host-key", FAIL, f"host key {path} does not exist yet", fix,
                     facts={"path": path, "missing": True}, label="host key", summary=f"{path} missing")
     error = info["error"] or f"host key {path} cannot be used"
@@ -275,6 +277,15 @@ def _host_key_item(view: Dict[str, Any], subject: Subject) -> Item:
     else:
         fix = f"fix or restore {path} (a new key changes the fingerprint MITIGATOR pins)"
     return Item("host-key", FAIL, error, fix, facts={"path": path}, label="host key", summary=error)
+
+
+def _as_user_prefix(user: str) -> str:
+    """``runuser -u USER -- `` when USER is not who runs this command, else nothing."""
+    try:
+        me = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        me = str(os.geteuid())
+    return "" if user == me else f"runuser -u {user} -- "
 
 
 def _module_fix() -> str:

@@ -25,7 +25,7 @@ def write_config(workdir: Path, text: str, mode: int = 0o644) -> Path:
 def full_config(workdir: Path) -> str:
     return (f'port = 0\nlisten = ["::1"]\nkeys = "{workdir / "keys"}"\n'
             f'host-key = "{workdir / "host.ed25519"}"\ndevice = "{workdir / "snapshot"}"\n'
-            f'login-timeout = 5\nrate = 5.0\nburst = 10\n')
+            f'login-timeout = 5\nrate = 5.0\nburst = 10\nruntime-dir = "{workdir / "run"}"\n')
 
 
 @pytest.fixture
