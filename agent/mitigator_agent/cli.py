@@ -201,10 +201,10 @@ def serve(listen: Tuple[str, ...], port: int, keys_path: str, host_key_path: str
     try:
         host_key, created = load_or_create_host_key(host_key_path)
     except HostKeyError as exc:
-        log.error(logs.event("cannot-start", reason=str(exc)))
+        log.error(logs.event("cannot-start", whole=True, reason=str(exc)))
         sys.exit(1)
     except OSError as exc:
-        log.error(logs.event("cannot-start", reason=f"host key {host_key_path}: {exc.strerror or exc}"))
+        log.error(logs.event("cannot-start", whole=True, reason=f"host key {host_key_path}: {exc.strerror or exc}"))
         sys.exit(1)
     if created:
         log.info(logs.event("host-key-created", path=host_key_path))
@@ -215,10 +215,10 @@ def serve(listen: Tuple[str, ...], port: int, keys_path: str, host_key_path: str
     try:
         asyncio.run(run_until_signalled(settings, host_key))
     except ListenError as exc:
-        log.error(logs.event("cannot-start", reason=str(exc)))
+        log.error(logs.event("cannot-start", whole=True, reason=str(exc)))
         sys.exit(1)
     except OSError as exc:
-        log.error(logs.event("cannot-start", reason=exc.strerror or str(exc)))
+        log.error(logs.event("cannot-start", whole=True, reason=exc.strerror or str(exc)))
         sys.exit(1)
 
 
@@ -226,11 +226,11 @@ def _log_what_will_not_work(log: logging.Logger, settings: ServerSettings, servi
     """One warning per thing MITIGATOR relies on that is broken at start, with its fix; serving goes on."""
     current = _current_user()
     if service_user != current:
-        log.warning(logs.event("running-as-another-user", user=current, configured=service_user,
+        log.warning(logs.event("running-as-another-user", whole=True, user=current, configured=service_user,
                                fix=f"run the agent as {service_user} (the unit's User=), or set user"))
     subject = health.Subject(settings.keys_path, settings.host_key_path, settings.device, current)
     for item in health.startup_items(subject):
-        log.warning(logs.event("will-not-work", check=item.name, problem=item.text, fix=item.fix))
+        log.warning(logs.event("will-not-work", whole=True, check=item.name, problem=item.text, fix=item.fix))
 
 
 def _current_user() -> str:
@@ -250,15 +250,11 @@ def host_key_command(host_key_path: str) -> None:
     """
     try:
         key, created = load_or_create_host_key(host_key_path)
-    except FileNotFoundError:
-        click.echo(f"cannot create host key {host_key_path}: its directory does not exist", err=True)
+    except HostKeyError as exc:
+        click.echo(str(exc), err=True)
         sys.exit(1)
-    except PermissionError:
-        click.echo(f"cannot create host key {host_key_path}: no write permission in its directory"
-                   " (run this as the agent's user)", err=True)
-        sys.exit(1)
-    except (HostKeyError, OSError) as exc:
-        click.echo(f"host key: {exc}", err=True)
+    except OSError as exc:
+        click.echo(f"host key {host_key_path}: {exc.strerror or exc}", err=True)
         sys.exit(1)
     if created:
         click.echo(f"created {host_key_path}", err=True)

@@ -228,8 +228,7 @@ def config_option(function: Any) -> Any:
         path = value or default_config_path()
         serve = _serve_command(ctx)
         try:
-            defaults = load_defaults(path, serve, required=value is not None,
-                                     ctx=ctx if serve is ctx.command else None)
+            defaults = load_defaults(path, serve, required=value is not None, ctx=ctx)
         except ConfigError as exc:
             raise ConfigFileError(str(exc)) from None
         if serve is not ctx.command:

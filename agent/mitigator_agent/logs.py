@@ -29,24 +29,31 @@ MAX_VALUE_CHARS = 200
 _BARE_VALUE = re.compile(r"[A-Za-z0-9_.:/@+\-\[\]]+")
 
 
-def quote(value: object) -> str:
+def quote(value: object, limit: Optional[int] = MAX_VALUE_CHARS) -> str:
     """Render a value as a logfmt token: bare when safe, else a JSON string.
 
     JSON escaping (ASCII only) turns control characters, newlines and the
-    lone surrogates of undecodable bytes into visible escapes.
+    lone surrogates of undecodable bytes into visible escapes.  Values
+    longer than ``limit`` characters are cut (None: never).
     """
     text = str(value)
-    if len(text) > MAX_VALUE_CHARS:
-        text = f"{text[:MAX_VALUE_CHARS]}...({len(text)} chars)"
+    if limit is not None and len(text) > limit:
+        text = f"{text[:limit]}...({len(text)} chars)"
     if _BARE_VALUE.fullmatch(text):
         return text
     return json.dumps(text, ensure_ascii=True)
 
 
-def event(name: str, /, **fields: object) -> str:
-    """Format one event line: the event name, then ``key=value`` pairs in order."""
+def event(name: str, /, *, whole: bool = False, **fields: object) -> str:
+    """Format one event line: the event name, then ``key=value`` pairs in order.
+
+    Values are cut at MAX_VALUE_CHARS (a client's words must not flood the
+    log) unless ``whole``: for the agent's own reasons and fixes, which
+    must reach the admin entire.
+    """
+    limit = None if whole else MAX_VALUE_CHARS
     parts = [name]
-    parts.extend(f"{key}={quote(value)}" for key, value in fields.items() if value is not None)
+    parts.extend(f"{key}={quote(value, limit)}" for key, value in fields.items() if value is not None)
     return " ".join(parts)
 
 

@@ -66,9 +66,6 @@ def load_client_key(path: str) -> asyncssh.SSHKey:
         st = os.stat(path)
     except OSError as exc:
         raise PollError(f'Load key "{path}": {exc.strerror or exc}') from None
-    if st.st_uid == os.geteuid() and st.st_mode & 0o077:
-        raise PollError(f"Permissions {stat.S_IMODE(st.st_mode):04o} for '{path}' are too open: a private key"
-                        f" must not be accessible by others; run chmod 600 {path}")
     try:
         with open(path, "rb") as handle:
             data = handle.read(1 << 20)
@@ -77,6 +74,9 @@ def load_client_key(path: str) -> asyncssh.SSHKey:
     if data.lstrip().startswith((b"ssh-", b"ecdsa-", b"sk-")):
         raise PollError(f'Load key "{path}": invalid format: that is a public key; give the private key'
                         f" (the file without .pub)")
+    if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+        raise PollError(f"Permissions {stat.S_IMODE(st.st_mode):04o} for '{path}' are too open: a private key"
+                        f" must not be accessible by others; run chmod 600 {path}")
     try:
         return asyncssh.import_private_key(data)
     except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError, ValueError) as exc:

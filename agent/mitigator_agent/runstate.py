@@ -95,7 +95,7 @@ class PollRecorder:
         except OSError as exc:
             if not self._broken:
                 self._log.warning(logs.event(
-                    "last-poll-not-recorded", path=polls_path(self.runtime_dir), reason=exc.strerror or str(exc),
+                    "last-poll-not-recorded", whole=True, path=polls_path(self.runtime_dir), reason=exc.strerror or str(exc),
                     fix="give the agent a writable runtime directory (systemd: RuntimeDirectory=mitigator-agent)"
                         " or set runtime-dir"))
             self._broken = True
