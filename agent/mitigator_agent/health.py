@@ -548,9 +548,9 @@ def last_poll_items(instances: Sequence[str], runtime_dir: str, now: Optional[fl
     for name in names:
         record = polls.get(name)
         if record is None:
-            items.append(Item("last-poll", INFO, f"last poll by {name}: none since the agent started",
+            items.append(Item("last-poll", INFO, f"last poll by {name}: none recorded",
                               facts={"instance": name, "time": None}, label="last poll",
-                              summary=f"{name}: none since the agent started"))
+                              summary=f"{name}: none recorded"))
             continue
         stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record.time))
         words = (f"{name} from {record.source} at {stamp} ({_ago(now - record.time)}):"
@@ -625,7 +625,7 @@ def startup_items(subject: Subject) -> List[Item]:
     except OSError:
         kernel = None
     if kernel is not None and not kernel.synchronized:
-        items.append(Item("clock", FAIL, "clock not synchronised: MITIGATOR's cookies and this host's disagree"
-                                         " when the clocks are more than seconds apart",
+        items.append(Item("clock", FAIL, "clock not synchronised: the kernel says no NTP daemon keeps it"
+                                         " synchronised, and MITIGATOR computes this host's cookies from its own clock",
                           "run a time service: apt install chrony (or systemctl enable --now systemd-timesyncd)"))
     return [item for item in items if item.status == FAIL]

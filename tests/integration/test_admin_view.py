@@ -41,7 +41,7 @@ def config_for(agent: AgentProcess) -> Path:
 def test_status_reads_serves_config_and_shows_the_last_poll_per_instance(agent, client_key):
     config = config_for(agent)
     before = run_agent("status", "--config", str(config))
-    assert "last poll: mitigator1: none since the agent started" in before.stdout.splitlines()
+    assert "last poll: mitigator1: none recorded" in before.stdout.splitlines()
     assert agent.ssh(client_key, "get").returncode == 0  # a stock OpenSSH client polls
     agent.wait_for(r"^INFO poll .*instance=mitigator1 .*command=get status=0")
 
