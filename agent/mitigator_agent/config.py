@@ -225,6 +225,8 @@ def config_option(function: Any) -> Any:
     """
 
     def load(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> None:
+        if ctx.resilient_parsing:  # completion, the man page: the built-in defaults, not this machine's
+            return
         path = value or default_config_path()
         serve = _serve_command(ctx)
         try:

@@ -65,8 +65,9 @@ def _option_rows(command: click.Command, ctx: click.Context) -> List[Tuple[str, 
 
 
 def _command_section(path: Tuple[str, ...], command: click.Command) -> List[str]:
-    root = click.Context(main, info_name=PROGRAM)
-    ctx = click.Context(command, info_name=" ".join(path), parent=root)
+    # make_context, not Context(): it applies the group's context_settings (-h as well as --help).
+    root = main.make_context(PROGRAM, [], resilient_parsing=True)
+    ctx = command.make_context(" ".join(path), [], parent=root, resilient_parsing=True)
     out = [f".SS {roff_escape(' '.join((PROGRAM, *path)))}"]
     usage = " ".join(command.collect_usage_pieces(ctx))
     out.append(f".B {roff_escape(' '.join((PROGRAM, *path)))}")
