@@ -198,10 +198,9 @@ def test_journalctl_priority_filter_selects_the_agents_warnings(workdir, empty_c
     identifier = f"mitigator-test-{uuid.uuid4().hex[:8]}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stream:
         stream.connect(JOURNAL_SOCKET)
-        shutdown = stream.shutdown
         # sd-journal stream header: identifier, unit, priority, level prefix, syslog, kmsg, console.
         stream.sendall(f"{identifier}\n\n6\n1\n0\n0\n0\n".encode())
-        shutdown(socket.SHUT_RD)
+        stream.shutdown(socket.SHUT_RD)
         st = os.fstat(stream.fileno())
         env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
         proc = _serve_to(stream.fileno(), env, workdir)
