@@ -126,7 +126,7 @@ class AgentProcess:
         self.host_key_path = workdir / "host.ed25519"
         self.device_path = workdir / "snapshot"
         self.runtime_dir = workdir / "run"
-        self.config_path = workdir / "agent.toml"  # empty: the machine's own config is never read
+        self.config_path = workdir / "isolated.toml"  # empty: the machine's own config is never read
         if not self.config_path.exists():
             self.config_path.write_text("")
             self.config_path.chmod(0o644)
@@ -140,6 +140,14 @@ class AgentProcess:
                                         text=True, errors="replace", cwd=workdir)
         self._reader = threading.Thread(target=self._collect, daemon=True)
         self._reader.start()
+        try:
+            self._await_listening(workdir, listen)
+        except BaseException:
+            self.stop()  # a failed start must not leave the agent running
+            raise
+
+    def _await_listening(self, workdir: Path, listen: Sequence[str]) -> None:
+        """Wait for each address's ``listening on`` line; write a known_hosts pinning the created host key."""
         self.ports = {(match.group(1) or match.group(2)): int(match.group(3))
                       for match in self.wait_for_all(LISTEN_RE, len(listen) or 2)}
         self.known_hosts = workdir / "known_hosts"
