@@ -41,8 +41,10 @@ venv: $(VENV)/.installed
 MATRIX_RUN = kvers="$$(tests/provision-host.sh $(TEST_KVERS))" && \
 	TEST_KVERS="$$kvers" $(PY) -m tests.kernel.matrix run
 
-# Everything: the tests that boot no kernel, then the kernel tests on every
-# matrix kernel.
+# Everything: the tests that boot no kernel (with the installer's system tests,
+# which must not skip: provisioning built their image), then the kernel tests
+# on every matrix kernel.
+test: export SYSTEM_TESTS = required
 test: venv
 	$(MATRIX_RUN) -- $(PYTEST_ARGS)
 
@@ -54,7 +56,7 @@ matrix: venv
 
 # Fast loop while editing: no VM boots.
 unit: venv
-	$(PY) -m pytest -m 'not kernel' $(PYTEST_ARGS)
+	$(PY) -m pytest -m 'not kernel and not system' $(PYTEST_ARGS)
 
 clean:
 	$(MAKE) -C kmod clean

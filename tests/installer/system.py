@@ -189,7 +189,11 @@ class DebianSystem:
                 break
         else:
             raise GuestError(f"qemu could not forward its ports: {self._qemu_says()}")
-        self._wait_for_ssh(time.monotonic() + self.boot_timeout, previous_boot_id=None)
+        try:
+            self._wait_for_ssh(time.monotonic() + self.boot_timeout, previous_boot_id=None)
+        except BaseException:
+            self._kill_qemu()
+            raise
 
     def _launch(self) -> None:
         """Start qemu in the background (serial console to console_log)."""
@@ -263,44 +267,62 @@ class DebianSystem:
     def reboot(self) -> None:
         """`systemctl reboot`, then wait until SSH answers from the new boot (a new boot id)."""
         before = self.boot_id()
-        # The connection may drop before ssh sees the command's exit.
-        self._ssh(["systemctl", "reboot"], timeout=120)
+        try:
+            # The connection may drop before ssh sees the command's exit.
+            self._ssh(["systemctl", "reboot"], timeout=120)
+        except subprocess.TimeoutExpired:
+            pass
         self._wait_for_ssh(time.monotonic() + self.boot_timeout, previous_boot_id=before)
 
-    def stop(self) -> None:
-        """Power the guest off, kill qemu if it lingers, always reap it; delete the overlay."""
+    def _kill_qemu(self) -> None:
+        """Kill qemu at once (no clean shutdown) and reap it."""
         qemu, self._qemu = self._qemu, None
+        if qemu is not None:
+            if qemu.poll() is None:
+                qemu.kill()
+            qemu.wait()
+
+    def stop(self, keep_logs: bool = False) -> None:
+        """Power the guest off, kill qemu if it lingers, always reap it; delete the overlay.
+
+        A temporary work directory (no `workdir` given) goes too, unless
+        `keep_logs`: then the console and qemu logs stay for the post-mortem.
+        """
         try:
+            qemu = self._qemu
             if qemu is not None and qemu.poll() is None:
                 try:
-                    self._ssh(["systemctl", "poweroff"], timeout=60)
+                    asked = self._ssh(["systemctl", "poweroff"], timeout=60).returncode == 0
                 except subprocess.TimeoutExpired:
-                    pass
+                    asked = False
                 try:
-                    qemu.wait(timeout=SHUTDOWN_TIMEOUT)
+                    # A guest that did not take the order gets a short grace only.
+                    qemu.wait(timeout=SHUTDOWN_TIMEOUT if asked else 30)
                 except subprocess.TimeoutExpired:
                     qemu.terminate()
                     try:
                         qemu.wait(timeout=15)
                     except subprocess.TimeoutExpired:
-                        qemu.kill()
-                        qemu.wait()
+                        pass
         finally:
-            if qemu is not None and qemu.poll() is None:  # an exception above
-                qemu.kill()
-                qemu.wait()
-            if self._own_workdir:
+            self._kill_qemu()
+            self.overlay.unlink(missing_ok=True)
+            if self._own_workdir and not keep_logs:
                 shutil.rmtree(self.workdir, ignore_errors=True)
-            else:
-                self.overlay.unlink(missing_ok=True)
 
     def __enter__(self) -> "DebianSystem":
-        self.start()
+        """Start the system (stopped again if the start fails)."""
+        try:
+            self.start()
+        except BaseException:
+            self.stop(keep_logs=True)
+            raise
         return self
 
     def __exit__(self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException],
                  tb: Optional[TracebackType]) -> None:
-        self.stop()
+        """Stop the system; after an error, its logs stay (they are named in the error)."""
+        self.stop(keep_logs=exc_type is not None)
 
     # --- commands and files -------------------------------------------------
 
