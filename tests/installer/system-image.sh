@@ -14,11 +14,15 @@
 #   bookworm.raw          4 GiB sparse raw ext4 image (the root file system)
 #   vmlinuz, initrd.img   the image's kernel and initramfs
 #   kernel-release        that kernel's `uname -r`
-#   id_ed25519(.pub)      the key root accepts over SSH (made at build time, 0600)
+#   id_ed25519(.pub)      the key root accepts over SSH (made by the first build, 0600)
 #   image.stamp           what the cached image was built from (written last)
 #
-# Idempotent: does nothing when the image exists and was built by this very
-# script (its SHA-256 is in the stamp), else rebuilds it from scratch. Nothing
+# Idempotent: does nothing when the image exists, was built by this very
+# script (its SHA-256 is in the stamp) and is younger than
+# $SYSTEM_IMAGE_MAX_AGE_DAYS (default 7), else rebuilds it from scratch. The
+# age limit keeps it current with the archive: once a kernel update moves
+# bookworm on, the image kernel's headers package leaves the mirror's lists
+# and an install in an old image could not find it after `apt-get update`. Nothing
 # is installed in the image beyond a minimal server; the packages an install
 # of mitigator-agent pulls (dkms, the kernel's headers, python3-venv, openssl,
 # mokutil and their dependencies) are only downloaded into apt's cache, and apt
@@ -31,6 +35,7 @@ umask 022  # the image's files get their modes from what is written here
 
 SELF=$(readlink -f "$0")
 CACHE=${SYSTEM_IMAGE_CACHE:-/var/cache/mitigator-agent-tests}
+MAX_AGE_DAYS=${SYSTEM_IMAGE_MAX_AGE_DAYS:-7}
 SUITE=bookworm
 IMAGE_SIZE=4G
 
@@ -93,11 +98,19 @@ up_to_date() {
     [ "$(cat "$CACHE/image.stamp" 2>/dev/null)" = "$want" ] || return 1
     for f in "${outputs[@]}"; do [ -s "$CACHE/$f" ] || return 1; done
 }
-if up_to_date; then
-    say "up to date: $CACHE/bookworm.raw (kernel $(cat "$CACHE/kernel-release"))"
+too_old() {
+    [ -n "$(find "$CACHE/image.stamp" -mtime "+$((MAX_AGE_DAYS - 1))" 2>/dev/null)" ]
+}
+case $MAX_AGE_DAYS in
+    ''|*[!0-9]*|0) die "SYSTEM_IMAGE_MAX_AGE_DAYS=$MAX_AGE_DAYS: give a whole number of days, 1 or more" ;;
+esac
+if up_to_date && ! too_old; then
+    say "up to date: $CACHE/bookworm.raw (kernel $(cat "$CACHE/kernel-release"), built $(date -r "$CACHE/image.stamp" '+%F %R'))"
     exit 0
 fi
-if [ -e "$CACHE/image.stamp" ]; then
+if up_to_date; then
+    say "the cached image is more than $MAX_AGE_DAYS days old: rebuilding with the archive's current packages"
+elif [ -e "$CACHE/image.stamp" ]; then
     say "the cached image was built by another version of $SELF: rebuilding"
 else
     say "no image in $CACHE yet: building"
@@ -188,7 +201,13 @@ echo 'nameserver 10.0.2.3' >"$root/etc/resolv.conf"
 # The tests' apt runs must not race apt's daily jobs for the dpkg lock.
 in_root systemctl mask apt-daily.timer apt-daily-upgrade.timer >&2
 
-ssh-keygen -q -t ed25519 -N '' -C mitigator-agent-system-tests -f "$work/id_ed25519"
+# The key outlives rebuilds: systems booted from the previous image (another
+# test session's) keep accepting it.
+if [ -s "$CACHE/id_ed25519" ] && [ -s "$CACHE/id_ed25519.pub" ]; then
+    cp -p "$CACHE/id_ed25519" "$CACHE/id_ed25519.pub" "$work/"
+else
+    ssh-keygen -q -t ed25519 -N '' -C mitigator-agent-system-tests -f "$work/id_ed25519"
+fi
 chmod 0600 "$work/id_ed25519"
 install -d -m 0700 "$root/root/.ssh"
 install -m 0600 "$work/id_ed25519.pub" "$root/root/.ssh/authorized_keys"
