@@ -41,8 +41,10 @@ venv: $(VENV)/.installed
 MATRIX_RUN = kvers="$$(tests/provision-host.sh $(TEST_KVERS))" && \
 	TEST_KVERS="$$kvers" $(PY) -m tests.kernel.matrix run
 
-# Everything: the tests that boot no kernel, then the kernel tests on every
-# matrix kernel.
+# Everything: the tests that boot no kernel (with the installer's system tests,
+# which must not skip: provisioning built their image), then the kernel tests
+# on every matrix kernel.
+test: export SYSTEM_TESTS = required
 test: venv
 	$(MATRIX_RUN) -- $(PYTEST_ARGS)
 
@@ -65,7 +67,7 @@ dist: venv
 # tests/installer/system-image.sh), install with dist/mitigator-agent as an
 # admin would, add a key, poll from here with OpenSSH and `mitigator-agent poll`.
 demo: venv dist
-	tests/provision-host.sh --system-image >/dev/null
+	tests/provision-host.sh "bookworm:$$(awk '$$1 == "bookworm" { print $$2 }' tests/kernel/test-kernels)" >/dev/null
 	$(PY) -m tests.installer.demo dist/mitigator-agent
 
 clean:
