@@ -27,6 +27,8 @@ UNIT_FILE=/etc/systemd/system/mitigator-agent.service
 MODPROBE_FILE=/etc/modprobe.d/tcpsecrets.conf
 MODULES_LOAD_FILE=/etc/modules-load.d/tcpsecrets.conf
 SYSCTL_FILE=/etc/sysctl.d/90-tcpsecrets.conf
+MAN_PAGE=/usr/local/share/man/man8/mitigator-agent.8
+COMPLETION=/usr/local/share/bash-completion/completions/mitigator-agent
 SERVICE_USER=mitigator_agent
 MODULE=tcpsecrets
 PORT=7100
@@ -327,6 +329,12 @@ activate_agent() {
 	cmd ln -sfn "$NEW_VENV/bin/mitigator-agent" "$LAUNCHER.new"
 	cmd mv -T "$LAUNCHER.new" "$LAUNCHER"
 	cmd ln -sfn "$LAUNCHER" "$PATH_ENTRY"
+	# The man page and bash completion come from the CLI itself.
+	mkdir -p "$(dirname "$MAN_PAGE")" "$(dirname "$COMPLETION")"
+	"$LAUNCHER" --version >/dev/null &&
+		"$NEW_VENV/bin/python" -m mitigator_agent.manpage >"$MAN_PAGE" &&
+		"$NEW_VENV/bin/python" -m mitigator_agent.completion >"$COMPLETION" &&
+		say "[#] wrote $MAN_PAGE and $COMPLETION" || say "[!] could not write the man page or the completion"
 	cmd install -m 0755 "$PAYLOAD/installer/mitigator-agent.sh" "$KEPT_SCRIPT.new"
 	cmd mv "$KEPT_SCRIPT.new" "$KEPT_SCRIPT"
 }
@@ -501,9 +509,11 @@ remove_everything() {
 	for src in /usr/src/$MODULE-*; do
 		[ -d "$src" ] && cmd rm -rf "$src" && removed=yes
 	done
-	for file in "$MODPROBE_FILE" "$MODULES_LOAD_FILE" "$SYSCTL_FILE" "$PATH_ENTRY"; do
+	for file in "$MODPROBE_FILE" "$MODULES_LOAD_FILE" "$SYSCTL_FILE" "$PATH_ENTRY" "$MAN_PAGE" "$COMPLETION"; do
 		if [ -e "$file" ] || [ -L "$file" ]; then cmd rm -f "$file"; removed=yes; fi
 	done
+	# The directories the install made for them, if nothing else is there.
+	rmdir "$(dirname "$MAN_PAGE")" "$(dirname "$COMPLETION")" "$(dirname "$(dirname "$COMPLETION")")" 2>/dev/null || true
 	if [ -r "$STATE_DIR/tcp_syncookies-before" ]; then
 		cmd sysctl -q -w "net.ipv4.tcp_syncookies=$(cat "$STATE_DIR/tcp_syncookies-before")" || true
 	fi
