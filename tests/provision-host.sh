@@ -89,7 +89,7 @@ current_kver() {
 packages=(
     build-essential kmod dkms openssl xz-utils
     qemu-system-x86 qemu-utils busybox-static
-    openssh-client dropbear-bin iproute2 procps util-linux
+    openssh-client dropbear-bin putty-tools iproute2 procps util-linux
     debootstrap debian-archive-keyring binutils e2fsprogs
 )
 for i in "${!kernels[@]}"; do
