@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Union
@@ -176,6 +177,9 @@ class AgentProcess:
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
         matches: List["re.Match[str]"] = []
         index = start
+        # One deadline for the whole wait: an agent that keeps logging
+        # other lines (under a flood, say) must not keep it waiting forever.
+        deadline = time.monotonic() + WAIT_SECONDS
         with self._changed:
             while True:
                 while index < len(self.lines) and len(matches) < count:
@@ -188,7 +192,7 @@ class AgentProcess:
                 if self.process.poll() is not None and not self._reader.is_alive():
                     raise AssertionError(f"agent exited ({self.process.returncode}) before"
                                          f" {regex.pattern!r}:\n{self.log_unlocked()}")
-                if not self._changed.wait(WAIT_SECONDS):
+                if not self._changed.wait(max(0.0, deadline - time.monotonic())):
                     raise AssertionError(f"no log line matched {regex.pattern!r}:\n{self.log_unlocked()}")
 
     def wait_for(self, pattern: Union[str, "re.Pattern[str]"], start: int = 0) -> "re.Match[str]":
