@@ -7,24 +7,25 @@
 - Admission: allowed sources (MITIGATOR's) get slots strangers cannot
   take; strangers share the rest under per-source caps and penalties.
 
-Token buckets:
-
-Each source address owns a bucket of ``burst`` tokens refilled at ``rate``
-tokens per second; a connection takes one token or is refused.  Buckets
-that have refilled completely carry no information and are dropped once
-the table grows, so a flood from many addresses cannot grow memory without
-bound.
+Bounded memory: the rate and penalty tables hold at most ``max_sources``
+entries each (MAX_SOURCES by default, a few MB at most), whatever the
+number of sources a flood comes from, and each new source costs O(log n)
+at worst, never a scan of the table.  What is forgotten when a table is
+full is chosen so that forgetting gives nobody more than a new source
+gets anyway (see each class).  The other per-source state, the count of
+unauthenticated strangers, is bounded by their slots.
 """
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, Tuple, Union
+from typing import Callable, Dict, List, Tuple, Union
 
-PRUNE_ABOVE = 4096  # buckets kept before full ones are dropped
+MAX_SOURCES = 16384  # entries per table; ~200 bytes each
 
 
 @dataclass
@@ -34,39 +35,45 @@ class _Bucket:
 
 
 class SourceRateLimiter:
-    """Token bucket per source address."""
+    """Token bucket per source: ``burst`` tokens refilled at ``rate`` per second.
 
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError("rate must be > 0 and burst >= 1")
+    A connection takes one token or is refused.  At most ``max_sources``
+    buckets are kept: when a new source arrives at a full table, the
+    bucket of the source seen least recently is dropped.  A dropped source
+    starts again with a full bucket, which is exactly what a never-seen
+    source gets, so eviction hands nobody more than a new address would;
+    and to push one source's bucket out an attacker must first connect from
+    ``max_sources`` other sources, each of which spends its own tokens.
+    A bucket that has refilled carries no information at all, and the
+    least recently seen bucket is the one that has had longest to refill.
+    """
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic,
+                 max_sources: int = MAX_SOURCES) -> None:
+        if rate <= 0 or burst < 1 or max_sources < 1:
+            raise ValueError("rate must be > 0, burst >= 1 and max_sources >= 1")
         self.rate = rate
         self.burst = burst
+        self.max_sources = max_sources
         self._clock = clock
-        self._buckets: Dict[str, _Bucket] = {}
-
-    def _refilled(self, bucket: _Bucket, now: float) -> float:
-        return min(float(self.burst), bucket.tokens + (now - bucket.updated) * self.rate)
+        self._buckets: "OrderedDict[str, _Bucket]" = OrderedDict()  # least recently seen first
 
     def allow(self, source: str) -> bool:
         """Take a token for ``source``; False when its bucket is empty."""
         now = self._clock()
         bucket = self._buckets.get(source)
         if bucket is None:
-            if len(self._buckets) >= PRUNE_ABOVE:
-                self._prune(now)
+            while len(self._buckets) >= self.max_sources:
+                self._buckets.popitem(last=False)
             bucket = self._buckets[source] = _Bucket(float(self.burst), now)
-        bucket.tokens = self._refilled(bucket, now)
-        bucket.updated = now
+        else:
+            self._buckets.move_to_end(source)
+            bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.updated) * self.rate)
+            bucket.updated = now
         if bucket.tokens < 1:
             return False
         bucket.tokens -= 1
         return True
-
-    def _prune(self, now: float) -> None:
-        full = [source for source, bucket in self._buckets.items()
-                if self._refilled(bucket, now) >= self.burst]
-        for source in full:
-            del self._buckets[source]
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -115,31 +122,69 @@ class PenaltyBox:
     (so repeated offences make it grow), capped at ``max_seconds``; the
     source is refused while more than ``min_seconds`` are left.  A single
     timeout or refused key therefore never locks anyone out, a flood of
-    them does, for longer the longer it goes on.  Expired entries are
-    dropped when the table grows.
+    them does, for longer the longer it goes on.
+
+    At most ``max_sources`` penalties are kept.  When a new source offends
+    and the table is full, the penalty that ends first (an expired one
+    first of all) is dropped if it ends before the newcomer's would;
+    otherwise the newcomer's offence is not kept.  A refused source owes
+    more than ``min_seconds``, more than any single offence costs (each
+    offence's seconds are below ``min_seconds``), so no newcomer ever
+    pushes it out: a refused source is never forgotten while it is
+    refused, however many sources a flood comes from.  What the bound
+    costs instead: while the table is full of longer penalties, the
+    offences of further sources are not kept, so a flood from more than
+    ``max_sources`` sources leaves the excess unpenalised; they still pass
+    the rate limit and share the strangers' slots, never MITIGATOR's.
     """
 
     def __init__(self, settings: PenaltySettings = PenaltySettings(),
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, max_sources: int = MAX_SOURCES) -> None:
+        if max_sources < 1:
+            raise ValueError("max_sources must be >= 1")
         self.settings = settings
+        self.max_sources = max_sources
         self._clock = clock
         self._expiry: Dict[str, float] = {}
+        # (expiry, bucket) for every kept penalty, earliest first; entries
+        # whose expiry no longer matches _expiry are stale and skipped.
+        self._ending: List[Tuple[float, str]] = []
 
     def add(self, bucket: str, offence: str) -> Tuple[float, bool]:
         """Record ``offence`` (``noauth``, ``authfail`` or ``grace_exceeded``).
 
         Returns (seconds of penalty left, whether this offence made the
-        source refused when it was not before).
+        source refused when it was not before); (0, False) when the table
+        is full and the offence was not kept (see the class).
         """
         now = self._clock()
         was_active = self.remaining(bucket) > self.settings.min_seconds
-        if len(self._expiry) >= PRUNE_ABOVE:
-            self._expiry = {key: expiry for key, expiry in self._expiry.items() if expiry > now}
         seconds = float(getattr(self.settings, offence))
         expiry = min(max(self._expiry.get(bucket, now), now) + seconds, now + self.settings.max_seconds)
+        if bucket not in self._expiry and len(self._expiry) >= self.max_sources \
+                and not self._make_room(now, expiry):
+            return 0.0, False
         self._expiry[bucket] = expiry
+        heapq.heappush(self._ending, (expiry, bucket))
+        if len(self._ending) > 2 * len(self._expiry) + 64:  # too many stale entries: rebuild
+            self._ending = [(end, key) for key, end in self._expiry.items()]
+            heapq.heapify(self._ending)
         left = expiry - now
         return left, left > self.settings.min_seconds and not was_active
+
+    def _make_room(self, now: float, newcomer_expiry: float) -> bool:
+        """Drop the penalty that ends first, unless the newcomer's ends earlier; True if room was made."""
+        while self._ending:
+            expiry, bucket = self._ending[0]
+            if self._expiry.get(bucket) != expiry:
+                heapq.heappop(self._ending)  # stale
+                continue
+            if expiry > now and expiry >= newcomer_expiry:
+                return False
+            heapq.heappop(self._ending)
+            del self._expiry[bucket]
+            return True
+        return False
 
     def remaining(self, bucket: str) -> float:
         """Seconds of penalty left for ``bucket`` (0 when none)."""
@@ -148,7 +193,7 @@ class PenaltyBox:
             return 0.0
         left = expiry - self._clock()
         if left <= 0:
-            del self._expiry[bucket]
+            del self._expiry[bucket]  # its heap entry goes stale
             return 0.0
         return left
 
@@ -179,18 +224,20 @@ class Admission:
     bucket (IPv4 address or IPv6 /64, see source_bucket), pass a token
     bucket per source bucket (``rate``/``burst``) and are refused while
     penalised (PenaltyBox).  ``admit`` returns a Ticket or the reason for
-    refusal; every Ticket must be given back with ``release``.
+    refusal; every Ticket must be given back with ``release``.  The rate
+    and penalty tables keep at most ``max_sources`` sources each (see
+    their classes for what is forgotten first).
     """
 
     def __init__(self, stranger_slots: int, per_source: int, allowed_slots: int, rate: float, burst: int,
                  is_allowed: Callable[[str], bool], penalties: PenaltySettings = PenaltySettings(),
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, max_sources: int = MAX_SOURCES) -> None:
         self.stranger_slots = stranger_slots
         self.per_source = per_source
         self.allowed_slots = allowed_slots
         self._is_allowed = is_allowed
-        self.limiter = SourceRateLimiter(rate, burst, clock)
-        self.penalties = PenaltyBox(penalties, clock)
+        self.limiter = SourceRateLimiter(rate, burst, clock, max_sources)
+        self.penalties = PenaltyBox(penalties, clock, max_sources)
         self._strangers: Counter[str] = Counter()
         self._strangers_total = 0
         self._allowed_total = 0

@@ -12,7 +12,15 @@ from typing import Callable
 import pytest
 
 from mitigator_agent.authkeys import names_particular_sources
-from mitigator_agent.ratelimit import Admission, PenaltyBox, PenaltySettings, Ticket, source_bucket
+from mitigator_agent.ratelimit import (
+    MAX_SOURCES,
+    Admission,
+    PenaltyBox,
+    PenaltySettings,
+    SourceRateLimiter,
+    Ticket,
+    source_bucket,
+)
 
 MITIGATOR = "192.0.2.10"
 
@@ -145,3 +153,93 @@ def test_only_from_patterns_that_name_particular_sources_make_them_mitigators(pa
     # A from="*" key would otherwise turn every stranger into an allowed
     # source, and the pool strangers cannot exhaust would be theirs.
     assert names_particular_sources(patterns) is names
+
+
+# --- bounded tables: a flood from very many sources --------------------------------
+
+def flood_address(n: int) -> str:
+    """The n-th of a flood's sources: IPv4 addresses and IPv6 /64s, all distinct."""
+    if n % 2:
+        return f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
+    return f"2001:db8:{n >> 16:x}:{n & 0xffff:x}::1"
+
+
+def test_a_flood_from_a_million_sources_keeps_the_rate_and_penalty_tables_at_their_cap():
+    clock = FakeClock()
+    limiter = SourceRateLimiter(rate=2.0, burst=20, clock=clock)
+    box = PenaltyBox(SETTINGS, clock)
+    for n in range(1_000_000):
+        # Each source connects once and times out: one rate bucket (not
+        # refilled) and one penalty (not expired) each.
+        source = f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
+        assert limiter.allow(source)
+        box.add(source, "grace_exceeded")
+        clock.now += 1e-6
+    assert len(limiter) == len(box) == MAX_SOURCES
+    assert len(box._ending) <= 2 * MAX_SOURCES + 64  # its heap of end times too, stale entries included
+
+
+def test_admission_keeps_its_tables_at_the_cap_it_is_given():
+    clock = FakeClock()
+    gate = Admission(stranger_slots=16, per_source=4, allowed_slots=16, rate=2.0, burst=20,
+                     is_allowed=lambda address: False, clock=clock, max_sources=1000)
+    for n in range(20_000):  # IPv4 addresses and IPv6 /64s, through admission as the server does it
+        ticket = gate.admit(flood_address(n))
+        assert isinstance(ticket, Ticket)
+        gate.release(ticket)
+        gate.penalise(ticket, "grace_exceeded")
+        clock.now += 1e-6
+    assert len(gate.limiter) == len(gate.penalties) == 1000
+    assert gate.counts() == (0, 0)
+
+
+SETTINGS = PenaltySettings(noauth=1, authfail=5, grace_exceeded=10, min_seconds=15, max_seconds=600)
+
+
+def test_a_refused_source_outlives_a_flood_of_newcomers_in_a_full_penalty_table():
+    clock = FakeClock()
+    box = PenaltyBox(SETTINGS, clock, max_sources=1000)
+    for _ in range(60):
+        box.add("198.51.100.1", "grace_exceeded")  # refused for the maximum
+    for n in range(100_000):  # a hundred times the table: newcomers, some refused themselves
+        for _ in range(1 + n % 3):
+            box.add(flood_address(n), "grace_exceeded")
+        clock.now += 1e-4
+    assert len(box) == 1000
+    assert box.refused_for("198.51.100.1") > 500
+
+
+def test_a_refused_source_is_never_forgotten_while_refused():
+    clock = FakeClock()
+    box = PenaltyBox(SETTINGS, clock, max_sources=100)
+    for _ in range(3):
+        box.add("198.51.100.1", "grace_exceeded")  # owes 30 s: refused for 15
+    for n in range(99):
+        for _ in range(4):
+            box.add(flood_address(n), "grace_exceeded")  # 40 s each: the table is full
+    for n in range(100, 1100):
+        for _ in range(4):  # newcomers' offences find no room: the refused source is kept
+            assert box.add(flood_address(n), "grace_exceeded") == (0.0, False)
+    assert box.refused_for("198.51.100.1") == 15
+    clock.now += 16  # owes 14 s: no longer refused, still more than a newcomer's 10
+    assert box.add(flood_address(100), "grace_exceeded") == (0.0, False)
+    assert box.remaining("198.51.100.1") == 14
+    clock.now += 5  # owes 9 s: now a newcomer's offence (10 s) takes its place
+    assert box.add(flood_address(100), "grace_exceeded") == (10.0, False)
+    assert box.remaining("198.51.100.1") == 0 and len(box) == 100
+
+
+def test_an_emptied_rate_bucket_is_forgotten_only_after_as_many_other_sources_as_the_table_holds():
+    limiter = SourceRateLimiter(rate=0.001, burst=5, clock=FakeClock(), max_sources=1000)
+    while limiter.allow("198.51.100.1"):
+        pass
+    for n in range(999):
+        assert limiter.allow(flood_address(n))
+    assert not limiter.allow("198.51.100.1")  # still empty: it was just seen again
+    for n in range(999, 1998):
+        limiter.allow(flood_address(n))
+    assert not limiter.allow("198.51.100.1")
+    for n in range(1998, 2998):
+        limiter.allow(flood_address(n))
+    # 1000 others since it was last seen: a fresh bucket, as a new address would get.
+    assert [limiter.allow("198.51.100.1") for _ in range(6)] == [True] * 5 + [False]

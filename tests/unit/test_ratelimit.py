@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from mitigator_agent import ratelimit
 from mitigator_agent.ratelimit import SourceRateLimiter
 
 
@@ -32,20 +31,20 @@ def test_sources_have_separate_buckets():
     assert limiter.allow("2001:db8::1")
 
 
-def test_full_buckets_are_pruned_when_the_table_grows(monkeypatch):
-    monkeypatch.setattr(ratelimit, "PRUNE_ABOVE", 3)
+def test_a_full_table_forgets_the_source_seen_least_recently():
     clock = FakeClock()
-    limiter = SourceRateLimiter(rate=1.0, burst=2, clock=clock)
+    limiter = SourceRateLimiter(rate=1.0, burst=2, clock=clock, max_sources=3)
     for source in ("a", "b", "c"):
         limiter.allow(source)
-    limiter.allow("c")  # c is empty now
-    clock.now += 1.0    # a and b are full again, c holds one token
+    limiter.allow("c")
+    limiter.allow("a")  # a was seen last, b least recently
     limiter.allow("d")
-    assert len(limiter) == 2  # a and b dropped; c (still limited) and d kept
-    assert limiter.allow("c") and not limiter.allow("c")
+    assert len(limiter) == 3
+    assert not limiter.allow("a") and not limiter.allow("c")  # both kept, both empty
+    assert limiter.allow("b") and limiter.allow("b") and not limiter.allow("b")  # b forgotten: a new bucket
 
 
-@pytest.mark.parametrize("rate, burst", [(0, 1), (-1, 1), (1, 0)])
-def test_nonsense_settings_rejected(rate, burst):
+@pytest.mark.parametrize("rate, burst, max_sources", [(0, 1, 1), (-1, 1, 1), (1, 0, 1), (1, 1, 0)])
+def test_nonsense_settings_rejected(rate, burst, max_sources):
     with pytest.raises(ValueError):
-        SourceRateLimiter(rate=rate, burst=burst)
+        SourceRateLimiter(rate=rate, burst=burst, max_sources=max_sources)
