@@ -55,6 +55,8 @@ def read_table(path: str = NETNS_TABLE) -> List[Namespace]:
         raise TableUnavailable(f"{path} is missing: the tcpsecrets module is not loaded or too old") from None
     except OSError as exc:
         raise TableUnavailable(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise TableUnavailable(f"{path} is not ASCII text (byte {exc.start})") from None
     table = []
     for number, line in enumerate(text.splitlines(), start=1):
         match = _LINE.fullmatch(line)
