@@ -70,6 +70,14 @@ demo: venv dist
 	tests/provision-host.sh "bookworm:$$(awk '$$1 == "bookworm" { print $$2 }' tests/kernel/test-kernels)" >/dev/null
 	$(PY) -m tests.installer.demo dist/mitigator-agent
 
+.PHONY: fuzz bench
+
+# Fuzz every parser of untrusted or admin input (tests/fuzz): at least
+# 100,000 inputs per test (hypothesis profile "fuzz"; `make unit` and
+# `make test` run the same tests with a few thousand inputs in all).
+fuzz: venv
+	MITIGATOR_FUZZ_PROFILE=fuzz $(PY) -m pytest -p no:cacheprovider --hypothesis-show-statistics tests/fuzz $(PYTEST_ARGS)
+
 clean:
 	$(MAKE) -C kmod clean
 	rm -rf $(VENV) build *.egg-info
