@@ -78,6 +78,12 @@ demo: venv dist
 fuzz: venv
 	MITIGATOR_FUZZ_PROFILE=fuzz $(PY) -m pytest -p no:cacheprovider --hypothesis-show-statistics tests/fuzz $(PYTEST_ARGS)
 
+# The agent's `get` against OpenSSH's sshd (reference) and a bare asyncssh
+# server (floor), then a 50,000-poll soak; a few minutes, as root (sshd).
+# Results in build/bench/results.md.  BENCH_ARGS="--soak 10000 ..." to vary.
+bench: venv
+	$(PY) bench/bench.py $(BENCH_ARGS)
+
 clean:
 	$(MAKE) -C kmod clean
 	rm -rf $(VENV) build *.egg-info
