@@ -23,6 +23,7 @@ import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
+from fuzzing import safe_dir  # noqa: F401  (fixture; also loads the profile)
 from mitigator_agent import __version__
 from mitigator_agent.answers import (
     EXIT_OK,

@@ -20,6 +20,7 @@ import pytest
 from hypothesis import assume, event, given
 from hypothesis import strategies as st
 
+from fuzzing import safe_dir  # noqa: F401  (fixture; also loads the profile)
 from mitigator_agent.authkeys import (
     KeyEntry,
     KeysFileError,

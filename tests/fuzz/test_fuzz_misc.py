@@ -12,6 +12,7 @@ from asyncssh.packet import Boolean, Byte, NameList, UInt32
 from hypothesis import event, given
 from hypothesis import strategies as st
 
+from fuzzing import safe_dir  # noqa: F401  (fixture; also loads the profile)
 from mitigator_agent.cli import serve
 from mitigator_agent.namespaces import TableUnavailable, read_table
 from mitigator_agent.ratelimit import source_bucket

@@ -89,7 +89,7 @@ class Flooder:
 
 
 def test_mitigator_polls_without_a_failure_through_a_flood_from_50_sources_and_a_cycling_64(
-        start_agent, client_key, netns):
+        netns, start_agent, client_key):
     agent = start_agent(f'from="127.0.0.1,::1" {client_key.public_line}\n', "--login-timeout", LOGIN_TIMEOUT,
                         command_prefix=in_netns(netns, []))
     counts: Dict[str, Dict[str, int]] = {}

@@ -1,4 +1,9 @@
-"""Hypothesis profiles for the fuzz tests, chosen by MITIGATOR_FUZZ_PROFILE.
+"""Hypothesis profiles for the fuzz tests, chosen by MITIGATOR_FUZZ_PROFILE, and their fixture.
+
+Imported by each fuzz test module (``from fuzzing import safe_dir``), not
+a conftest.py: the integration tests import their conftest by name, and a
+third conftest module would shadow it whenever both directories are given
+to one pytest run.
 
 - ``quick`` (default, what `make test` and `make unit` run): FUZZ_QUICK_EXAMPLES
   inputs per test, a few thousand in all, in seconds.
