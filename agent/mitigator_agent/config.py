@@ -145,11 +145,21 @@ def _check_value(option: click.Option, value: Any, ctx: Optional[click.Context])
     return result
 
 
+def _toml_char(char: str) -> str:
+    """One character of a TOML basic string: quotes and backslashes escaped, anything unprintable as \\uXXXX."""
+    if char in '"\\':
+        return "\\" + char
+    if char.isprintable():
+        return char
+    return f"\\u{ord(char):04x}" if ord(char) <= 0xFFFF else f"\\U{ord(char):08x}"
+
+
 def _toml_repr(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return f'"{value}"'
+        # Escaped as TOML writes it: a value must not break the one-line error (a newline, a control character).
+        return '"' + "".join(_toml_char(char) for char in value) + '"'
     return repr(value)
 
 
