@@ -58,18 +58,6 @@ matrix: venv
 unit: venv
 	$(PY) -m pytest -m 'not kernel and not system' $(PYTEST_ARGS)
 
-# dist/mitigator-agent: the one-file installer (module source, agent, wheels for
-# every supported CPython; wheels cached in /var/cache/mitigator-agent-build).
-dist: venv
-	installer/make-dist.sh
-
-# The whole system in a VM: boot the Debian 12 test image (built and cached by
-# tests/installer/system-image.sh), install with dist/mitigator-agent as an
-# admin would, add a key, poll from here with OpenSSH and `mitigator-agent poll`.
-demo: venv dist
-	tests/provision-host.sh "bookworm:$$(awk '$$1 == "bookworm" { print $$2 }' tests/kernel/test-kernels)" >/dev/null
-	$(PY) -m tests.installer.demo dist/mitigator-agent
-
 .PHONY: fuzz bench
 
 # Fuzz every parser of untrusted or admin input (tests/fuzz): at least
@@ -83,6 +71,18 @@ fuzz: venv
 # Results in build/bench/results.md.  BENCH_ARGS="--soak 10000 ..." to vary.
 bench: venv
 	$(PY) bench/bench.py $(BENCH_ARGS)
+
+# dist/mitigator-agent: the one-file installer (module source, agent, wheels for
+# every supported CPython; wheels cached in /var/cache/mitigator-agent-build).
+dist: venv
+	installer/make-dist.sh
+
+# The whole system in a VM: boot the Debian 12 test image (built and cached by
+# tests/installer/system-image.sh), install with dist/mitigator-agent as an
+# admin would, add a key, poll from here with OpenSSH and `mitigator-agent poll`.
+demo: venv dist
+	tests/provision-host.sh "bookworm:$$(awk '$$1 == "bookworm" { print $$2 }' tests/kernel/test-kernels)" >/dev/null
+	$(PY) -m tests.installer.demo dist/mitigator-agent
 
 clean:
 	$(MAKE) -C kmod clean

@@ -2,9 +2,10 @@
 
 Any bytes in the file: ``serve``'s parameters are processed (as at start
 and as SIGHUP re-reads them) or a click error says what is wrong, never
-another exception.  A value of the wrong TOML type is refused, and a
-config file of the right types means exactly what the same values given
-as flags mean: the same parameters, or both refused.
+another exception.  A value of the wrong TOML kind is refused (nothing
+is converted), and a config file of the right kinds means exactly what
+the same values given as flags mean: the same parameters, or both
+refused.
 """
 
 from __future__ import annotations
@@ -66,13 +67,21 @@ def toml(document: Dict[str, Any]) -> str:
 
 
 def toml_type_fits(option: click.Option, value: Any) -> bool:
-    """The documented rule: numbers (or text) for numeric flags, integers for integer ones, text for the rest."""
-    if isinstance(value, (bool, list)):
+    """The documented rule: TOML says what a value is, nothing is converted.
+
+    Integers for integer flags, numbers for float flags, true/false for
+    switches, strings for everything else; a bool is never a number.
+    """
+    if isinstance(value, list):
+        return False
+    if option.is_flag:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
         return False
     if isinstance(option.type, click.types.IntParamType):
-        return isinstance(value, (int, str))  # a float would be truncated
+        return isinstance(value, int)
     if isinstance(option.type, click.types.FloatParamType):
-        return True
+        return isinstance(value, (int, float))
     return isinstance(value, str)
 
 
@@ -84,7 +93,7 @@ def flags(document: Dict[str, Any]) -> Optional[List[str]]:
         if option is None:
             return None
         if option.is_flag:
-            if not isinstance(value, bool):
+            if not toml_type_fits(option, value):
                 return None
             args += [f"--{key}"] if value else []
             continue
@@ -164,7 +173,7 @@ def test_a_config_file_means_what_the_same_flags_mean(config_path, empty_config,
     config_path.chmod(0o644)
     from_file = processed(["--config", str(config_path)])
     args = flags(document)
-    if args is None:  # a list for a single value, true for a number, a number for a path...
+    if args is None:  # a list for a single value, true for a number, "80" for a port...
         event("only a file can say it")
         assert from_file is None, document
         return
