@@ -16,6 +16,7 @@ import pytest
 from .system import CACHE, DebianSystem, SystemImage
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
     """Mark every test that boots a system `system`, so `-m 'not system'` leaves it out."""
     for item in items:

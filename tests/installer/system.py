@@ -247,15 +247,20 @@ class DebianSystem:
 
     def _wait_for_ssh(self, deadline: float, previous_boot_id: Optional[str]) -> str:
         """Wait until root logs in over SSH (on a boot other than `previous_boot_id`); its boot id."""
+        # A probe can hang past ssh's ConnectTimeout (a session the guest
+        # drops as it shuts down): it is cut short and tried again, given
+        # longer each time in case the host is merely very busy.
+        probe_timeout = 30.0
         while True:
             if self._qemu is None or self._qemu.poll() is not None:
                 raise self._fail(f"qemu exited (status {self._qemu.returncode if self._qemu else '?'}) "
                                  f"before SSH came up: {self._qemu_says()}")
             try:
-                result = self._ssh(["cat", "/proc/sys/kernel/random/boot_id"], timeout=60,
-                                   connect_timeout=10)
+                result = self._ssh(["cat", "/proc/sys/kernel/random/boot_id"],
+                                   timeout=probe_timeout, connect_timeout=10)
             except subprocess.TimeoutExpired:
                 result = None
+                probe_timeout = min(probe_timeout + 15, 120)
             if result is not None and result.returncode == 0:
                 boot_id = result.stdout.decode().strip()
                 if boot_id and boot_id != previous_boot_id:
