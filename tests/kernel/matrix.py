@@ -3,11 +3,12 @@ with DKMS in a chroot of that release, and the table of results.
 
     python -m tests.kernel.matrix run [--kernel-only] [--jobs N] [-- PYTEST_ARGS]
         DKMS builds, then pytest: the tests marked neither `kernel` nor
-        `system` once; then, N jobs at a time (default 2), the `system` tests
-        (a booted Debian image: installer and packages; build/matrix/system/
-        pytest.log; not with --kernel-only) and the `kernel` tests once per
-        kernel, each in its own pytest (build/matrix/KVER/pytest.log); then
-        the results table. Exit status 1 if any pytest failed.
+        `system` once; then the `kernel` tests once per kernel, N kernels at
+        a time (default 2), each in its own pytest (build/matrix/KVER/
+        pytest.log), and beside them the `system` tests (a booted Debian
+        image: installer and packages; build/matrix/system/pytest.log; not
+        with --kernel-only); then the results table. Exit status 1 if any
+        pytest failed.
     python -m tests.kernel.matrix build [--force] [KVER...]
         DKMS-build the module for each kernel (builds of the current kmod/ are kept)
     python -m tests.kernel.matrix results [--junit FILE]...
