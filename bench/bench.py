@@ -163,12 +163,16 @@ def start_agent(work: Path, client_public: str) -> Server:
     keys = work / "agent-keys"
     keys.write_text(f'from="127.0.0.1" {client_public}\n')
     keys.chmod(0o644)
+    config = work / "agent-isolated.toml"  # empty: this machine's own config plays no part
+    config.write_text("")
+    config.chmod(0o644)
     log = work / "agent.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "agent"), os.environ.get("PYTHONPATH", "")])}
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [AGENT, "serve", "--port", "0", "--listen", "127.0.0.1", "--keys", str(keys),
-             "--host-key", str(work / "agent-host.ed25519"), "--device", str(work / "snapshot")],
+            [AGENT, "serve", "--config", str(config), "--port", "0", "--listen", "127.0.0.1", "--keys", str(keys),
+             "--host-key", str(work / "agent-host.ed25519"), "--device", str(work / "snapshot"),
+             "--runtime-dir", str(work / "agent-run")],
             stdout=out, stderr=subprocess.STDOUT, env=env)
     port: List[int] = []
 

@@ -20,8 +20,18 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from fuzzing import safe_dir  # noqa: F401  (fixture; also loads the profile)
-from mitigator_agent.cli import serve
+from mitigator_agent.cli import main, serve
 from mitigator_agent.config import ConfigError, load_defaults
+
+def serve_context(args: List[str]) -> click.Context:
+    """``serve``'s context as ``mitigator-agent serve ARGS`` makes it (nothing is run).
+
+    Under the group's own context, as click makes it: a context of the bare
+    command would leave click's cached help option without ``-h``.
+    """
+    root = main.make_context("mitigator-agent", [])
+    return serve.make_context("serve", list(args), parent=root)
+
 
 OPTIONS = {flag[2:]: param for param in serve.params if isinstance(param, click.Option)
            for flag in param.opts if flag.startswith("--") and flag != "--config"}
@@ -110,7 +120,7 @@ def flags(document: Dict[str, Any]) -> Optional[List[str]]:
 def processed(args: List[str]) -> Optional[Dict[str, Any]]:
     """serve's parameters for ``args`` (nothing is run), or None if click refused them."""
     try:
-        return serve.make_context("serve", list(args)).params
+        return serve_context(args).params
     except click.ClickException as exc:
         assert exc.format_message()
         return None
