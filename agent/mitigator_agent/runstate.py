@@ -23,6 +23,7 @@ Schema (``version`` 1)::
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -63,8 +64,16 @@ def polls_path(runtime_dir: str) -> str:
     return os.path.join(runtime_dir, POLLS_FILE)
 
 
+WRITE_DELAY = 1.0  # seconds: within a running event loop, polls in this window share one write
+
+
 class PollRecorder:
-    """Keeps the last poll per instance in memory and in the runtime file."""
+    """Keeps the last poll per instance in memory and in the runtime file.
+
+    Outside an event loop every record is written at once. Inside one (the
+    server) the file is written WRITE_DELAY seconds after the first record
+    not yet on disk, so a burst of polls costs one write, not one per poll.
+    """
 
     def __init__(self, runtime_dir: str, logger: Optional[logging.Logger] = None,
                  clock: Callable[[], float] = time.time) -> None:
@@ -73,6 +82,7 @@ class PollRecorder:
         self._clock = clock
         self._records: Dict[str, PollRecord] = {}
         self._broken = False  # logged once; later failures stay quiet until a write works again
+        self._write_pending = False
 
     def record(self, instance: str, source: str, key: str, command: str, status: int, result: str) -> None:
         """Note one answered command and write the file (never raises)."""
@@ -80,9 +90,18 @@ class PollRecorder:
             oldest = min(self._records, key=lambda name: self._records[name].time)
             del self._records[oldest]
         self._records[instance] = PollRecord(source, key, self._clock(), command, status, result)
-        self._write()
+        if self._write_pending:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._write()
+            return
+        self._write_pending = True
+        loop.call_later(WRITE_DELAY, self._write)
 
     def _write(self) -> None:
+        self._write_pending = False
         data = {"version": SCHEMA_VERSION,
                 "instances": {name: asdict(record) for name, record in sorted(self._records.items())}}
         try:

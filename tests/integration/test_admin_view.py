@@ -10,6 +10,7 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -44,8 +45,11 @@ def test_status_reads_serves_config_and_shows_the_last_poll_per_instance(agent, 
     assert "last poll: mitigator1: none recorded" in before.stdout.splitlines()
     assert agent.ssh(client_key, "get").returncode == 0  # a stock OpenSSH client polls
     agent.wait_for(r"^INFO poll .*instance=mitigator1 .*command=get status=0")
-
-    result = run_agent("status", "--config", str(config))
+    # the agent writes its runtime file once per burst of polls (runstate.WRITE_DELAY after the first)
+    deadline = time.monotonic() + WAIT_SECONDS
+    while "last poll: mitigator1: none recorded" in (result := run_agent("status", "--config", str(config))).stdout:
+        assert time.monotonic() < deadline, result.stdout
+        time.sleep(0.2)
     lines = result.stdout.splitlines()
     host_key = fingerprint_line(load_host_key(str(agent.host_key_path)))
     assert lines[:5] == [
