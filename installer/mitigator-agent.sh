@@ -212,6 +212,9 @@ build_module() {
 activate_module() {
 	version=$(payload_version)
 	release=$(kernel_release)
+	# The old version's files go first, so DKMS never has two versions installed; the running
+	# module stays in memory until load_module replaces it.
+	remove_other_module_versions "$version"
 	if ! dkms status -m "$MODULE" -v "$version" -k "$release" 2>/dev/null | grep -q ': installed'; then
 		cmd dkms install -m "$MODULE" -v "$version" -k "$release" --force || die "dkms install failed (see $LOG_FILE)"
 	fi
@@ -474,7 +477,6 @@ do_install() {
 	activate_module
 	activate_agent
 	load_module
-	remove_other_module_versions "$(payload_version)"
 	create_host_key
 	start_agent || die "the agent does not stay up (journalctl -u mitigator-agent)"
 	remove_old_venvs
