@@ -47,8 +47,7 @@ def main(argv: list[str]) -> int:
                        check=True)
         step("booting Debian 12 (qemu, TCG; about a minute)")
         started = time.monotonic()
-        with DebianSystem(workdir=where / "vm") as vm:
-            vm.start()
+        with DebianSystem(workdir=where / "vm") as vm:  # booted on entry, powered off on exit
             print(f"up in {time.monotonic() - started:.0f} s: "
                   f"{vm.run('. /etc/os-release && echo $PRETTY_NAME, kernel $(uname -r)').stdout.strip()}")
 
