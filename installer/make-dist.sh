@@ -29,7 +29,8 @@ echo "[#] the agent's wheel ($VERSION)"
 mkdir -p "$work/tree/kmod"
 git ls-files -z agent pyproject.toml README.md | xargs -0 -I{} cp --parents {} "$work/tree/"
 printf '%s\n' "$VERSION" >"$work/tree/kmod/VERSION"
-"$PYTHON" -m pip wheel -q --no-deps -w "$work/agent" "$work/tree" >/dev/null
+"$PYTHON" -m pip wheel -q --no-deps -w "$work/agent" "$work/tree" >"$work/wheel.log" 2>&1 ||
+	{ cat "$work/wheel.log" >&2; exit 1; }
 agent_wheel=$(ls "$work"/agent/mitigator_agent-"$VERSION"-*.whl)
 cp "$agent_wheel" "$payload/wheels/"
 
