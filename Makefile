@@ -14,7 +14,7 @@ VENV   := .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 
-.PHONY: all test matrix unit kmod provision venv clean matrix-purge
+.PHONY: all test matrix unit kmod provision venv clean matrix-purge deb
 
 all: kmod
 
@@ -55,6 +55,14 @@ matrix: venv
 # Fast loop while editing: no VM boots.
 unit: venv
 	$(PY) -m pytest -m 'not kernel' $(PYTEST_ARGS)
+
+# The Debian packages tcpsecrets-dkms and mitigator-agent in dist/, checked by
+# lintian (packaging/build-deb.sh; sets up its build dependencies and caches
+# the wheels in /var/cache/mitigator-agent-build). VERSION=N.N.N builds
+# another version than kmod/VERSION (upgrade tests) without editing a file.
+VERSION ?=
+deb:
+	packaging/build-deb.sh $(VERSION)
 
 clean:
 	$(MAKE) -C kmod clean
