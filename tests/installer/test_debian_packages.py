@@ -166,6 +166,18 @@ def test_a_key_appended_as_root_admits_an_openssh_get(debian_system: DebianSyste
     seen["kept"] = kept_files(system)
 
 
+def test_postinst_run_again_changes_nothing(debian_system: DebianSystem, client: Path,
+                                            seen: Dict[str, object]) -> None:
+    """Configuring the installed package again (dpkg-reconfigure) succeeds and leaves the system as it was."""
+    system = debian_system
+    before = system.state()
+    system.run("DEBIAN_FRONTEND=noninteractive dpkg-reconfigure mitigator-agent 2>&1")
+    assert diff_states(before, system.state()) == []
+    assert kept_files(system) == seen["kept"]
+    wait_for_listener(system)
+    openssh_get(system, client)
+
+
 def test_upgrade_keeps_keys_and_host_key_and_the_new_version_answers(debian_system: DebianSystem,
                                                                       builds: Dict[str, Debs], client: Path,
                                                                       seen: Dict[str, object]) -> None:
