@@ -13,9 +13,10 @@
 # On a fresh Debian 12 amd64 host (as root) this installs the build
 # dependencies listed in packaging/build-deps (apt, only the missing ones) and
 # downloads the agent's wheels from PyPI into $MITIGATOR_BUILD_CACHE (default
-# /var/cache/mitigator-agent-build, outside the repository). Repeat builds use
-# the cached wheels and need no network; REFRESH_WHEELS=1 resolves the
-# wheels against PyPI again (the newest releases the requirements admit).
+# /var/cache/mitigator-agent-build, or ~/.cache/mitigator-agent-build when not
+# root: outside the repository). Repeat builds use the cached wheels and need
+# no network; REFRESH_WHEELS=1 resolves the wheels against PyPI again (the
+# newest releases the requirements admit).
 #
 # DEB_DIST_DIR (default dist/) and DEB_BUILD_DIR (default build/deb, emptied
 # first) move the output and the staging area (the tests build in a temporary
@@ -23,7 +24,11 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-CACHE=${MITIGATOR_BUILD_CACHE:-/var/cache/mitigator-agent-build}
+if [ "$(id -u)" = 0 ]; then
+    CACHE=${MITIGATOR_BUILD_CACHE:-/var/cache/mitigator-agent-build}
+else
+    CACHE=${MITIGATOR_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mitigator-agent-build}
+fi
 DIST=${DEB_DIST_DIR:-$ROOT/dist}
 STAGE_ROOT=${DEB_BUILD_DIR:-$ROOT/build/deb}
 # The interpreter the package runs on (control: python3 3.11); never a
