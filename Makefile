@@ -14,7 +14,7 @@ VENV   := .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 
-.PHONY: all test matrix unit kmod provision venv clean matrix-purge deb
+.PHONY: all test matrix unit kmod provision venv clean matrix-purge dist demo deb
 
 all: kmod
 
@@ -41,8 +41,10 @@ venv: $(VENV)/.installed
 MATRIX_RUN = kvers="$$(tests/provision-host.sh $(TEST_KVERS))" && \
 	TEST_KVERS="$$kvers" $(PY) -m tests.kernel.matrix run
 
-# Everything: the tests that boot no kernel, then the kernel tests on every
-# matrix kernel.
+# Everything: the tests that boot no kernel (with the installer's system tests,
+# which must not skip: provisioning built their image), then the kernel tests
+# on every matrix kernel.
+test: export SYSTEM_TESTS = required
 test: venv
 	$(MATRIX_RUN) -- $(PYTEST_ARGS)
 
@@ -54,7 +56,19 @@ matrix: venv
 
 # Fast loop while editing: no VM boots.
 unit: venv
-	$(PY) -m pytest -m 'not kernel' $(PYTEST_ARGS)
+	$(PY) -m pytest -m 'not kernel and not system' $(PYTEST_ARGS)
+
+# dist/mitigator-agent: the one-file installer (module source, agent, wheels for
+# every supported CPython; wheels cached in /var/cache/mitigator-agent-build).
+dist: venv
+	installer/make-dist.sh
+
+# The whole system in a VM: boot the Debian 12 test image (built and cached by
+# tests/installer/system-image.sh), install with dist/mitigator-agent as an
+# admin would, add a key, poll from here with OpenSSH and `mitigator-agent poll`.
+demo: venv dist
+	tests/provision-host.sh "bookworm:$$(awk '$$1 == "bookworm" { print $$2 }' tests/kernel/test-kernels)" >/dev/null
+	$(PY) -m tests.installer.demo dist/mitigator-agent
 
 # The Debian packages tcpsecrets-dkms and mitigator-agent in dist/, checked by
 # lintian (packaging/build-deb.sh; sets up its build dependencies and caches

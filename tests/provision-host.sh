@@ -5,7 +5,9 @@
 # that release builds it) and the kernel image + modules where virtme-ng can
 # boot them. Idempotent and quick when everything is there (no apt, no
 # network); the chroots and images are cached outside the repository, in
-# $TCPSECRETS_MATRIX_CACHE (default /var/cache/tcpsecrets-matrix).
+# $TCPSECRETS_MATRIX_CACHE (default /var/cache/tcpsecrets-matrix). Also builds
+# the Debian 12 system image of the installer's system tests
+# (tests/installer/system-image.sh; cached in /var/cache/mitigator-agent-tests).
 #
 #   tests/provision-host.sh [SUITE:KVER | KVER ...]
 #
@@ -86,9 +88,9 @@ current_kver() {
 
 packages=(
     build-essential kmod dkms openssl xz-utils
-    qemu-system-x86 busybox-static
+    qemu-system-x86 qemu-utils busybox-static
     openssh-client dropbear-bin iproute2 procps util-linux
-    debootstrap debian-archive-keyring binutils
+    debootstrap debian-archive-keyring binutils e2fsprogs
 )
 # The Debian packages' build dependencies (make deb, tests/packaging).
 mapfile -t -O "${#packages[@]}" packages < <(sed -e 's/#.*//' "$HERE/../packaging/build-deps" | awk 'NF { print $1 }')
@@ -158,6 +160,10 @@ for i in "${!suites[@]}"; do
     grep -h 'WARNING' "$CACHE/logs/${suites[$i]}.log" >&2 || true
 done
 [ "$failed" = 0 ] || exit 1
+
+# --- the Debian 12 system image the installer's system tests boot --------------
+
+"$HERE/installer/system-image.sh" >&2 || { say "building the system image FAILED"; exit 1; }
 
 kvers=()
 for k in "${kernels[@]}"; do

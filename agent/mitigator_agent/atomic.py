@@ -26,6 +26,7 @@ def write_file_atomically(
     mode: int,
     owner: Optional[Tuple[int, int]] = None,
     replace: bool = True,
+    durable: bool = True,
 ) -> None:
     """Write ``data`` to ``path`` with permission bits ``mode``.
 
@@ -33,6 +34,8 @@ def write_file_atomically(
     needs the privilege to do so; it is skipped when it already matches).
     With ``replace=False`` an existing ``path`` is never overwritten, even
     if another process creates it meanwhile: FileExistsError is raised.
+    ``durable=False`` skips the fsyncs (still atomic for readers; for files
+    that need not survive a crash, such as runtime state in /run).
     """
     directory = os.path.dirname(os.path.abspath(path))
     fd, temp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
@@ -47,7 +50,8 @@ def write_file_atomically(
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         if replace:
@@ -57,7 +61,8 @@ def write_file_atomically(
             # concurrently created file could be clobbered.
             os.link(temp_path, path)
             os.unlink(temp_path)
-        _fsync_directory(directory)
+        if durable:
+            _fsync_directory(directory)
     except BaseException:
         try:
             os.unlink(temp_path)

@@ -542,6 +542,23 @@ class KeysFile:
         return Match(None, "key not in keys file")
 
 
+def refusal_remedy(refusal: str, path: str, user: str, group: str) -> str:
+    """The command that fixes a KeysState refusal for the agent running as ``user`` (primary ``group``)."""
+    if "does not exist" in refusal or "holds no usable key" in refusal:
+        return "run mitigator-agent keys add 'ssh-ed25519 AAAA... mitigator1' with the key from MITIGATOR's admin"
+    if "cannot be opened" in refusal or "cannot be read" in refusal:
+        return f"run chgrp {group} {path} && chmod 640 {path} (and let {user} into its directories)"
+    if " is owned by uid " in refusal:
+        return f"run chown root {refusal.split(' is owned by uid ')[0].split()[-1]}"
+    if " is writable by group or others" in refusal:
+        return f"run chmod go-w {refusal.split(' is writable by group or others')[0].split()[-1]}"
+    if "symbolic link" in refusal:
+        return f"replace the link {path} by the file itself"
+    if "is not a regular file" in refusal:
+        return f"make {path} a regular file"
+    return f"fix {path}"
+
+
 @contextmanager
 def edit_lock(path: str) -> Iterator[None]:
     """Hold an exclusive flock on ``PATH.lock`` (created 0600 if missing).
@@ -670,14 +687,21 @@ def remove_keys(path: str, selector: str) -> List[KeyEntry]:
     ``selector`` is a fingerprint (``SHA256:...``), a public key
     (``ssh-ed25519 BASE64 ...``) or an instance name (the comment).  Other
     lines (comments, skipped lines) are kept byte for byte.  Raises
-    KeysFileError when nothing matches.  Runs under :func:`edit_lock`.
+    KeysFileError when nothing matches, or when an instance name is on
+    several lines (which one was meant is not known: nothing is removed).  Runs under :func:`edit_lock`.
     """
     with edit_lock(path):
         text, old_stat = _read_text(path)
         lines = text.split("\n")  # keeps every byte, CRs included
         removed = [entry for entry in parse_keys(text, path).entries if _selects(entry, selector)]
         if not removed:
-            raise KeysFileError(f"no key in {path} matches {selector!r}")
+            raise KeysFileError(f"no key in {path} matches {selector!r}"
+                                " (give a fingerprint, a public key or an instance name: keys list shows them)")
+        if len(removed) > 1 and not selector.startswith(("SHA256:", ADMITTED_KEY_TYPE + " ")):
+            where = ", ".join(str(entry.line_number) for entry in removed)
+            raise KeysFileError(f"instance name {selector!r} is on lines {where}; nothing removed:"
+                                f" name one key by its fingerprint (mitigator-agent keys remove"
+                                f" {removed[0].fingerprint})")
         drop = {entry.line_number for entry in removed}
         kept = "\n".join(line for number, line in enumerate(lines, start=1) if number not in drop)
         _rewrite(path, kept, old_stat)

@@ -1,75 +1,80 @@
 """``mitigator-agent`` command line.
 
-- ``serve``: run the SSH server (see server.py).
+- ``serve``: run the SSH server (see server.py); says at start what will
+  not work (module, tcp_syncookies, clock, keys) and keeps serving.
+- ``host-key``: print the pinned host key's fingerprint (create it first).
 - ``keys add|list|remove``: edit the keys file (atomic, keeps owner and mode).
-- ``status``: host key fingerprint, module and ABI, keys, clock state.
-- ``check``: one line per item, ``ok`` or ``FAIL`` with the reason; exit
-  status 1 when any item failed.
+- ``status``: what the agent sees, judged as the service's user: host key,
+  keys, module, tcp_syncookies, clock, listening, service, last poll per
+  instance; exit status 1 when something is wrong.
+- ``check``: the same and more (NTP offset, containers), one ``ok``/``FAIL``
+  line per item, each FAIL with the command that fixes it; exit status 1
+  when any item failed.
 - ``poll HOST``: do what a MITIGATOR instance does (``get json`` over SSH),
   validate and print the answer; exit status 0 only if all of that worked.
+
+``status``, ``check`` and ``keys`` read the same config file as ``serve``
+(``--config``), so they look at the files the agent uses.  ``--json`` on
+``status``, ``check`` and ``keys list`` prints one object (schemas:
+health.REPORT_SCHEMA and health.KEYS_LIST_SCHEMA).  Every error a user can
+cause is one line naming the thing and the fix.
 """
 
 from __future__ import annotations
 
 import asyncio
-import grp
 import ipaddress
 import json
 import logging
 import os
 import pwd
-import socket
-import stat
 import sys
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
-import asyncssh
 import click
 
-from . import __version__, logs, namespaces
-from .answers import GET_JSON_COMMAND, validate_json_answer
-from .authkeys import (DEFAULT_KEYS_PATH, REPLACED, KeysFile, KeysFileError, add_key, parse_keys,
-                       remove_keys, split_lines)
-from .config import config_option
-from .clock import DEFAULT_NTP_SERVERS, NtpUnavailable, kernel_clock_state, measure_ntp_offset
-from .hostkey import (
-    DEFAULT_HOST_KEY_PATH,
-    HostKeyError,
-    fingerprint_line,
-    load_host_key,
-    load_or_create_host_key,
-)
-from .server import DEFAULT_PORT, ServerSettings, disable_core_dumps, format_address, run_until_signalled
-from .snapshot import DEFAULT_DEVICE, DeviceMissing, Snapshot, SnapshotError, read_snapshot
+from . import __version__, health, logs
+from .authkeys import (ADMITTED_KEY_TYPE, DEFAULT_KEYS_PATH, REPLACED, KeysFileError, add_key,
+                       parse_keys, refusal_remedy, remove_keys, split_lines)
+from .clock import DEFAULT_NTP_SERVERS, parse_ntp_server
+from .config import config_option, user_option
+from .hostkey import DEFAULT_HOST_KEY_PATH, HostKeyError, fingerprint_line, load_or_create_host_key
+from .poll import PollError, normalise_fingerprint, poll as poll_agent
+from .runas import UserUnknown, account, call_as
+from .runstate import DEFAULT_RUNTIME_DIR
+from .server import (DEFAULT_PORT, ListenError, ServerSettings, disable_core_dumps, run_until_signalled,
+                     split_listen_address)
+from .snapshot import DEFAULT_DEVICE
 
 DEFAULTS = ServerSettings()
 SSH_USER = "mitigator_agent"
-SYNCOOKIES_PROC = "/proc/sys/net/ipv4/tcp_syncookies"
-SSH_BANNER_PREFIX = b"SSH-2.0-"
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
 
 
 def _keys_option(function: Callable) -> Callable:
-    return click.option("--keys", "keys_path", default=DEFAULT_KEYS_PATH, show_default=True,
+    return click.option("--keys", "keys_path", default=DEFAULT_KEYS_PATH, show_default=True, metavar="FILE",
                         help="Keys file (OpenSSH authorized_keys format).")(function)
 
 
 def _device_option(function: Callable) -> Callable:
-    return click.option("--device", default=DEFAULT_DEVICE, show_default=True,
+    return click.option("--device", default=DEFAULT_DEVICE, show_default=True, metavar="PATH",
                         help="Snapshot source: the tcpsecrets device or a file holding one snapshot.")(function)
 
 
 def _host_key_option(function: Callable) -> Callable:
     return click.option("--host-key", "host_key_path", default=DEFAULT_HOST_KEY_PATH, show_default=True,
+                        metavar="FILE",
                         help="SSH host key (ed25519; created on first serve, never regenerated).")(function)
 
 
-def _quiet_logger() -> logging.Logger:
-    """A logger that drops records: CLI commands print their own findings."""
-    logger = logging.getLogger("mitigator_agent.cli")
-    logger.propagate = False
-    if not logger.handlers:
-        logger.addHandler(logging.NullHandler())
-    return logger
+def _runtime_dir_option(function: Callable) -> Callable:
+    return click.option("--runtime-dir", default=DEFAULT_RUNTIME_DIR, show_default=True, metavar="DIR",
+                        help="Where the agent keeps the last poll per instance (no secrets).")(function)
+
+
+def _json_option(function: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print one JSON object (schema: see the man page, JSON OUTPUT).")(function)
 
 
 def _check_instance_names(ctx: click.Context, param: click.Parameter,
@@ -100,18 +105,73 @@ def _check_networks(ctx: click.Context, param: click.Parameter, value: Tuple[str
     return tuple(networks)
 
 
-@click.group()
-@click.version_option(__version__, prog_name="mitigator-agent")
-def main() -> None:
+def _check_listen(ctx: click.Context, param: click.Parameter, value: Tuple[str, ...]) -> Tuple[str, ...]:
+    """ADDR, [ADDR], ADDR:PORT or [ADDR]:PORT, as sshd's ListenAddress."""
+    for text in value:
+        try:
+            split_listen_address(text)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    return value
+
+
+def _check_ntp_servers(ctx: click.Context, param: click.Parameter, value: Tuple[str, ...]) -> Tuple[str, ...]:
+    for text in value:
+        try:
+            parse_ntp_server(text)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    return value
+
+
+def _check_fingerprint(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
+    if value is None:
+        return None
+    try:
+        return normalise_fingerprint(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
+INSTALL_SCRIPT = "/usr/lib/mitigator-agent/install.sh"  # kept by the install script, for -d
+
+
+def _uninstall(purge: bool) -> None:
+    """Run the install script's own uninstall (the copy kept at install time); never returns."""
+    if not os.path.exists(INSTALL_SCRIPT):
+        click.echo(f"mitigator-agent: {INSTALL_SCRIPT} is missing, so the install script did not install this"
+                   " agent: remove the Debian package with apt remove mitigator-agent", err=True)
+        sys.exit(1)
+    argv = ["sh", INSTALL_SCRIPT, "-d"] + (["--purge"] if purge else [])
+    os.execvp("sh", argv)
+
+
+@click.group(context_settings=CONTEXT_SETTINGS, invoke_without_command=True)
+@click.version_option(__version__, "-V", "--version", prog_name="mitigator-agent")
+@click.option("-d", "--uninstall", is_flag=True,
+              help="Uninstall (as root): the service, the module, the agent and the system settings;"
+                   " the keys file and the host key stay.")
+@click.option("--purge", is_flag=True, help="With -d: also remove the keys file, the host key and the user.")
+@click.pass_context
+def main(ctx: click.Context, uninstall: bool, purge: bool) -> None:
     """Serve this server's TCP SYN-cookie/ISN secrets to MITIGATOR over SSH."""
+    if purge and not uninstall:
+        raise click.UsageError("--purge goes with -d")
+    if uninstall:
+        if ctx.invoked_subcommand is not None:
+            raise click.UsageError("-d takes no command")
+        _uninstall(purge)
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
 
 
 @main.command()
 @config_option
-@click.option("--listen", multiple=True, metavar="ADDR",
-              help="Address to listen on (repeatable; IPv4 or IPv6). Default: all addresses.")
+@click.option("--listen", multiple=True, metavar="ADDR", callback=_check_listen,
+              help="Address to listen on: ADDR, [ADDR], ADDR:PORT or [ADDR]:PORT (repeatable; IPv4 or IPv6)."
+                   " Default: all addresses.")
 @click.option("--port", type=click.IntRange(0, 65535), default=DEFAULTS.port, show_default=True,
-              help="TCP port; 0 picks a free one (logged).")
+              help="TCP port (for listen addresses without one); 0 picks a free one (logged).")
 @_keys_option
 @_host_key_option
 @_device_option
@@ -130,8 +190,9 @@ def main() -> None:
               callback=_check_instance_names,
               help="Key instance (the keys file line's comment) allowed to `set` (repeatable)."
                    " None: set is disabled.")
-@click.option("--state-dir", default=DEFAULTS.state_dir, show_default=True,
+@click.option("--state-dir", default=DEFAULTS.state_dir, show_default=True, metavar="DIR",
               help="Directory for the last accepted anycast set (replayed into a reloaded module).")
+@_runtime_dir_option
 @click.option("--allow", multiple=True, metavar="CIDR", callback=_check_networks,
               help="MITIGATOR's addresses (repeatable): admission of their own, like sources the keys"
                    " file's from= names.")
@@ -141,14 +202,17 @@ def main() -> None:
                    " (a pool of their own).")
 @click.option("--strict-allow", is_flag=True, default=DEFAULTS.strict_allow,
               help="Drop connections from anyone but --allow and from= sources before the SSH banner.")
+@user_option
+@click.option("--verbose", is_flag=True, help="Also log debug events (check probes, ignored env requests).")
 def serve(listen: Tuple[str, ...], port: int, keys_path: str, host_key_path: str, device: str,
           login_timeout: float, max_unauthenticated: int, max_unauthenticated_per_source: int,
-          rate: float, burst: int, anycast_instances: Tuple[str, ...], state_dir: str,
-          allow: Tuple[str, ...], max_unauthenticated_allowed: int, strict_allow: bool) -> None:
-    """Run the SSH server (logs on stdout, one line per event)."""
+          rate: float, burst: int, anycast_instances: Tuple[str, ...], state_dir: str, runtime_dir: str,
+          allow: Tuple[str, ...], max_unauthenticated_allowed: int, strict_allow: bool,
+          service_user: str, verbose: bool) -> None:
+    """Run the SSH server (events on stdout, errors on stderr; journald priorities under systemd)."""
     # First of all: the host key and the secrets must never end up in a core file.
     core_dump_problem = disable_core_dumps()
-    logs.setup()
+    logs.setup(logging.DEBUG if verbose else logging.INFO)
     log = logs.get_logger()
     if core_dump_problem:
         log.warning(logs.event("core-dumps-not-disabled", reason=core_dump_problem))
@@ -159,22 +223,47 @@ def serve(listen: Tuple[str, ...], port: int, keys_path: str, host_key_path: str
                               rate=rate, burst=burst, anycast_instances=anycast_instances,
                               state_dir=state_dir, allow=allow,
                               max_unauthenticated_allowed=max_unauthenticated_allowed,
-                              strict_allow=strict_allow)
+                              strict_allow=strict_allow, runtime_dir=runtime_dir)
     try:
         host_key, created = load_or_create_host_key(host_key_path)
-    except (HostKeyError, OSError) as exc:
-        log.error(logs.event("cannot-start", reason=str(exc)))
+    except HostKeyError as exc:
+        log.error(logs.event("cannot-start", whole=True, reason=str(exc)))
+        sys.exit(1)
+    except OSError as exc:
+        log.error(logs.event("cannot-start", whole=True, reason=f"host key {host_key_path}: {exc.strerror or exc}"))
         sys.exit(1)
     if created:
         log.info(logs.event("host-key-created", path=host_key_path))
     log.info(logs.event("starting", version=__version__, host_key=fingerprint_line(host_key),
                         keys=keys_path, device=device,
                         anycast=",".join(anycast_instances) if anycast_instances else "disabled"))
+    _log_what_will_not_work(log, settings, service_user)
     try:
         asyncio.run(run_until_signalled(settings, host_key))
-    except OSError as exc:
-        log.error(logs.event("cannot-start", reason=str(exc)))
+    except ListenError as exc:
+        log.error(logs.event("cannot-start", whole=True, reason=str(exc)))
         sys.exit(1)
+    except OSError as exc:
+        log.error(logs.event("cannot-start", whole=True, reason=exc.strerror or str(exc)))
+        sys.exit(1)
+
+
+def _log_what_will_not_work(log: logging.Logger, settings: ServerSettings, service_user: str) -> None:
+    """One warning per thing MITIGATOR relies on that is broken at start, with its fix; serving goes on."""
+    current = _current_user()
+    if service_user != current:
+        log.warning(logs.event("running-as-another-user", whole=True, user=current, configured=service_user,
+                               fix=f"run the agent as {service_user} (the unit's User=), or set user"))
+    subject = health.Subject(settings.keys_path, settings.host_key_path, settings.device, current)
+    for item in health.startup_items(subject):
+        log.warning(logs.event("will-not-work", whole=True, check=item.name, problem=item.text, fix=item.fix))
+
+
+def _current_user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
 
 
 @main.command("host-key")
@@ -187,19 +276,32 @@ def host_key_command(host_key_path: str) -> None:
     """
     try:
         key, created = load_or_create_host_key(host_key_path)
-    except FileNotFoundError:
-        click.echo(f"cannot create host key {host_key_path}: its directory does not exist", err=True)
+    except HostKeyError as exc:
+        click.echo(str(exc), err=True)
         sys.exit(1)
-    except PermissionError:
-        click.echo(f"cannot create host key {host_key_path}: no write permission in its directory"
-                   " (run this as the agent's user)", err=True)
-        sys.exit(1)
-    except (HostKeyError, OSError) as exc:
-        click.echo(f"host key: {exc}", err=True)
+    except OSError as exc:
+        click.echo(f"host key {host_key_path}: {exc.strerror or exc}", err=True)
         sys.exit(1)
     if created:
         click.echo(f"created {host_key_path}", err=True)
     click.echo(fingerprint_line(key))
+
+
+@main.command()
+@_device_option
+def selftest(device: str) -> None:
+    """Prove on this server what MITIGATOR relies on (root; IPv4 and IPv6, on a private loopback listener).
+
+    The kernel's cookie SYN-ACK must equal the cookie computed from the
+    agent's own answer, and a cookie ACK for a SYN the kernel never saw must
+    open a connection. One ok/FAIL line per check; exit status 1 on any FAIL.
+    """
+    from . import selftest as checks  # scapy is loaded only here
+
+    results = checks.run(device)
+    for result in results:
+        click.echo(f"{'ok  ' if result.ok else 'FAIL'} {result.text}")
+    sys.exit(1 if any(not result.ok for result in results) else 0)
 
 
 @main.group()
@@ -207,344 +309,290 @@ def keys() -> None:
     """List or edit the keys file (edits are atomic and keep owner and mode)."""
 
 
-@keys.command("add")
+PRIVATE_KEY_MARKERS = ("PRIVATE KEY-----", "PuTTY-User-Key-File")
+PRIVATE_KEY_REFUSAL = ("refused: that is a private key: it stays with MITIGATOR; give its public half"
+                       " (the .pub file, or ssh-keygen -y -f KEYFILE)")
+
+
+def _key_lines(text: str) -> Tuple[List[str], bool]:
+    """Candidate key lines of ``text`` and whether a private key was in it (its lines left out).
+
+    Blank lines and ``#`` comments are skipped; everything from a
+    ``-----BEGIN ... PRIVATE KEY-----`` line to its END line (or to the end
+    of the text) is dropped unread, so not a byte of it is ever echoed.
+    """
+    lines: List[str] = []
+    private = False
+    inside = False
+    for line in split_lines(text):
+        stripped = line.strip(" \t")
+        if any(marker in stripped for marker in PRIVATE_KEY_MARKERS):
+            private = True
+            inside = "-----BEGIN" in stripped or stripped.startswith("PuTTY-User-Key-File")
+            continue
+        if inside or not stripped or stripped.startswith("#"):
+            continue
+        lines.append(line)
+    return lines, private
+
+
+def _duplicate_instance_warnings(keys_path: str, added_line: int, instance: str) -> List[str]:
+    """Other lines carrying ``instance`` (the name logs and ``keys remove`` go by)."""
+    try:
+        with open(keys_path, "rb") as handle:
+            parsed = parse_keys(handle.read().decode("utf-8", "surrogateescape"), keys_path)
+    except OSError:
+        return []
+    return [f"warning: instance name {instance} is also on line {entry.line_number} ({entry.fingerprint}):"
+            f" logs and `keys remove {instance}` cannot tell them apart; give this key another name"
+            for entry in parsed.entries if entry.instance == instance and entry.line_number != added_line]
+
+
+# A pasted key may start with "-" (a private key's -----BEGIN line): an argument, never an option,
+# so click never echoes it back in "No such option".
+@keys.command("add", context_settings={"ignore_unknown_options": True})
+@config_option
 @_keys_option
+@user_option
 @click.argument("key", nargs=-1, required=True)
-def keys_add(keys_path: str, key: Tuple[str, ...]) -> None:
+def keys_add(keys_path: str, service_user: str, key: Tuple[str, ...]) -> None:
     """Add KEY (`ssh-ed25519 BASE64 [instance-name]`, options allowed; `-` reads lines from stdin).
 
     A key already present with other options or another instance name has
     its line replaced (`replaced: ...`). Lines split at newlines only; a line
     with a control character or non-ASCII white space is refused whole.
+    Blank lines and `#` comments are skipped; a private key is refused
+    without being shown.
     """
     if key == ("-",):
-        lines = split_lines(sys.stdin.buffer.read().decode("utf-8", "surrogateescape"))
+        text = sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
     else:
-        lines = [" ".join(key)]
-    failed = False
+        text = " ".join(key)
+    lines, private = _key_lines(text)
+    failed = private
+    if private:
+        click.echo(PRIVATE_KEY_REFUSAL, err=True)
+    if not lines and not private:
+        click.echo("refused: no key given (only blank lines or # comments)", err=True)
+        failed = True
     for line in lines:
-        if not line.strip(" \t"):
-            continue
         try:
             entry, outcome = add_key(keys_path, line)
-        except (KeysFileError, OSError) as exc:
+        except KeysFileError as exc:
             click.echo(f"refused: {exc}", err=True)
+            failed = True
+            continue
+        except OSError as exc:
+            click.echo(f"refused: cannot write {keys_path}: {exc.strerror or exc}", err=True)
             failed = True
             continue
         detail = " (options or instance name changed)" if outcome == REPLACED else ""
         click.echo(f"{outcome}: line {entry.line_number} {entry.fingerprint} {entry.instance or '-'}{detail}")
-    refusal = KeysFile(keys_path, logger=_quiet_logger()).state().refusal
+        if entry.instance:
+            for warning in _duplicate_instance_warnings(keys_path, entry.line_number, entry.instance):
+                click.echo(warning, err=True)
+    refusal = _keys_as_user(keys_path, service_user)["refusal"]
     if refusal is not None:
-        click.echo(f"warning: the agent would admit nobody: {refusal}", err=True)
+        click.echo(f"warning: the agent ({service_user}) would admit nobody: {refusal}:"
+                   f" {_remedy(refusal, keys_path, service_user)}", err=True)
     sys.exit(1 if failed else 0)
 
 
-@keys.command("list")
-@_keys_option
-def keys_list(keys_path: str) -> None:
-    """List admitted keys: line, fingerprint, instance name, options."""
+def _keys_as_user(keys_path: str, user: str) -> dict:
+    """The keys file as ``user`` sees it (admitted entries, refusal, warnings); as yourself if unknown."""
     try:
-        with open(keys_path, "rb") as handle:
-            text = handle.read().decode("utf-8", "surrogateescape")
-    except FileNotFoundError:
-        click.echo(f"{keys_path} does not exist", err=True)
+        who = account(user)
+    except UserUnknown:
+        return health.keys_view(keys_path)
+    return call_as(who, lambda: health.keys_view(keys_path))
+
+
+def _remedy(refusal: str, keys_path: str, user: str) -> str:
+    try:
+        group = health.primary_group(account(user).pw_gid)
+    except UserUnknown:
+        group = user
+    return refusal_remedy(refusal, keys_path, user, group)
+
+
+@keys.command("list")
+@config_option
+@_keys_option
+@user_option
+@_json_option
+def keys_list(keys_path: str, service_user: str, as_json: bool) -> None:
+    """List the keys the agent admits, judged as the service's user: line, fingerprint, instance, options.
+
+    Exit status 1 when the agent would admit nobody (the reason and the fix on stderr).
+    """
+    try:
+        view = _keys_as_user(keys_path, service_user)
+    except RuntimeError as exc:
+        click.echo(f"cannot judge {keys_path} as {service_user}: {exc}", err=True)
         sys.exit(1)
-    parsed = parse_keys(text, keys_path)
-    for entry in parsed.entries:
-        options = f" [{','.join(entry.options)}]" if entry.options else ""
-        click.echo(f"{entry.line_number}: {entry.fingerprint} {entry.instance or '-'}{options}")
-    for warning in parsed.warnings:
-        click.echo(f"warning: {warning}", err=True)
-    refusal = KeysFile(keys_path, logger=_quiet_logger()).state().refusal
-    if refusal is not None:
-        click.echo(f"warning: the agent admits nobody: {refusal}", err=True)
+    if as_json:
+        click.echo(json.dumps({"version": health.SCHEMA_VERSION, "path": keys_path, "user": service_user,
+                               "admits_nobody_because": view["refusal"], "keys": view["admitted"],
+                               "warnings": view["warnings"]}, indent=2))
+    else:
+        for entry in view["admitted"]:
+            options = f" [{','.join(entry['options'])}]" if entry["options"] else ""
+            click.echo(f"{entry['line']}: {entry['fingerprint']} {entry['instance'] or '-'}{options}")
+        for warning in view["warnings"]:
+            click.echo(f"warning: {warning}", err=True)
+        if view["refusal"] is not None:
+            click.echo(f"warning: the agent ({service_user}) admits nobody: {view['refusal']}:"
+                       f" {_remedy(view['refusal'], keys_path, service_user)}", err=True)
+    sys.exit(1 if view["refusal"] is not None else 0)
 
 
-@keys.command("remove")
+def _selectors(words: Sequence[str]) -> List[str]:
+    """Group ``keys remove`` arguments into selectors: each word is one, except a key type and its base64.
+
+    ``keys remove $(cat key.pub)`` gives ``ssh-ed25519 BASE64 NAME``: the
+    first two words are one public-key selector, and the name after them is
+    taken as that key's comment (not a selector of its own).
+    """
+    if len(words) == 3 and words[0] == ADMITTED_KEY_TYPE:  # one whole .pub line, unquoted
+        return [f"{words[0]} {words[1]}"]
+    selectors: List[str] = []
+    index = 0
+    while index < len(words):
+        if words[index] == ADMITTED_KEY_TYPE and index + 1 < len(words):
+            selectors.append(f"{words[index]} {words[index + 1]}")
+            index += 2
+        else:
+            selectors.append(words[index])
+            index += 1
+    return selectors
+
+
+@keys.command("remove", context_settings={"ignore_unknown_options": True})
+@config_option
 @_keys_option
 @click.argument("selector", nargs=-1, required=True)
 def keys_remove(keys_path: str, selector: Tuple[str, ...]) -> None:
-    """Remove keys matching SELECTOR: a fingerprint (SHA256:...), a public key or an instance name."""
-    try:
-        removed = remove_keys(keys_path, " ".join(selector))
-    except (KeysFileError, OSError) as exc:
-        click.echo(f"refused: {exc}", err=True)
-        sys.exit(1)
-    for entry in removed:
-        click.echo(f"removed: line {entry.line_number} {entry.fingerprint} {entry.instance or '-'}")
+    """Remove the keys each SELECTOR names: a fingerprint (SHA256:...), a public key or an instance name.
+
+    Each selector is its own removal; one that matches nothing, or an
+    instance name on several lines, is refused (exit status 1) without
+    stopping the others.
+    """
+    failed = False
+    for one in _selectors(selector):
+        try:
+            removed = remove_keys(keys_path, one)
+        except KeysFileError as exc:
+            click.echo(f"refused: {exc}", err=True)
+            failed = True
+            continue
+        except OSError as exc:
+            click.echo(f"refused: cannot write {keys_path}: {exc.strerror or exc}", err=True)
+            failed = True
+            continue
+        for entry in removed:
+            click.echo(f"removed: line {entry.line_number} {entry.fingerprint} {entry.instance or '-'}")
+    sys.exit(1 if failed else 0)
 
 
-def _describe_snapshot(snap: Snapshot) -> str:
-    """One line about the module: ABI, HZ, algorithms, cookie clock, sets applied."""
-    return (f"ABI {snap.abi_version}, HZ {snap.hz}, isn_algorithm {snap.algorithm},"
-            f" cookie_clock {snap.cookie_clock_name}, set_generation {snap.set_generation},"
-            f" tcp_syncookies {snap.tcp_syncookies}")
+def _listen_option(help_text: str) -> Callable:
+    return click.option("--listen", multiple=True, metavar="ADDR", callback=_check_listen, help=help_text)
+
+
+def _config_path_used() -> Optional[str]:
+    """The config file that was read, if there was one."""
+    from .config import CONFIG_META_KEY
+    ctx = click.get_current_context()
+    path, _ = ctx.meta.get(CONFIG_META_KEY, (None, False))
+    return path if path and os.path.exists(path) else None
+
+
+def _print_report(items: Sequence[health.Item], command: str, user: str, as_json: bool) -> None:
+    """Print the findings (lines or JSON) and exit 1 if any failed."""
+    if as_json:
+        click.echo(json.dumps(health.report(items, command, user, _config_path_used()), indent=2))
+    else:
+        for item in items:
+            click.echo(item.check_line() if command == "check" else item.status_line())
+    sys.exit(1 if any(item.status == health.FAIL for item in items) else 0)
 
 
 @main.command()
+@config_option
 @_keys_option
 @_host_key_option
 @_device_option
-def status(keys_path: str, host_key_path: str, device: str) -> None:
-    """Show host key fingerprint, module state, keys and clock state."""
-    try:
-        click.echo(f"host key: {fingerprint_line(load_host_key(host_key_path))} ({host_key_path})")
-    except FileNotFoundError:
-        click.echo(f"host key: {host_key_path} missing (serve creates it)")
-    except (HostKeyError, OSError) as exc:
-        click.echo(f"host key: unusable: {exc}")
+@click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True,
+              help="The agent's port (for listen addresses without one).")
+@_listen_option("Address(es) the agent listens on (default: 127.0.0.1).")
+@_runtime_dir_option
+@user_option
+@_json_option
+def status(keys_path: str, host_key_path: str, device: str, port: int, listen: Tuple[str, ...],
+           runtime_dir: str, service_user: str, as_json: bool) -> None:
+    """What the agent sees, judged as the service's user; exit 1 when something is wrong.
 
-    try:
-        click.echo(f"module: loaded, {_describe_snapshot(read_snapshot(device))} ({device})")
-    except DeviceMissing:
-        click.echo(f"module: not loaded (no {device})")
-    except SnapshotError as exc:
-        click.echo(f"module: bad snapshot from {device}: {exc}")
-    except OSError as exc:
-        click.echo(f"module: {device} unreadable: {exc.strerror or exc}")
-
-    state = KeysFile(keys_path, logger=_quiet_logger()).state()
-    if state.refusal is None:
-        click.echo(f"keys: {len(state.entries)} admitted ({keys_path})")
-    else:
-        click.echo(f"keys: none admitted: {state.refusal}")
-    for warning in state.warnings:
-        click.echo(f"keys: warning: {warning}")
-
-    try:
-        clock = kernel_clock_state()
-    except OSError as exc:
-        click.echo(f"clock: unknown (adjtimex failed: {exc.strerror})")
-    else:
-        word = "synchronised" if clock.synchronized else "NOT synchronised"
-        click.echo(f"clock: {word} (adjtimex state {clock.state}, maxerror {clock.maxerror_us // 1000} ms)")
-
-
-def _user_can_read(path: str, user: str) -> Tuple[bool, str]:
-    """Whether ``user`` can read ``path``, and if not, why.
-
-    As root this is tried for real, in a child process that takes the
-    user's uid and groups: the tcpsecrets module decides in its open()
-    (its node may show 0444 while it admits only root and one group), so
-    mode bits alone can be wrong. Without root only the mode bits are
-    judged, and the answer says so.
+    Host key fingerprint (MITIGATOR pins it), keys admitted, module and
+    device, tcp_syncookies, clock (the host's time service), listening,
+    the service's state and the last poll of each instance.
     """
-    try:
-        account = pwd.getpwnam(user)
-    except KeyError:
-        return False, f"no such user {user}"
-    if account.pw_uid == 0:
-        return True, ""
-    if os.geteuid() == 0:
-        return _try_read_as(path, user, account)
-    st = os.stat(path)
-    groups = set(os.getgrouplist(user, account.pw_gid))
-    if st.st_uid == account.pw_uid:
-        allowed = bool(st.st_mode & stat.S_IRUSR)
-    elif st.st_gid in groups:
-        allowed = bool(st.st_mode & stat.S_IRGRP)
-    else:
-        allowed = bool(st.st_mode & stat.S_IROTH)
-    if allowed:
-        return True, ""
-    try:
-        owner_group = grp.getgrgid(st.st_gid).gr_name
-    except KeyError:
-        owner_group = str(st.st_gid)
-    return False, (f"{path} (mode {stat.S_IMODE(st.st_mode):04o}, group {owner_group})"
-                   f" is not readable by {user} (judged from mode bits; run as root to try it)")
-
-
-def _try_read_as(path: str, user: str, account: pwd.struct_passwd) -> Tuple[bool, str]:
-    """Open and read ``path`` in a forked child running as ``account``."""
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        os.close(read_end)
-        error = ""
-        try:
-            os.setgroups(os.getgrouplist(user, account.pw_gid))
-            os.setgid(account.pw_gid)
-            os.setuid(account.pw_uid)
-            fd = os.open(path, os.O_RDONLY)
-            os.read(fd, 4096)
-        except OSError as exc:
-            error = exc.strerror or str(exc)
-        os.write(write_end, error.encode())
-        os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        error = pipe.read().decode()
-    os.waitpid(child, 0)
-    if error:
-        return False, f"{path}: {error} (tried as {user})"
-    return True, ""
-
-
-def _probe_ssh_port(host: str, port: int, timeout: float) -> Optional[str]:
-    """None if an SSH server answers at host:port, else why not."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            banner = sock.makefile("rb").readline(256)
-    except OSError as exc:
-        return f"nothing listening on {format_address(host, port)} ({exc.strerror or exc})"
-    if not banner.startswith(SSH_BANNER_PREFIX):
-        return f"{format_address(host, port)} does not speak SSH"
-    return None
-
-
-def _is_char_device(path: str) -> bool:
-    try:
-        return stat.S_ISCHR(os.stat(path).st_mode)
-    except OSError:
-        return False
-
-
-def _check_namespaces(report: Callable[[bool, str], None]) -> None:
-    """Network namespaces (containers) that would refuse MITIGATOR's cookies, and DNAT rules."""
-    try:
-        table = namespaces.read_table()
-    except namespaces.TableUnavailable as exc:
-        report(False, f"network namespaces: {exc}")
-        return
-    namespaces.add_processes(table)
-    losing = namespaces.losing_cookies(table)
-    if not losing:
-        report(True, f"cookies accepted in every network namespace with listeners ({len(table)} namespaces)")
-    for ns in losing:
-        where = ", ".join(ns.processes[:3]) or "processes not visible (run as root)"
-        ports = ",".join(map(str, ns.listening_ports)) or "-"
-        report(False, f"network namespace {ns.name} refuses MITIGATOR's cookies (tcp_syncookies={ns.syncookies},"
-                      f" {ns.refused} refused so far; listening ports {ports}; {where}): {namespaces.remedy(ns)}")
-    rules = namespaces.dnat_rules()
-    if rules:
-        click.echo(f"warn DNAT rules found ({len(rules)}): services reached through destination NAT cannot accept"
-                   f" MITIGATOR's cookies (use host networking, macvlan/ipvlan or routed addresses); first: {rules[0]}")
+    subject = health.Subject(keys_path, host_key_path, device, service_user, port, listen, runtime_dir)
+    _print_report(health.judge(subject, command="status", probe_timeout=3.0, measure_ntp=False),
+                  "status", service_user, as_json)
 
 
 @main.command()
+@config_option
+@_keys_option
+@_host_key_option
 @_device_option
-@click.option("--user", default=None, help="The user the agent runs as (default: the current user).")
-@click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True)
-@click.option("--listen", multiple=True, metavar="ADDR",
-              help="Address(es) the agent listens on (default: probe 127.0.0.1).")
-@click.option("--ntp-server", "ntp_servers", multiple=True, metavar="HOST[:PORT]",
-              help=f"NTP server to measure the offset against (repeatable; default {DEFAULT_NTP_SERVERS[0]}).")
-@click.option("--max-offset", type=float, default=0.1, show_default=True,
-              help="Largest acceptable NTP offset, seconds.")
-@click.option("--timeout", type=float, default=3.0, show_default=True, help="Network timeout, seconds.")
-def check(device: str, user: Optional[str], port: int, listen: Tuple[str, ...],
-          ntp_servers: Tuple[str, ...], max_offset: float, timeout: float) -> None:
-    """Check everything MITIGATOR relies on; exit 1 with one reason per failed item."""
-    failures = 0
+@user_option
+@click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True,
+              help="The agent's port (for listen addresses without one).")
+@_listen_option("Address(es) the agent listens on (default: probe 127.0.0.1).")
+@_runtime_dir_option
+@click.option("--ntp-server", "ntp_servers", multiple=True, metavar="HOST[:PORT]", callback=_check_ntp_servers,
+              help="NTP server to measure the offset against (repeatable). Default: ask the host's time"
+                   f" service; {DEFAULT_NTP_SERVERS[0]} when none runs.")
+@click.option("--max-offset", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+              help="Largest acceptable clock offset, seconds.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=3.0, show_default=True,
+              help="Network timeout, seconds.")
+@_json_option
+def check(keys_path: str, host_key_path: str, device: str, service_user: str, port: int, listen: Tuple[str, ...],
+          runtime_dir: str, ntp_servers: Tuple[str, ...], max_offset: float, timeout: float, as_json: bool) -> None:
+    """Check everything MITIGATOR relies on, as the service's user; exit 1 if anything failed.
 
-    def report(ok: bool, text: str) -> None:
-        nonlocal failures
-        failures += not ok
-        click.echo(f"{'ok  ' if ok else 'FAIL'} {text}")
-
-    snap: Optional[Snapshot] = None
-    try:
-        snap = read_snapshot(device)
-    except DeviceMissing:
-        report(False, f"module loaded: tcpsecrets module not loaded (no {device})")
-    except (SnapshotError, OSError) as exc:
-        report(True, f"module loaded ({device} exists)")
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        report(False, f"device readable: {device}: {reason}")
-    else:
-        report(True, f"module loaded ({device}, {_describe_snapshot(snap)})")
-        if user is not None and user != pwd.getpwuid(os.geteuid()).pw_name:
-            readable, reason = _user_can_read(device, user)
-            report(readable, f"device readable by {user}" + (f": {reason}" if reason else ""))
-        else:
-            report(True, "device readable by the current user")
-
-    if snap is not None:
-        syncookies: Optional[int] = snap.tcp_syncookies
-    else:
-        try:
-            with open(SYNCOOKIES_PROC) as handle:
-                syncookies = int(handle.read())
-        except (OSError, ValueError):
-            syncookies = None
-    report(syncookies == 2, f"tcp_syncookies = 2 (is {syncookies if syncookies is not None else 'unknown'})")
-
-    if snap is not None and _is_char_device(device):  # a snapshot file has no namespace table
-        _check_namespaces(report)
-
-    try:
-        clock = kernel_clock_state()
-        report(clock.synchronized, "kernel clock synchronised by NTP" if clock.synchronized else
-               f"kernel clock synchronised: no (adjtimex state {clock.state}, status 0x{clock.status:x})")
-    except OSError as exc:
-        report(False, f"kernel clock synchronised: adjtimex failed ({exc.strerror})")
-
-    try:
-        measured = measure_ntp_offset(ntp_servers or DEFAULT_NTP_SERVERS, timeout)
-        report(abs(measured.offset) <= max_offset,
-               f"NTP offset {measured.offset * 1000:+.1f} ms against {measured.server}"
-               f" (limit {max_offset * 1000:.0f} ms)")
-    except NtpUnavailable as exc:
-        report(False, f"NTP offset: no server answered ({exc})")
-
-    for host in listen or ("127.0.0.1",):
-        problem = _probe_ssh_port(host, port, timeout)
-        report(problem is None, f"agent listening on {format_address(host, port)}" if problem is None else
-               f"agent listening: {problem}")
-
-    sys.exit(1 if failures else 0)
-
-
-async def _poll(host: str, port: int, user: str, key_path: str, known_hosts: Optional[str],
-                host_fingerprint: Optional[str], timeout: float) -> Tuple[int, str, List[str]]:
-    """Run `get json` like MITIGATOR; return (exit status, stdout, problems)."""
-    client_key = asyncssh.read_private_key(key_path)
-    conn = await asyncio.wait_for(asyncssh.connect(
-        host, port, username=user, client_keys=[client_key], known_hosts=known_hosts,
-        agent_path=None, config=None, preferred_auth="publickey"), timeout)
-    async with conn:
-        server_key = conn.get_server_host_key()
-        seen = server_key.get_fingerprint("sha256") if server_key else "?"
-        if host_fingerprint is not None and seen != host_fingerprint:
-            return 1, "", [f"host key is {seen}, expected {host_fingerprint}"]
-        problems = [] if known_hosts or host_fingerprint else [f"warning: host key {seen} not verified"]
-        result = await asyncio.wait_for(conn.run(GET_JSON_COMMAND), timeout)
-    stdout = str(result.stdout or "")
-    if result.exit_status != 0:
-        return 1, "", problems + [f"agent answered exit status {result.exit_status}: {str(result.stderr).strip()}"]
-    try:
-        answer = json.loads(stdout)
-    except ValueError as exc:
-        return 1, "", problems + [f"answer is not JSON: {exc}"]
-    invalid = validate_json_answer(answer)
-    if invalid:
-        return 1, "", problems + [f"invalid answer: {problem}" for problem in invalid]
-    return 0, json.dumps(answer, indent=2) + "\n", problems
+    One line per item: `ok` or `FAIL` with the reason and the command that
+    fixes it (`warn`: worth knowing, does not fail).
+    """
+    subject = health.Subject(keys_path, host_key_path, device, service_user, port, listen, runtime_dir)
+    _print_report(health.judge(subject, command="check", probe_timeout=timeout, ntp_servers=ntp_servers,
+                               max_offset=max_offset), "check", service_user, as_json)
 
 
 @main.command()
 @click.argument("host")
-@click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True)
-@click.option("--key", "key_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Private ed25519 key of the polling instance.")
-@click.option("--user", default=SSH_USER, show_default=True)
-@click.option("--known-hosts", type=click.Path(exists=True, dir_okay=False), default=None,
+@click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True,
+              help="The agent's port.")
+@click.option("--key", "key_path", required=True, metavar="FILE",
+              help="Private ed25519 key of the polling instance (mode 0600, as ssh requires).")
+@click.option("--user", default=SSH_USER, show_default=True, help="SSH user name (logged by the agent, not checked).")
+@click.option("--known-hosts", type=click.Path(exists=True, dir_okay=False), default=None, metavar="FILE",
               help="known_hosts file to verify the agent's host key with.")
-@click.option("--host-fingerprint", default=None, metavar="SHA256:...",
-              help="Expected host key fingerprint (pinning, as MITIGATOR does).")
-@click.option("--timeout", type=float, default=10.0, show_default=True)
+@click.option("--host-fingerprint", default=None, metavar="SHA256:...", callback=_check_fingerprint,
+              help="Expected host key fingerprint, as `host-key` prints it (pinning, as MITIGATOR does).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Seconds to wait for the connection and for the answer.")
 def poll(host: str, port: int, key_path: str, user: str, known_hosts: Optional[str],
          host_fingerprint: Optional[str], timeout: float) -> None:
     """Poll HOST like a MITIGATOR instance: `get json`, validated, printed."""
     try:
-        status_code, output, problems = asyncio.run(
-            _poll(host, port, user, key_path, known_hosts, host_fingerprint, timeout))
-    except (OSError, asyncssh.Error, asyncio.TimeoutError, asyncssh.KeyImportError) as exc:
-        click.echo(f"poll failed: {type(exc).__name__}: {exc}", err=True)
+        result = asyncio.run(poll_agent(host, port, user, key_path, known_hosts, host_fingerprint, timeout))
+    except PollError as exc:
+        click.echo(f"poll: {exc}", err=True)
         sys.exit(1)
-    for problem in problems:
+    for problem in result.problems:
         click.echo(problem, err=True)
-    click.echo(output, nl=False)
-    sys.exit(status_code)
-
+    click.echo(result.output, nl=False)
+    sys.exit(result.exit_status)

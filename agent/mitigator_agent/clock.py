@@ -1,10 +1,13 @@
-"""Clock health: the kernel's NTP state and a measured NTP offset.
+"""Clock health: the host's time service, the kernel's NTP state and a measured NTP offset.
 
 MITIGATOR maps wall time to the server's cookie clock, so both sides must
-run NTP.  ``kernel_clock_state`` asks the kernel (``adjtimex`` with no
-modes set: read-only, no privilege needed) whether an NTP daemon keeps the
-clock synchronised; ``measure_ntp_offset`` asks NTP servers directly
-(used by ``mitigator-agent check``).
+run NTP.  ``ask_time_service`` asks the time service the host runs
+(chrony via ``chronyc``, ntpd via ``ntpq``, systemd-timesyncd via
+``timedatectl``) whether it keeps the clock synchronised and by how much
+it is off; ``kernel_clock_state`` asks the kernel (``adjtimex`` with no
+modes set: read-only, no privilege needed); ``measure_ntp_offset`` asks NTP
+servers directly, for hosts whose time service cannot be asked (used by
+``mitigator-agent check``).
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import re
+import shutil
+import subprocess
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import ntplib
 
@@ -99,14 +105,119 @@ def kernel_clock_synced() -> Optional[bool]:
 
 
 def parse_ntp_server(spec: str) -> Tuple[str, int]:
-    """``host``, ``host:port``, ``[v6addr]:port`` or a bare IPv6 address."""
+    """``host``, ``host:port``, ``[v6addr]:port`` or a bare IPv6 address; ValueError says what is wrong."""
+    host, port_text = spec, ""
     if spec.startswith("["):
-        host, _, rest = spec[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else DEFAULT_NTP_PORT
-    if spec.count(":") == 1:
-        host, port = spec.split(":")
-        return host, int(port)
-    return spec, DEFAULT_NTP_PORT
+        host, bracket, rest = spec[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"{spec!r} is not HOST, HOST:PORT or [IPV6]:PORT")
+        port_text = rest[1:]
+    elif spec.count(":") == 1:
+        host, port_text = spec.split(":")
+    if not host:
+        raise ValueError(f"{spec!r} names no host")
+    if not port_text:
+        return host, DEFAULT_NTP_PORT
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{spec!r}: port {port_text!r} is not a number from 1 to 65535")
+    return host, int(port_text)
+
+
+def describe_kernel_clock(clock: ClockState) -> str:
+    """The kernel's clock state in plain words."""
+    if clock.synchronized:
+        return f"the kernel says an NTP daemon keeps it synchronised (maximum error {clock.maxerror_us // 1000} ms)"
+    return "the kernel says no NTP daemon keeps it synchronised"
+
+
+@dataclass(frozen=True)
+class TimeService:
+    """What the host's time service says about the clock."""
+
+    name: str                     # chronyd, ntpd, systemd-timesyncd
+    synchronized: bool
+    offset: Optional[float]       # seconds the clock is ahead (+) or behind (-), when the service tells
+    server: Optional[str]         # the server it follows, when it tells
+    detail: str                   # the service's own words when not synchronised
+
+
+Runner = Callable[[Sequence[str]], Optional[str]]
+
+
+def run_quietly(args: Sequence[str], timeout: float = 3.0) -> Optional[str]:
+    """stdout of a command that exited 0, else None (not installed, not running, timed out)."""
+    if shutil.which(args[0]) is None:
+        return None
+    try:
+        result = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
+                                env={**os.environ, "LC_ALL": "C"})
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout if result.returncode == 0 else None
+
+
+def parse_chronyc_tracking(text: str) -> Optional[TimeService]:
+    """``chronyc -n tracking`` output -> TimeService (None if it is not that output)."""
+    fields = {}
+    for line in text.splitlines():
+        name, colon, value = line.partition(":")
+        if colon:
+            fields[name.strip()] = value.strip()
+    if "Leap status" not in fields:
+        return None
+    offset = None
+    found = re.match(r"([0-9.]+) seconds (fast|slow)", fields.get("System time", ""))
+    if found:
+        offset = float(found.group(1)) * (1 if found.group(2) == "fast" else -1)
+    server = None
+    reference = re.search(r"\(([^)]+)\)", fields.get("Reference ID", ""))
+    if reference:
+        server = reference.group(1)
+    leap = fields["Leap status"]
+    synchronized = leap != "Not synchronised"
+    return TimeService("chronyd", synchronized, offset, server, f"leap status {leap}")
+
+
+def parse_ntpq_peers(text: str) -> Optional[TimeService]:
+    """``ntpq -pn`` output -> TimeService: synchronised when a peer is selected (``*``)."""
+    if "remote" not in text:
+        return None
+    for line in text.splitlines():
+        if line.startswith("*"):
+            fields = line[1:].split()
+            try:
+                return TimeService("ntpd", True, float(fields[8]) / 1000, fields[0], "")
+            except (IndexError, ValueError):
+                return TimeService("ntpd", True, None, fields[0] if fields else None, "")
+    return TimeService("ntpd", False, None, None, "no peer selected (no line starts with *)")
+
+
+def parse_timedatectl(text: str, server_text: Optional[str]) -> Optional[TimeService]:
+    """``timedatectl show`` (and ``show-timesync -p ServerName --value``) -> TimeService."""
+    fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    if "NTPSynchronized" not in fields:
+        return None
+    if fields.get("NTP") != "yes":
+        return TimeService("systemd-timesyncd", False, None, None, "NTP is switched off (timedatectl set-ntp)")
+    synchronized = fields["NTPSynchronized"] == "yes"
+    server = (server_text or "").strip() or None
+    return TimeService("systemd-timesyncd", synchronized, None, server,
+                       "" if synchronized else "not synchronised yet")
+
+
+def ask_time_service(runner: Runner = run_quietly) -> Optional[TimeService]:
+    """Ask the time service that runs here: chronyd, then ntpd, then systemd-timesyncd; None if none answers."""
+    text = runner(["chronyc", "-n", "tracking"])
+    if text is not None and (found := parse_chronyc_tracking(text)) is not None:
+        return found
+    text = runner(["ntpq", "-pn"])
+    if text is not None and (found := parse_ntpq_peers(text)) is not None:
+        return found
+    if runner(["systemctl", "is-active", "--quiet", "systemd-timesyncd"]) is not None:
+        text = runner(["timedatectl", "show"])
+        if text is not None:
+            return parse_timedatectl(text, runner(["timedatectl", "show-timesync", "-p", "ServerName", "--value"]))
+    return None
 
 
 @dataclass(frozen=True)

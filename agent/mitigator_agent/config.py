@@ -3,7 +3,7 @@
 TOML, one key per long flag, named as the flag without its dashes::
 
     port = 7100
-    listen = ["192.0.2.10", "2001:db8::10"]
+    listen = ["192.0.2.10", "[2001:db8::10]:7100"]
     keys = "/opt/mitigator_agent/keys"
     host-key = "/opt/mitigator_agent/host.ed25519"
     device = "/dev/tcpsecrets"
@@ -11,25 +11,35 @@ TOML, one key per long flag, named as the flag without its dashes::
     rate = 2.0
     anycast-instance = ["mitigator1"]   # may send `set`; absent or empty: set disabled
     state-dir = "/opt/mitigator_agent/state"
+    user = "mitigator_agent"            # the account the service runs as
 
-The default file, /opt/mitigator_agent/agent.toml, may be absent. Anything
-doubtful stops the agent instead of being guessed around (a config can
-point the keys path elsewhere, so it is trusted like the keys file): a file
-named with --config that is missing, a file that is not valid TOML, an
-unknown key, a list where one value is expected or the reverse, and a file
-that is writable by group or others or owned by someone other than root or
-the agent's user, or that sits in a directory (any up to ``/``) that is,
-or that is a symbolic link (sshd's StrictModes, as for the keys file).
-Values are then checked by the flags' own types, with the flag's name in
-the message.
+The default file is /opt/mitigator_agent/agent.toml, or the file named by
+the ``MITIGATOR_AGENT_CONFIG`` environment variable; either may be absent.
+``status``, ``check`` and ``keys`` read the same file as ``serve`` (the
+keys they have flags for), so they look at the files ``serve`` uses.
+
+Anything doubtful stops the agent instead of being guessed around (a
+config can point the keys path elsewhere, so it is trusted like the keys
+file): a file named with --config that is missing, a file that is not
+valid TOML, an unknown key, a list where one value is expected or the
+reverse, a value of the wrong kind (``keys = 5``, ``rate = true``,
+``port = "17107"``: TOML says what a value is, nothing is converted) or
+out of range, and a file that is writable by group or others or owned by
+someone other than root or the agent's user, or that sits in a directory
+(any up to ``/``) that is, or that is a symbolic link (sshd's StrictModes,
+as for the keys file).  Each error is one line naming the file, the line
+and the key (never the flag of the same name, which the admin did not
+type).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import pwd
+import re
 import sys
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import click
 
@@ -41,11 +51,37 @@ else:  # pragma: no cover - Debian 11's Python 3.9
     import tomli as tomllib
 
 DEFAULT_CONFIG_PATH = "/opt/mitigator_agent/agent.toml"
+CONFIG_ENV = "MITIGATOR_AGENT_CONFIG"  # names the default config file (tests, other layouts)
 CONFIG_META_KEY = "mitigator_agent.config"  # ctx.meta: (path, whether it was named with --config)
+SERVICE_USER = "mitigator_agent"  # the account the installer creates for the service
+SERVE_COMMAND = "serve"  # the command whose flags the config file's keys are
 
 
 class ConfigError(Exception):
     """The config file cannot be used; the message says why."""
+
+
+class ConfigFileError(click.ClickException):
+    """A config problem as the command line reports it: ``Error: MESSAGE``, exit status 2."""
+
+    exit_code = 2
+
+
+def default_config_path() -> str:
+    """The config file used when no --config is given: $MITIGATOR_AGENT_CONFIG, else the installed one."""
+    return os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
+
+
+def default_service_user() -> str:
+    """``mitigator_agent`` when that account exists, else the user running this command."""
+    try:
+        pwd.getpwnam(SERVICE_USER)
+        return SERVICE_USER
+    except KeyError:
+        try:
+            return pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:
+            return str(os.geteuid())
 
 
 def _option_names(command: click.Command) -> Dict[str, click.Option]:
@@ -59,57 +95,164 @@ def _option_names(command: click.Command) -> Dict[str, click.Option]:
     return names
 
 
-def load_defaults(path: str, command: click.Command, required: bool) -> Dict[str, Any]:
-    """Read ``path`` into click's default_map for ``command`` ({} if absent and not required)."""
+def _line_of(text: str, key: str) -> Optional[int]:
+    """The line number where ``key = ...`` is set in TOML ``text`` (bare or quoted key), or None."""
+    pattern = re.compile(rf"""^\s*(?:{re.escape(key)}|"{re.escape(key)}"|'{re.escape(key)}')\s*=""")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if pattern.match(line):
+            return number
+    return None
+
+
+def _kind_problem(option: click.Option, value: Any) -> Optional[str]:
+    """Why ``value`` (one item as TOML gave it) is the wrong kind for ``option``, or None.
+
+    Integers for integer flags, numbers for float flags, true/false for
+    switches, strings for everything else; a bool is never a number.
+    """
+    param_type = option.type
+    if option.is_flag:
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(param_type, (click.types.IntParamType,)):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "must be a whole number (no quotes)"
+    if isinstance(param_type, click.types.FloatParamType):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return None
+        return "must be a number (no quotes)"
+    if not isinstance(value, str):
+        return 'must be a string in double quotes'
+    return None
+
+
+def _check_value(option: click.Option, value: Any, ctx: Optional[click.Context]) -> Any:
+    """Kind, then the option's own type (ranges) and callback; raise ValueError with the reason."""
+    items = value if option.multiple else [value]
+    converted: List[Any] = []
+    for item in items:
+        problem = _kind_problem(option, item)
+        if problem is not None:
+            raise ValueError(f"{problem} (is {_toml_repr(item)})")
+        try:
+            converted.append(item if option.is_flag else option.type.convert(item, None, None))
+        except click.BadParameter as exc:
+            raise ValueError(exc.message.rstrip(".")) from None
+    result: Any = tuple(converted) if option.multiple else converted[0]
+    if option.callback is not None and ctx is not None:
+        try:
+            result = option.callback(ctx, option, result)
+        except click.BadParameter as exc:
+            raise ValueError(exc.message.rstrip(".")) from None
+    return result
+
+
+def _toml_repr(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)
+
+
+def load_defaults(path: str, command: click.Command, required: bool,
+                  ctx: Optional[click.Context] = None) -> Dict[str, Any]:
+    """Read ``path`` into click's default_map for ``command`` ({} if absent and not required).
+
+    Every value is checked here (kind, range, the option's callback when
+    ``ctx`` is given), so an error names the file, line and key.
+    """
     try:
         with os.fdopen(open_no_follow(path), "rb") as handle:
             problem = secure_path_problem(path, os.fstat(handle.fileno()), default_allowed_owners(),
                                           label="config")
             if problem:
-                raise ConfigError(problem)
-            data = tomllib.load(handle)
+                raise ConfigError(f"{problem}; fix the owner or mode (chown root, chmod 644)")
+            raw = handle.read()
     except FileNotFoundError:
         if required:
             raise ConfigError(f"config file {path} does not exist") from None
         return {}
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise ConfigError(f"config file {path} is a symbolic link (never followed)") from None
+            raise ConfigError(f"config file {path} is a symbolic link (never followed);"
+                              " name the file itself") from None
+        if exc.errno == errno.EISDIR:
+            raise ConfigError(f"config file {path} is a directory") from None
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    text = raw.decode("utf-8", "replace")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
 
     options = _option_names(command)
     defaults: Dict[str, Any] = {}
     for key, value in data.items():
+        line = _line_of(text, key)
+        where = f"config file {path}" + (f" line {line}" if line else "")
         option = options.get(key)
         if option is None:
             known = ", ".join(sorted(options))
-            raise ConfigError(f"config file {path}: unknown key {key!r} (known: {known})")
-        if option.multiple != isinstance(value, list):
-            wanted = "a list" if option.multiple else "a single value"
-            raise ConfigError(f"config file {path}: {key} must be {wanted}")
-        if isinstance(value, (dict, list)) and not option.multiple:
-            raise ConfigError(f"config file {path}: {key} must be a single value")
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {known})")
+        if option.multiple != isinstance(value, list) or isinstance(value, dict):
+            wanted = "a list, e.g. [\"...\"]" if option.multiple else "a single value"
+            raise ConfigError(f"{where}: {key} must be {wanted}")
+        try:
+            _check_value(option, value, ctx)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {key} {exc}") from None
         assert option.name is not None
         defaults[option.name] = value
     return defaults
 
 
-def config_option(function: Any) -> Any:
-    """The --config flag: loads the file before the other flags are processed."""
+def _serve_command(ctx: click.Context) -> click.Command:
+    """The ``serve`` command (whose flags the config keys are), found from any command's context."""
+    root = ctx.find_root().command
+    if isinstance(root, click.Group):
+        serve = root.commands.get(SERVE_COMMAND)
+        if serve is not None:
+            return serve
+    return ctx.command
 
-    def load(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+
+def config_option(function: Any) -> Any:
+    """The --config flag: loads the file before the other flags are processed.
+
+    On ``serve`` every key sets a default; on other commands (status,
+    check, keys) the file is judged as ``serve`` would judge it and only
+    the keys the command has flags for are used, so both look at the same
+    files.
+    """
+
+    def load(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> None:
+        if ctx.resilient_parsing:  # completion, the man page: the built-in defaults, not this machine's
+            return
+        path = value or default_config_path()
+        serve = _serve_command(ctx)
         try:
-            defaults = load_defaults(value or DEFAULT_CONFIG_PATH, ctx.command, required=value is not None)
+            defaults = load_defaults(path, serve, required=value is not None, ctx=ctx)
         except ConfigError as exc:
-            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+            raise ConfigFileError(str(exc)) from None
+        if serve is not ctx.command:
+            own = {param.name for param in ctx.command.params}
+            defaults = {name: item for name, item in defaults.items() if name in own}
+            if defaults.get("port") == 0:  # serve's "any free port" names nothing to look at
+                del defaults["port"]
         ctx.default_map = {**(ctx.default_map or {}), **defaults}
-        ctx.meta[CONFIG_META_KEY] = (value or DEFAULT_CONFIG_PATH, value is not None)
+        ctx.meta[CONFIG_META_KEY] = (path, value is not None)
 
     return click.option(
         "--config", type=click.Path(dir_okay=False), default=None, is_eager=True, expose_value=False,
-        callback=load, help=f"Config file with defaults for these flags [default: {DEFAULT_CONFIG_PATH}, if present].",
+        callback=load, metavar="FILE",
+        help=f"Config file [default: ${CONFIG_ENV} or {DEFAULT_CONFIG_PATH}, if present].",
+    )(function)
+
+
+def user_option(function: Any) -> Any:
+    """The --user flag (config key ``user``): the account the service runs as."""
+    return click.option(
+        "--user", "service_user", default=default_service_user, metavar="NAME",
+        help=f"The account the service runs as [default: {SERVICE_USER} if it exists, else you].",
     )(function)
 
 
@@ -125,7 +268,7 @@ def reload_params(ctx: click.Context) -> Dict[str, Any]:
     as click.BadParameter: file unusable, unknown key, bad value); then
     nothing may change.
     """
-    path, named = ctx.meta.get(CONFIG_META_KEY, (DEFAULT_CONFIG_PATH, False))
+    path, named = ctx.meta.get(CONFIG_META_KEY, (default_config_path(), False))
     fresh = ctx.command.make_context(ctx.info_name, ["--config", path] if named else [], parent=ctx.parent)
     params = dict(fresh.params)
     for name, value in ctx.params.items():

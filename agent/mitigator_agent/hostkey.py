@@ -59,17 +59,28 @@ def load_or_create_host_key(path: str) -> Tuple[asyncssh.SSHKey, bool]:
     """Return (key, created): load the key at ``path`` or create it if missing.
 
     Creation never overwrites: if another process creates the file first,
-    that key is loaded and used.
+    that key is loaded and used.  A key that cannot be created raises
+    HostKeyError naming the path and the fix (never the temporary name).
     """
     try:
         return load_host_key(path), False
     except FileNotFoundError:
         pass
     key = asyncssh.generate_private_key(HOST_KEY_TYPE, comment=f"mitigator-agent@{socket.gethostname()}")
+    directory = os.path.dirname(os.path.abspath(path))
     try:
         write_file_atomically(path, key.export_private_key("openssh"), PRIVATE_MODE, replace=False)
     except FileExistsError:
         return load_host_key(path), False
+    except FileNotFoundError:
+        raise HostKeyError(f"cannot create host key {path}: its directory {directory} does not exist;"
+                           f" create it for the agent's user: mkdir -p {directory} && chown USER {directory}") from None
+    except PermissionError:
+        raise HostKeyError(f"cannot create host key {path}: no write permission in {directory};"
+                           " run `mitigator-agent host-key` as the agent's user, or chown that user the directory"
+                           ) from None
+    except OSError as exc:
+        raise HostKeyError(f"cannot create host key {path}: {exc.strerror or exc}") from None
     write_file_atomically(path + ".pub", key.export_public_key("openssh"), PUBLIC_MODE)
     return key, True
 

@@ -1,6 +1,12 @@
-"""One-line, journald-friendly log events.
+"""One-line, journald-native log events.
 
-Every event is a single line on stdout: ``LEVEL event key=value ...``.
+Every event is a single line: ``LEVEL event key=value ...`` on a
+terminal, a pipe or a file.  When stdout is the journal (systemd sets
+``JOURNAL_STREAM`` to the ``DEVICE:INODE`` of the stream it connected, and
+that is what stdout is), each line starts with the sd-daemon priority
+prefix instead of the level word (``<3>`` error, ``<4>`` warning, ``<6>``
+info, ``<7>`` debug), so ``journalctl -p warning`` selects by it.  Errors
+go to stderr, everything else to stdout.
 Values that come from the network (user names, commands, key comments) are
 quoted and escaped here, so a client can never split a log line or inject a
 fake event.  Nothing in this module knows about secrets: callers never pass
@@ -11,10 +17,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, TextIO, Tuple
 
 LOGGER_NAME = "mitigator_agent"
 MAX_VALUE_CHARS = 200
@@ -22,24 +29,31 @@ MAX_VALUE_CHARS = 200
 _BARE_VALUE = re.compile(r"[A-Za-z0-9_.:/@+\-\[\]]+")
 
 
-def quote(value: object) -> str:
+def quote(value: object, limit: Optional[int] = MAX_VALUE_CHARS) -> str:
     """Render a value as a logfmt token: bare when safe, else a JSON string.
 
     JSON escaping (ASCII only) turns control characters, newlines and the
-    lone surrogates of undecodable bytes into visible escapes.
+    lone surrogates of undecodable bytes into visible escapes.  Values
+    longer than ``limit`` characters are cut (None: never).
     """
     text = str(value)
-    if len(text) > MAX_VALUE_CHARS:
-        text = f"{text[:MAX_VALUE_CHARS]}...({len(text)} chars)"
+    if limit is not None and len(text) > limit:
+        text = f"{text[:limit]}...({len(text)} chars)"
     if _BARE_VALUE.fullmatch(text):
         return text
     return json.dumps(text, ensure_ascii=True)
 
 
-def event(name: str, /, **fields: object) -> str:
-    """Format one event line: the event name, then ``key=value`` pairs in order."""
+def event(name: str, /, *, whole: bool = False, **fields: object) -> str:
+    """Format one event line: the event name, then ``key=value`` pairs in order.
+
+    Values are cut at MAX_VALUE_CHARS (a client's words must not flood the
+    log) unless ``whole``: for the agent's own reasons and fixes, which
+    must reach the admin entire.
+    """
+    limit = None if whole else MAX_VALUE_CHARS
     parts = [name]
-    parts.extend(f"{key}={quote(value)}" for key, value in fields.items() if value is not None)
+    parts.extend(f"{key}={quote(value, limit)}" for key, value in fields.items() if value is not None)
     return " ".join(parts)
 
 
@@ -48,18 +62,72 @@ def get_logger() -> logging.Logger:
     return logging.getLogger(LOGGER_NAME)
 
 
-def setup(level: int = logging.INFO) -> None:
-    """Send the agent's events to stdout, one line each, flushed per event.
+# syslog priorities, as sd-daemon(3) prefixes read by journald.
+JOURNAL_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
+                      (logging.INFO, 6), (logging.DEBUG, 7))
 
-    No timestamps: journald (or whoever collects stdout) adds them.
+
+def journal_priority(level: int) -> int:
+    """The syslog priority of a logging level (the nearest one at or below it)."""
+    for threshold, priority in JOURNAL_PRIORITIES:
+        if level >= threshold:
+            return priority
+    return 7
+
+
+def stream_is_journal(stream: TextIO, environ: Optional[Dict[str, str]] = None) -> bool:
+    """Whether ``stream`` is the journal stream systemd named in ``JOURNAL_STREAM``."""
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    device, _, inode = value.partition(":")
+    try:
+        st = os.fstat(stream.fileno())
+        return (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class EventFormatter(logging.Formatter):
+    """``<N>event ...`` for the journal, ``LEVEL event ...`` elsewhere."""
+
+    def __init__(self, journal: bool) -> None:
+        super().__init__()
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if self.journal:
+            return f"<{journal_priority(record.levelno)}>{message}"
+        return f"{record.levelname} {message}"
+
+
+class _Below(logging.Filter):
+    """Passes records below a level (stdout gets what stderr does not)."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < self.level
+
+
+def setup(level: int = logging.INFO) -> None:
+    """Send the agent's events to stdout (errors: stderr), one line each, flushed per event.
+
+    No timestamps: journald (or whoever collects the output) adds them.
     asyncssh's own chatter is limited to warnings, asyncio's to errors.
     """
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    out = logging.StreamHandler(sys.stdout)
+    out.setFormatter(EventFormatter(stream_is_journal(sys.stdout)))
+    out.addFilter(_Below(logging.ERROR))
+    err = logging.StreamHandler(sys.stderr)
+    err.setFormatter(EventFormatter(stream_is_journal(sys.stderr)))
+    err.setLevel(logging.ERROR)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    root.addHandler(handler)
+    root.addHandler(out)
+    root.addHandler(err)
     root.setLevel(level)
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
     # asyncio warns when a client hangs up while an answer is still being

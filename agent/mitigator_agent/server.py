@@ -27,8 +27,9 @@ Behaviour:
   only a verb matching ``^[a-z-]{1,16}$`` is, else ``(unprintable verb)``.
 - Anycast (anycast.py): off unless ``anycast_instances`` names key
   instances; at start, before listening, a stored set the module lacks is
-  replayed (and again before any answer whenever the module shows none).  PTYs, subsystems (sftp), env requests,
-  port/agent/X11 forwarding are refused and logged.
+  replayed (and again before any answer whenever the module shows none).  PTYs, subsystems (sftp),
+  port/agent/X11 forwarding are refused and logged.  Env requests (stock
+  OpenSSH clients send ``LANG``) are ignored, logged at debug level only.
 - Admission before authentication (ratelimit.Admission): sources the keys
   file names in from= patterns, and those in ``allow`` (CIDRs), have
   ``max_unauthenticated_allowed`` slots strangers cannot take; strangers
@@ -44,7 +45,14 @@ Behaviour:
   config file (values given on the command line keep winning) and logs
   ``reloaded``; core dumps are off (RLIMIT_CORE 0, PR_SET_DUMPABLE 0) before
   any secret is read.
-- Logs (stdout, one line per event): each bound address
+- Listen addresses: ``ADDR``, ``[ADDR]``, ``ADDR:PORT`` or ``[ADDR]:PORT``
+  (IP addresses, as sshd's ListenAddress); without a port, ``port``.
+- The last answered command per key instance goes to the runtime state
+  (runstate.py) for ``status``.
+- ``mitigator-agent check`` probes the port with its own SSH banner
+  (``CHECK_PROBE_VERSION``); such a probe from this host's own address is
+  logged at debug level and never penalised.
+- Logs (stdout, one line per event; see logs.py): each bound address
   (``listening on ADDR:PORT``), each poll (instance, source, user, command,
   exit status, result, duration) and each refusal with its reason, at
   most ``logs.AGGREGATE_LINES_PER_WINDOW`` refusal lines per source in 60 s,
@@ -57,6 +65,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import dataclasses
+import errno
 import inspect
 import ipaddress
 import logging
@@ -79,10 +88,12 @@ from .authkeys import DEFAULT_KEYS_PATH, KeyEntry, KeysFile
 from .clock import kernel_clock_synced, libc
 from .hostkey import DEFAULT_HOST_KEY_PATH
 from .ratelimit import Admission, Ticket, source_bucket
+from .runstate import DEFAULT_RUNTIME_DIR, PollRecorder
 from .snapshot import DEFAULT_DEVICE
 
 DEFAULT_PORT = 7100
 SERVER_VERSION = "mitigator_agent"  # the SSH banner's software field
+CHECK_PROBE_VERSION = "SSH-2.0-mitigator_agent_check"  # the banner `check` sends before it hangs up
 EXIT_INTERNAL_ERROR = 4
 
 # --- crypto posture ---------------------------------------------------------------
@@ -124,6 +135,7 @@ class ServerSettings:
     state_dir: str = DEFAULT_STATE_DIR       # where the last accepted set is stored
     allow: Tuple[str, ...] = ()              # CIDRs with admission of their own (besides from=)
     strict_allow: bool = False               # drop everyone else before the banner
+    runtime_dir: str = DEFAULT_RUNTIME_DIR   # the last poll per instance (runstate.py)
     kex_algs: Tuple[str, ...] = KEX_ALGS     # tests reorder it; not a flag
 
 
@@ -150,6 +162,67 @@ def plain_address(host: str) -> str:
 def format_address(host: str, port: int) -> str:
     """``1.2.3.4:5`` or ``[::1]:5``."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+LISTEN_FORMS = "ADDR, [ADDR], ADDR:PORT or [ADDR]:PORT, e.g. 192.0.2.10 or [2001:db8::10]:7100"
+
+
+def split_listen_address(text: str) -> Tuple[str, Optional[int]]:
+    """Parse a listen address as sshd's ListenAddress: (IP address, port or None).
+
+    ``ADDR``, ``[ADDR]``, ``ADDR:PORT`` or ``[ADDR]:PORT``; a bare IPv6
+    address is an address (``2001:db8::7100`` has no port: write
+    ``[2001:db8::]:7100``).  Raises ValueError with a one-line reason.
+    """
+    spec = text.strip()
+    port_text: Optional[str] = None
+    if spec.startswith("["):
+        host, bracket, rest = spec[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"{text!r} is not an address; give {LISTEN_FORMS}")
+        port_text = rest[1:] if rest else None
+    elif spec.count(":") == 1:
+        host, port_text = spec.split(":")
+    else:
+        host = spec
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address; give {LISTEN_FORMS}") from None
+    port: Optional[int] = None
+    if port_text is not None:
+        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise ValueError(f"{text!r}: port {port_text!r} is not a number from 0 to 65535")
+        port = int(port_text)
+    return str(address), port
+
+
+class ListenError(Exception):
+    """An address could not be bound; the message names it and the fix."""
+
+
+def listen_problem(host: str, port: int, exc: OSError) -> str:
+    """One line for a failed bind: the address, the reason in words, what to do."""
+    where = format_address(host or "*", port)
+    if exc.errno == errno.EADDRINUSE:
+        return (f"cannot listen on {where}: another program has that port"
+                f" (ss -ltnp 'sport = :{port}' shows which); stop it or choose another port")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {where}: {host} is not an address of this host (ip -br addr shows them)"
+    if exc.errno == errno.EACCES:
+        return f"cannot listen on {where}: ports below 1024 need privilege; use {DEFAULT_PORT}"
+    return f"cannot listen on {where}: {(exc.strerror or str(exc)).lower()}"
+
+
+def listen_endpoints(settings: "ServerSettings") -> List[Tuple[str, int]]:
+    """(host, port) pairs to bind: each listen address with its own port or ``port``; "" = every address."""
+    if not settings.listen:
+        return [("", settings.port)]
+    endpoints = []
+    for text in settings.listen:
+        host, port = split_listen_address(text)
+        endpoints.append((host, settings.port if port is None else port))
+    return endpoints
 
 
 def disable_core_dumps() -> Optional[str]:
@@ -233,6 +306,7 @@ class AgentServer:
                                    settings.max_unauthenticated_allowed, settings.rate, settings.burst,
                                    self.is_allowed)
         self.refusals = logs.RefusalAggregator()
+        self.polls = PollRecorder(settings.runtime_dir, self.log)
         self._allowed_entries: Tuple[KeyEntry, ...] = ()
         self._allowed_checked = float("-inf")
         self._allowed_identity: Optional[Tuple[int, int, int, int, int]] = None
@@ -392,10 +466,13 @@ class AgentServer:
                                                              " keys-file from= patterns get in"))
         bound: List[Tuple[str, int]] = []
         try:
-            for host in self.settings.listen or ("",):
-                acceptor = await asyncssh.listen(
-                    host, self.settings.port, server_factory=lambda: AgentConnection(self),
-                    **self.listen_options())
+            for host, port in listen_endpoints(self.settings):
+                try:
+                    acceptor = await asyncssh.listen(
+                        host, port, server_factory=lambda: AgentConnection(self),
+                        **self.listen_options())
+                except OSError as exc:
+                    raise ListenError(listen_problem(host, port, exc)) from None
                 self._acceptors.append(acceptor)
                 for sock in acceptor.sockets:
                     address = sock.getsockname()
@@ -429,6 +506,7 @@ class AgentConnection(asyncssh.SSHServer):
         self._conn: Optional[asyncssh.SSHServerConnection] = None
         self.address = ""
         self.source = "?"
+        self.local_address = ""
         self.user: Optional[str] = None
         self.entry: Optional[KeyEntry] = None      # set only once authentication succeeded
         self._candidate: Optional[KeyEntry] = None  # the listed key offered, signature not yet checked
@@ -464,6 +542,8 @@ class AgentConnection(asyncssh.SSHServer):
         peer = conn.get_extra_info("peername")
         self.address = plain_address(peer[0])
         self.source = format_address(self.address, peer[1])
+        sockname = conn.get_extra_info("sockname")
+        self.local_address = plain_address(sockname[0]) if sockname else ""
         if self.server.settings.strict_allow and not self.server.is_allowed(self.address):
             self.refuse("connection", reason="not in the allow list (strict-allow)")
             conn.abort()  # before asyncssh sends its banner
@@ -480,6 +560,9 @@ class AgentConnection(asyncssh.SSHServer):
             return
         if not self._authenticated:
             self.server.admission.release(self._ticket)
+            if self._is_check_probe():
+                self.log_event(logging.DEBUG, "check-probe")
+                return
             detail = str(exc) if exc else None
             if detail == "Login timeout expired":
                 offence = "grace_exceeded"
@@ -497,6 +580,18 @@ class AgentConnection(asyncssh.SSHServer):
                     refused_s=f"{left - self.server.admission.penalties.settings.min_seconds:.0f}"))
         elif self._polls == 0:
             self.log_event(logging.INFO, "closed", reason="no command was run")
+
+    def _is_check_probe(self) -> bool:
+        """`mitigator-agent check` on this host: its banner, from one of this host's addresses.
+
+        A connection from this host to itself has the same address at both
+        ends; a stranger sending the same banner from elsewhere is judged
+        as any other client.
+        """
+        if self._conn is None or self._auth_failures:
+            return False
+        version = self._conn.get_extra_info("client_version")
+        return version == CHECK_PROBE_VERSION and self.address == self.local_address
 
     # --- authentication ----------------------------------------------------
 
@@ -593,9 +688,9 @@ class RestrictedChannel(asyncssh.SSHServerChannel):
         name = packet.get_string()
         packet.get_string()  # the value is not logged: it could be anything
         packet.check_end()
-        # INFO, not WARNING: stock OpenSSH clients send LANG on every poll.
-        self.connection.log_event(logging.INFO, "refused", request="env",
-                                  name=name.decode("utf-8", "backslashreplace"))
+        # Debug only: stock OpenSSH clients send LANG on every poll, and
+        # ignoring it changes nothing (no command reads the environment).
+        self.connection.log_event(logging.DEBUG, "env-ignored", name=name.decode("utf-8", "backslashreplace"))
         return False
 
     def _process_x11_req_request(self, packet: SSHPacket) -> bool:
@@ -667,7 +762,11 @@ class AgentSession(asyncssh.SSHServerSession):
             self._channel.write_stderr(stderr)
         self._channel.exit(status)
         self._answered = True
-        self._connection.log_event(
+        connection = self._connection
+        connection.server.polls.record(
+            (entry.instance or "-") if entry else "-", connection.address,
+            entry.fingerprint if entry else "?", loggable_command(self._command), status, result)
+        connection.log_event(
             logging.INFO if status == 0 else logging.WARNING,
             "poll",
             command=loggable_command(self._command),

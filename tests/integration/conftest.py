@@ -23,7 +23,9 @@ import asyncssh
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))
-from safe_tmp import safe_tmp_path  # noqa: E402  (shared with tests/unit)
+from safe_tmp import isolate_from_the_machine, safe_tmp_path  # noqa: E402  (shared with tests/unit)
+
+isolate_from_the_machine()  # never the machine's /opt/mitigator_agent/agent.toml
 
 import mitigator_agent
 from mitigator_agent.cookies import wall_ts_shift_ms
@@ -123,21 +125,36 @@ class AgentProcess:
         self.keys_path = workdir / "keys"
         self.host_key_path = workdir / "host.ed25519"
         self.device_path = workdir / "snapshot"
+        self.runtime_dir = workdir / "run"
+        self.config_path = workdir / "isolated.toml"  # empty: the machine's own config is never read
+        if not self.config_path.exists():
+            self.config_path.write_text("")
+            self.config_path.chmod(0o644)
         self.lines: List[str] = []
         self._changed = threading.Condition()
         listen_args = [arg for address in listen for arg in ("--listen", address)]
-        args = [*command_prefix, AGENT, "serve", "--port", "0", *listen_args, "--keys", str(self.keys_path), "--host-key", str(self.host_key_path),
-                "--device", str(self.device_path), *extra_args]
+        args = [*command_prefix, AGENT, "serve", "--config", str(self.config_path), "--port", "0", *listen_args,
+                "--keys", str(self.keys_path), "--host-key", str(self.host_key_path),
+                "--device", str(self.device_path), "--runtime-dir", str(self.runtime_dir), *extra_args]
         self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         text=True, errors="replace", cwd=workdir)
         self._reader = threading.Thread(target=self._collect, daemon=True)
         self._reader.start()
+        try:
+            self._await_listening(workdir, listen)
+        except BaseException:
+            self.stop()  # a failed start must not leave the agent running
+            raise
+
+    def _await_listening(self, workdir: Path, listen: Sequence[str]) -> None:
+        """Wait for each address's ``listening on`` line; write a known_hosts pinning the created host key."""
         self.ports = {(match.group(1) or match.group(2)): int(match.group(3))
                       for match in self.wait_for_all(LISTEN_RE, len(listen) or 2)}
         self.known_hosts = workdir / "known_hosts"
         key_type, key_data = (workdir / "host.ed25519.pub").read_text().split()[:2]
-        self.known_hosts.write_text("".join(
-            f"[{host}]:{self.port(host)} {key_type} {key_data}\n" for host in LOOPBACK_VIA))
+        self.known_hosts.write_text("".join(  # each loopback this agent serves (one, with --listen ADDR)
+            f"[{host}]:{self.port(host)} {key_type} {key_data}\n" for host in LOOPBACK_VIA
+            if host in self.ports or LOOPBACK_VIA[host] in self.ports))
 
     def _collect(self) -> None:
         assert self.process.stdout is not None

@@ -50,12 +50,15 @@ def test_poll_without_pinning_warns(agent, client_key):
 def test_poll_failures_exit_1_with_the_reason(agent, client_key, second_key):
     port = str(agent.port("127.0.0.1"))
     wrong_pin = run_agent("poll", "127.0.0.1", "--port", port, "--key", str(client_key.path),
-                          "--host-fingerprint", "SHA256:not-the-agent")
+                          "--host-fingerprint", "SHA256:" + "A" * 43)
     assert wrong_pin.returncode == 1 and wrong_pin.stdout == ""
-    assert wrong_pin.stderr == f"host key is {host_fingerprint(agent)}, expected SHA256:not-the-agent\n"
+    assert wrong_pin.stderr == f"host key is {host_fingerprint(agent)}, expected SHA256:{'A' * 43}\n"
 
     not_admitted = run_agent("poll", "127.0.0.1", "--port", port, "--key", str(second_key.path))
-    assert not_admitted.returncode == 1 and "poll failed: PermissionDenied" in not_admitted.stderr
+    assert not_admitted.returncode == 1
+    assert not_admitted.stderr == (f"poll: mitigator_agent@127.0.0.1: Permission denied (publickey): the agent does not"
+                                   f" admit {second_key.fingerprint}; add its public key on the agent:"
+                                   " mitigator-agent keys add 'ssh-ed25519 ... NAME'\n")
 
     agent.device_path.unlink()
     no_module = run_agent("poll", "127.0.0.1", "--port", port, "--key", str(client_key.path))
@@ -63,15 +66,58 @@ def test_poll_failures_exit_1_with_the_reason(agent, client_key, second_key):
     assert "agent answered exit status 2: tcpsecrets module not loaded" in no_module.stderr
 
 
+def test_poll_understands_a_fingerprint_without_its_prefix(agent, client_key):
+    bare = host_fingerprint(agent).split(":", 1)[1]
+    result = run_agent("poll", "127.0.0.1", "--port", str(agent.port("127.0.0.1")), "--key", str(client_key.path),
+                       "--host-fingerprint", bare)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert json.loads(result.stdout)["net_secret"]
+
+
+def test_poll_errors_read_like_ssh(agent, client_key, workdir):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: refused
+        port = closed.getsockname()[1]
+        refused = run_agent("poll", "127.0.0.1", "--port", str(port), "--key", str(client_key.path))
+    assert refused.returncode == 1
+    assert refused.stderr == (f"poll: connect to host 127.0.0.1 port {port}: Connection refused"
+                              " (is the agent running and listening there? mitigator-agent check)\n")
+
+    unknown = run_agent("poll", "no-such-host.invalid", "--key", str(client_key.path))
+    assert unknown.returncode == 1
+    assert unknown.stderr.startswith("poll: Could not resolve hostname no-such-host.invalid: ")
+    assert unknown.stderr.count("\n") == 1 and "gaierror" not in unknown.stderr
+
+    public = workdir / "mitigator1.key.pub"
+    public.write_text(client_key.public_line + "\n")
+    given_pub = run_agent("poll", "127.0.0.1", "--port", str(agent.port("127.0.0.1")), "--key", str(public))
+    assert given_pub.returncode == 1
+    assert given_pub.stderr == (f'poll: Load key "{public}": invalid format: that is a public key; give the private'
+                                " key (the file without .pub)\n")
+
+    client_key.path.chmod(0o644)  # ssh refuses such a key: so does poll
+    too_open = run_agent("poll", "127.0.0.1", "--port", str(agent.port("127.0.0.1")), "--key", str(client_key.path))
+    assert too_open.returncode == 1
+    assert too_open.stderr == (f"poll: Permissions 0644 for '{client_key.path}' are too open: a private key must not"
+                               f" be accessible by others; run chmod 600 {client_key.path}\n")
+    ssh = agent.ssh(client_key, "get")
+    assert b"are too open" in ssh.stderr  # the words are OpenSSH's own
+
+
 def test_check_sees_the_listening_agent(agent):
-    result = run_agent("check", "--device", str(agent.device_path), "--port", str(agent.port("127.0.0.1")),
-                       "--listen", "127.0.0.1", "--listen", "::1", "--ntp-server", "127.0.0.1:9",
-                       "--timeout", "0.2")
+    result = run_agent("check", "--device", str(agent.device_path), "--keys", str(agent.keys_path),
+                       "--host-key", str(agent.host_key_path), "--port", str(agent.port("127.0.0.1")),
+                       "--listen", "127.0.0.1", "--listen", "::1", "--ntp-server", "127.0.0.1:9", "--timeout", "0.2")
     lines = result.stdout.splitlines()
     assert f"ok   agent listening on 127.0.0.1:{agent.port('127.0.0.1')}" in lines
     # ::1 has its own port in this setup: check says so instead of guessing.
-    assert any(line.startswith(f"FAIL agent listening: nothing listening on [::1]:{agent.port('127.0.0.1')}")
-               for line in lines)
+    assert (f"FAIL agent listening: nothing listening on [::1]:{agent.port('127.0.0.1')} (connection refused):"
+            " start the agent: mitigator-agent serve") in lines or any(
+        line.startswith(f"FAIL agent listening: nothing listening on [::1]:{agent.port('127.0.0.1')}") for line in lines)
+    with_ports = run_agent("check", "--device", str(agent.device_path), "--keys", str(agent.keys_path),
+                           "--host-key", str(agent.host_key_path), "--listen", f"127.0.0.1:{agent.port('127.0.0.1')}",
+                           "--listen", f"[::1]:{agent.port('::1')}", "--ntp-server", "127.0.0.1:9", "--timeout", "0.2")
+    assert f"ok   agent listening on [::1]:{agent.port('::1')}" in with_ports.stdout.splitlines()
     assert result.returncode == 1
 
 
@@ -104,17 +150,30 @@ def test_serve_refuses_to_start_with_unusable_host_key(workdir):
     result = run_agent("serve", "--port", "0", "--listen", "127.0.0.1", "--host-key", str(host_key),
                        "--keys", str(workdir / "keys"), "--device", str(workdir / "snapshot"))
     assert result.returncode == 1
-    assert "ERROR cannot-start" in result.stdout and "not replaced because MITIGATOR pins it" in result.stdout
+    assert result.stderr == (f'ERROR cannot-start reason="host key {host_key} is not a usable private key'
+                             ' (Invalid private key); it is not replaced because MITIGATOR pins it"\n')
     assert host_key.read_text() == "garbage"
+
+
+def test_serve_names_the_missing_host_key_directory_never_a_temporary_file(workdir):
+    missing = workdir / "nowhere" / "host.ed25519"
+    result = run_agent("serve", "--port", "0", "--listen", "127.0.0.1", "--host-key", str(missing),
+                       "--keys", str(workdir / "keys"), "--device", str(workdir / "snapshot"))
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (f'ERROR cannot-start reason="cannot create host key {missing}: its directory'
+                             f' {missing.parent} does not exist; create it for the agent\'s user: mkdir -p'
+                             f' {missing.parent} && chown USER {missing.parent}"\n')
 
 
 def test_serve_reports_a_port_in_use(workdir):
     with socket.create_server(("127.0.0.1", 0)) as busy:
-        result = run_agent("serve", "--port", str(busy.getsockname()[1]), "--listen", "127.0.0.1",
+        port = busy.getsockname()[1]
+        result = run_agent("serve", "--port", str(port), "--listen", "127.0.0.1",
                            "--host-key", str(workdir / "host.ed25519"), "--keys", str(workdir / "keys"),
-                           "--device", str(workdir / "snapshot"))
+                           "--device", str(workdir / "snapshot"), "--runtime-dir", str(workdir / "run"))
     assert result.returncode == 1
-    assert "ERROR cannot-start" in result.stdout and "address already in use" in result.stdout.lower()
+    assert result.stderr == (f'ERROR cannot-start reason="cannot listen on 127.0.0.1:{port}: another program has'
+                             f" that port (ss -ltnp 'sport = :{port}' shows which); stop it or choose another port\"\n")
 
 
 def test_host_key_command_creates_once_then_prints_the_same_fingerprint(workdir):
@@ -135,4 +194,18 @@ def test_host_key_command_in_a_missing_directory_says_so(workdir):
     missing = workdir / "nowhere" / "host.ed25519"
     result = run_agent("host-key", "--host-key", str(missing))
     assert result.returncode == 1
-    assert result.stderr == f"cannot create host key {missing}: its directory does not exist\n"
+    assert result.stderr == (f"cannot create host key {missing}: its directory {missing.parent} does not exist;"
+                             f" create it for the agent's user: mkdir -p {missing.parent} && chown USER {missing.parent}\n")
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_help_flags(flag):
+    result = run_agent(flag)
+    assert result.returncode == 0 and result.stdout.startswith("Usage: mitigator-agent [OPTIONS] [COMMAND] [ARGS]...")
+    assert run_agent("check", flag).stdout.startswith("Usage: mitigator-agent check [OPTIONS]")
+
+
+@pytest.mark.parametrize("flag", ["-V", "--version"])
+def test_version_flags(flag):
+    result = run_agent(flag)
+    assert (result.returncode, result.stdout) == (0, f"mitigator-agent, version {__version__}\n")

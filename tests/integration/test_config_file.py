@@ -25,7 +25,7 @@ def write_config(workdir: Path, text: str, mode: int = 0o644) -> Path:
 def full_config(workdir: Path) -> str:
     return (f'port = 0\nlisten = ["::1"]\nkeys = "{workdir / "keys"}"\n'
             f'host-key = "{workdir / "host.ed25519"}"\ndevice = "{workdir / "snapshot"}"\n'
-            f'login-timeout = 5\nrate = 5.0\nburst = 10\n')
+            f'login-timeout = 5\nrate = 5.0\nburst = 10\nruntime-dir = "{workdir / "run"}"\n')
 
 
 @pytest.fixture
@@ -86,10 +86,10 @@ def test_flags_win_over_the_config_file(configured):
 
 
 @pytest.mark.parametrize("text, message", [
-    ('colour = "blue"\n', "unknown key 'colour'"),
-    ('listen = "127.0.0.1"\n', "listen must be a list"),
-    ('port = [1, 2]\n', "port must be a single value"),
-    ('port = "seven"\n', "'seven' is not a valid integer"),
+    ('colour = "blue"\n', "line 1: unknown key 'colour' (known: "),
+    ('listen = "127.0.0.1"\n', 'line 1: listen must be a list, e.g. ["..."]'),
+    ('port = [1, 2]\n', "line 1: port must be a single value"),
+    ('port = "seven"\n', 'line 1: port must be a whole number (no quotes) (is "seven")'),
     ("port = \n", "is not valid TOML"),
 ])
 def test_a_doubtful_config_stops_the_agent(workdir, text, message):
@@ -98,6 +98,25 @@ def test_a_doubtful_config_stops_the_agent(workdir, text, message):
                             timeout=WAIT_SECONDS)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+@pytest.mark.parametrize("text, line", [
+    ("# the agent's config\nkeys = 5\n", "line 2: keys must be a string in double quotes (is 5)"),
+    ("rate = true\n", "line 1: rate must be a number (no quotes) (is true)"),
+    ('port = "17107"\n', 'line 1: port must be a whole number (no quotes) (is "17107")'),
+    ("port = 99999\n", "line 1: port 99999 is not in the range 0<=x<=65535"),
+    ("burst = 0\n", "line 1: burst 0 is not in the range x>=1"),
+    ('listen = ["[::1"]\n', "line 1: listen '[::1' is not an address; give ADDR, [ADDR], ADDR:PORT or [ADDR]:PORT,"
+                             " e.g. 192.0.2.10 or [2001:db8::10]:7100"),
+    ('allow = ["0.0.0.0/0"]\n', "line 1: allow '0.0.0.0/0' allows every address; name MITIGATOR's addresses"),
+])
+def test_config_kinds_and_ranges_are_strict_and_named_by_file_line_and_key(workdir, text, line):
+    path = write_config(workdir, text)
+    for command in (["serve"], ["status"], ["check"], ["keys", "list"]):
+        result = subprocess.run([AGENT, *command, "--config", str(path)], capture_output=True, text=True,
+                                timeout=WAIT_SECONDS)
+        assert result.returncode == 2
+        assert result.stderr == f"Error: config file {path} {line}\n"  # the key, never the flag (--port)
 
 
 def test_a_config_others_could_edit_is_refused(workdir, configured):

@@ -87,12 +87,21 @@ def test_pty_refused(agent, client_key):
     agent.wait_for(r"refused .*instance=mitigator1 .*request=pty$")
 
 
-def test_env_requests_refused(agent, client_key):
+def test_env_requests_are_ignored_and_logged_at_debug_only(start_agent, client_key):
+    agent = start_agent(client_key.public_line + "\n", "--verbose")
     result = agent.ssh(client_key, "get", options=["-o", "SetEnv=MITIGATOR_TEST=1"])
     assert result.returncode == 0  # OpenSSH sends env without asking for a reply
-    agent.wait_for(r"refused .*request=env name=MITIGATOR_TEST$")
+    agent.wait_for(r"^DEBUG env-ignored src=127\.0\.0\.1:\d+ user=mitigator_agent instance=mitigator1 key=SHA256:\S+ name=MITIGATOR_TEST$")
     assert agent.asyncssh_run(client_key, "get", env={"LANG": "C"}).exit_status == 0
-    agent.wait_for(r"refused .*request=env name=LANG$")
+    agent.wait_for(r"^DEBUG env-ignored src=127\.0\.0\.1:\d+ user=mitigator_agent instance=mitigator1 key=SHA256:\S+ name=LANG$")
+    assert agent.count(r"refused") == 0  # a stock client's LANG is not a refusal
+
+
+def test_env_requests_leave_no_line_at_the_default_level(agent, client_key):
+    start = agent.mark()
+    assert agent.ssh(client_key, "get", options=["-o", "SetEnv=LANG=C"]).returncode == 0
+    agent.wait_for(r"^INFO poll .*command=get status=0", start)
+    assert agent.count(r"env", start) == 0
 
 
 def test_agent_forwarding_refused(agent, client_key, workdir):

@@ -2,10 +2,12 @@
 with DKMS in a chroot of that release, and the table of results.
 
     python -m tests.kernel.matrix run [--kernel-only] [--jobs N] [-- PYTEST_ARGS]
-        DKMS builds, then pytest: the tests not marked `kernel` once, and the
-        `kernel` tests once per kernel, N kernels at a time (default 2), each
-        in its own pytest (output: build/matrix/KVER/pytest.log); then the
-        results table. Exit status 1 if any pytest failed.
+        DKMS builds, then pytest: the tests marked neither `kernel` nor
+        `system` once; then, N jobs at a time (default 2), the `system` tests
+        (a booted Debian image: installer and packages; build/matrix/system/
+        pytest.log; not with --kernel-only) and the `kernel` tests once per
+        kernel, each in its own pytest (build/matrix/KVER/pytest.log); then
+        the results table. Exit status 1 if any pytest failed.
     python -m tests.kernel.matrix build [--force] [KVER...]
         DKMS-build the module for each kernel (builds of the current kmod/ are kept)
     python -m tests.kernel.matrix results [--junit FILE]...
@@ -439,7 +441,7 @@ def run(pytest_args: list[str], kernel_only: bool = False, jobs: int = 2) -> int
         junit = OUT / "junit-host.xml"
         junit.unlink(missing_ok=True)
         _say("the tests that boot no kernel")
-        failed |= subprocess.run(pytest + ["-m", "not kernel", f"--junitxml={junit}",
+        failed |= subprocess.run(pytest + ["-m", "not kernel and not system", f"--junitxml={junit}",
                                            *pytest_args], cwd=REPO).returncode != 0
     else:
         (OUT / "junit-host.xml").unlink(missing_ok=True)
@@ -459,9 +461,28 @@ def run(pytest_args: list[str], kernel_only: bool = False, jobs: int = 2) -> int
              + _summary(out / "pytest.log"))
         return rc
 
+    def system_suite() -> int:
+        """The installer's and the packages' tests in a booted Debian system (tests/installer)."""
+        out = OUT / "system"
+        out.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        _say(f"system tests started (log: {(out / 'pytest.log').relative_to(REPO)})")
+        with open(out / "pytest.log", "w") as log:
+            rc = subprocess.run(pytest + ["-m", "system", f"--junitxml={out / 'junit.xml'}", *pytest_args],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, SYSTEM_TESTS="required")).returncode
+        _say(f"system tests done in {time.monotonic() - t0:.0f} s (exit {rc})\n" + _summary(out / "pytest.log"))
+        return rc
+
+    # The system tests are the longest single job: they start first, beside the kernels.
+    jobs_in_run = ([system_suite] if not kernel_only else []) + [
+        (lambda kver=kver: kernel_suite(kver)) for kver in kvers]
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        codes = list(pool.map(kernel_suite, kvers))
-    failed |= any(rc != 0 for rc in codes)
+        all_codes = list(pool.map(lambda job: job(), jobs_in_run))
+    codes = all_codes[len(all_codes) - len(kvers):]
+    failed |= any(rc != 0 for rc in all_codes)
+    if not kernel_only:
+        _say(f"system tests: {'passed' if all_codes[0] == 0 else 'FAILED'}")
 
     results()
     _say(f"results: {(OUT / 'results.md').relative_to(REPO)}; "

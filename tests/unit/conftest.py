@@ -8,7 +8,9 @@ from typing import Iterator
 
 import pytest
 
-from safe_tmp import safe_tmp_path
+from safe_tmp import isolate_from_the_machine, safe_tmp_path
+
+isolate_from_the_machine()  # never the machine's /opt/mitigator_agent/agent.toml
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ fail with a StrictModes refusal.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import tempfile
 from pathlib import Path
@@ -42,3 +43,24 @@ def safe_tmp_path(name: str) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def isolate_from_the_machine() -> Path:
+    """Point the agent's default config at a test config, never the machine's own.
+
+    Sets ``MITIGATOR_AGENT_CONFIG`` (honoured by config.default_config_path)
+    to a file below safe_base() naming the current user as the service's
+    account (so an installed ``mitigator_agent`` account does not change
+    what the tests judge) and a runtime directory of its own.  Returns it.
+    """
+    base = safe_base()
+    path = base / "isolated-agent.toml"
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    text = f'user = "{user}"\nruntime-dir = "{base / "isolated-run"}"\n'
+    if not path.exists() or path.read_text() != text:
+        temp = base / f".isolated-agent.toml.{os.getpid()}"
+        temp.write_text(text)
+        temp.chmod(0o644)
+        temp.replace(path)
+    os.environ["MITIGATOR_AGENT_CONFIG"] = str(path)
+    return path

@@ -88,9 +88,12 @@ def test_key_readable_by_others_is_refused(tmp_path):
         load_or_create_host_key(str(path))
 
 
-def test_missing_directory_is_an_os_error(tmp_path):
-    with pytest.raises(OSError):
-        load_or_create_host_key(str(tmp_path / "absent" / "host.ed25519"))
+def test_missing_directory_names_the_path_and_the_fix_never_a_temporary_name(tmp_path):
+    path = tmp_path / "absent" / "host.ed25519"
+    with pytest.raises(HostKeyError) as raised:
+        load_or_create_host_key(str(path))
+    assert str(raised.value) == (f"cannot create host key {path}: its directory {path.parent} does not exist;"
+                                 f" create it for the agent's user: mkdir -p {path.parent} && chown USER {path.parent}")
 
 
 def test_creation_never_clobbers_a_key_created_meanwhile(tmp_path):

@@ -1,102 +1,24 @@
 """Hand-made TCP segments in a test guest, and network namespaces to send them to.
 
-Packets are crafted with scapy, sent through a raw socket and captured with
-a packet socket (on `lo`, or the host end of a veth pair), so the kernel
-under test sees exactly what a remote client (or MITIGATOR answering for us)
-would send. A "container" is a network namespace behind a veth pair.
+The segment code is the agent's own (mitigator_agent.packets, which
+``selftest`` uses), re-exported here; this module adds network namespaces.
+A "container" is a network namespace behind a veth pair.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import ctypes
+import ipaddress
 import os
-import random
-import select
-import socket
 import subprocess
-import time
 from contextlib import contextmanager
-from typing import Iterator, Union
+from typing import Iterator
 
-from scapy.layers.inet import IP, TCP
-from scapy.layers.inet6 import IPv6
+from mitigator_agent.packets import (Address, accepts, capture, client_address, listener, loopback,
+                                     random_port, segment, send, wait_for)
 
-ETH_P_ALL = 0x0003
-PACKET_HOST = 0
-Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-
-
-def loopback(version: int) -> Address:
-    return ipaddress.ip_address("127.0.0.1" if version == 4 else "::1")
-
-
-def client_address(version: int) -> Address:
-    """A source that is not the listener's own address (v6 has only ::1 on lo)."""
-    return ipaddress.ip_address("127.0.0.2" if version == 4 else "::1")
-
-
-def random_port() -> int:
-    return random.randint(20000, 60000)
-
-
-def segment(src: Address, dst: Address, sport: int, dport: int, **tcp) -> bytes:
-    layer3 = IP(src=str(src), dst=str(dst)) if src.version == 4 else IPv6(src=str(src), dst=str(dst))
-    return bytes(layer3 / TCP(sport=sport, dport=dport, **tcp))
-
-
-def send(packet: bytes, dst: Address) -> None:
-    family = socket.AF_INET if dst.version == 4 else socket.AF_INET6
-    with socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
-        raw.sendto(packet, (str(dst), 0))
-
-
-@contextmanager
-def capture(interface: str = "lo") -> Iterator[socket.socket]:
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
-    sock.bind((interface, 0))
-    try:
-        yield sock
-    finally:
-        sock.close()
-
-
-def wait_for(sock: socket.socket, version: int, dport: int, timeout: float = 5.0):
-    """The first TCP segment to `dport` seen on lo, as a scapy packet, or None."""
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        ready, _, _ = select.select([sock], [], [], left)
-        if not ready:
-            break
-        data, addr = sock.recvfrom(65535)
-        if addr[2] != PACKET_HOST:
-            continue  # lo shows each packet twice: keep the delivered copy
-        pkt = IP(data) if version == 4 and data[0] >> 4 == 4 else (
-            IPv6(data) if version == 6 and data[0] >> 4 == 6 else None)
-        if pkt is not None and TCP in pkt and pkt[TCP].dport == dport:
-            return pkt
-    return None
-
-
-def listener(version: int, port: int = 0, address: Address | None = None) -> socket.socket:
-    family = socket.AF_INET if version == 4 else socket.AF_INET6
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((str(address or loopback(version)), port))
-    sock.listen(16)
-    return sock
-
-
-def accepts(sock: socket.socket, timeout: float = 2.0) -> bool:
-    """Whether a connection becomes ready for accept() within `timeout`."""
-    sock.settimeout(timeout)
-    try:
-        conn, _ = sock.accept()
-    except socket.timeout:
-        return False
-    conn.close()
-    return True
-
+__all__ = ["Address", "accepts", "capture", "client_address", "listener", "loopback", "random_port",
+           "segment", "send", "wait_for", "inside", "netns", "container", "set_sysctl_in"]
 
 LIBC = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNET = 0x40000000

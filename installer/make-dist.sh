@@ -1,0 +1,65 @@
+#!/bin/sh
+# Build dist/mitigator-agent: installer/mitigator-agent.sh with its payload (module source, systemd and
+# system files, the agent's wheel and every wheel it needs on each supported CPython), and its sha256.
+# Wheels come from PyPI once and are cached in $WHEEL_CACHE; later builds work offline.
+#   VERSION=0.1.1 OUT=/tmp/x installer/make-dist.sh   builds another version (upgrade tests) elsewhere
+set -eu
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+WHEEL_CACHE=${WHEEL_CACHE:-/var/cache/mitigator-agent-build/wheels}
+# Debian 11, 12, 13 and Ubuntu 22.04, 24.04 ship CPython 3.9, 3.11, 3.13, 3.10, 3.12.
+PYTHON_VERSIONS="3.9 3.10 3.11 3.12 3.13"
+PLATFORMS="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
+VERSION=${VERSION:-$(cat kmod/VERSION)}
+OUT=${OUT:-dist/mitigator-agent}
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+payload=$work/payload
+mkdir -p "$payload/wheels" "$payload/installer" "$payload/packaging" "$WHEEL_CACHE"
+
+echo "[#] module source (git ls-files kmod)"
+git ls-files -z kmod | xargs -0 -I{} cp --parents {} "$payload/"
+printf '%s\n' "$VERSION" >"$payload/kmod/VERSION"
+echo "[#] packaging/systemd, packaging/system, installer/mitigator-agent.sh"
+cp -R packaging/systemd packaging/system "$payload/packaging/"
+cp installer/mitigator-agent.sh "$payload/installer/"
+
+echo "[#] the agent's wheel ($VERSION)"
+mkdir -p "$work/tree/kmod"
+git ls-files -z agent pyproject.toml README.md | xargs -0 -I{} cp --parents {} "$work/tree/"
+printf '%s\n' "$VERSION" >"$work/tree/kmod/VERSION"
+"$PYTHON" -m pip wheel -q --no-deps -w "$work/agent" "$work/tree" >/dev/null
+agent_wheel=$(ls "$work"/agent/mitigator_agent-"$VERSION"-*.whl)
+cp "$agent_wheel" "$payload/wheels/"
+
+for pyver in $PYTHON_VERSIONS; do
+	abi=cp$(echo "$pyver" | tr -d .)
+	# shellcheck disable=SC2086
+	set -- --only-binary=:all: $PLATFORMS --python-version "$pyver" --implementation cp --abi "$abi" --abi abi3 --abi none
+	if ! "$PYTHON" -m pip download -q --no-index --find-links "$WHEEL_CACHE" -d "$payload/wheels" "$@" "$agent_wheel" 2>/dev/null; then
+		echo "[#] wheels for CPython $pyver from PyPI (cached in $WHEEL_CACHE)"
+		"$PYTHON" -m pip download -q -d "$WHEEL_CACHE" "$@" "$agent_wheel"
+		"$PYTHON" -m pip download -q --no-index --find-links "$WHEEL_CACHE" -d "$payload/wheels" "$@" "$agent_wheel"
+	fi
+done
+rm -f "$WHEEL_CACHE"/mitigator_agent-*.whl
+
+echo "[#] $OUT"
+mkdir -p "$(dirname "$OUT")"
+tar -C "$payload" --owner=0 --group=0 --numeric-owner --sort=name -czf "$work/payload.tar.gz" .
+{
+	sed -n '1,/^# @PAYLOAD@$/p' installer/mitigator-agent.sh | sed '$d'
+	echo "# The payload: a gzipped tar, base64 (made by installer/make-dist.sh from $VERSION)."
+	echo "payload_archive() {"
+	echo "	cat <<'MITIGATOR_AGENT_PAYLOAD'"
+	base64 -w 76 "$work/payload.tar.gz"
+	echo "MITIGATOR_AGENT_PAYLOAD"
+	echo "}"
+	echo
+	sed -n '/^# @PAYLOAD@$/,$p' installer/mitigator-agent.sh | sed '1d'
+} >"$OUT.new"
+chmod 0755 "$OUT.new"
+mv "$OUT.new" "$OUT"
+(cd "$(dirname "$OUT")" && sha256sum "$(basename "$OUT")" >"$(basename "$OUT").sha256")
+echo "[i] $OUT: $(du -h "$OUT" | cut -f1), $(ls "$payload/wheels" | wc -l) wheels; sha256 in $OUT.sha256"

@@ -1,0 +1,598 @@
+#!/bin/sh
+# mitigator-agent install script: installs, updates (run it again) and removes (-d) the tcpsecrets
+# kernel module (DKMS) and the mitigator-agent service on a Debian or Ubuntu server.
+#
+#   wget -O- https://example.org/mitigator-agent | sh      install or update (as root)
+#   sh mitigator-agent -d [--purge]                         uninstall (--purge: keys, host key, user too)
+#
+# `make dist` appends the payload (module source, agent and its wheels) to this file as dist/mitigator-agent;
+# the installed copy (/usr/lib/mitigator-agent/install.sh) carries none and only uninstalls.
+# Everything is in functions and the last line calls main: a download cut short runs nothing.
+#
+# Test hooks (the system tests use them; an admin never needs to): MITIGATOR_AGENT_KERNEL (kernel release
+# to check instead of `uname -r`), MITIGATOR_AGENT_KCONFIG (its config file), MITIGATOR_AGENT_STEP_PAUSE
+# (a step name: the install stops there for a while, so a test can kill it at that step).
+
+PROG=mitigator-agent
+LIB_DIR=/usr/lib/mitigator-agent
+KEPT_SCRIPT=$LIB_DIR/install.sh
+LAUNCHER=$LIB_DIR/mitigator-agent
+PATH_ENTRY=/usr/local/sbin/mitigator-agent
+HOME_DIR=/opt/mitigator_agent
+KEYS_FILE=$HOME_DIR/keys
+HOST_KEY=$HOME_DIR/host.ed25519
+STATE_DIR=/var/lib/mitigator-agent
+LOG_FILE=/var/log/mitigator-agent-install.log
+UNIT_FILE=/etc/systemd/system/mitigator-agent.service
+MODPROBE_FILE=/etc/modprobe.d/tcpsecrets.conf
+MODULES_LOAD_FILE=/etc/modules-load.d/tcpsecrets.conf
+SYSCTL_FILE=/etc/sysctl.d/90-tcpsecrets.conf
+MAN_PAGE=/usr/local/share/man/man8/mitigator-agent.8
+COMPLETION=/usr/local/share/bash-completion/completions/mitigator-agent
+SERVICE_USER=mitigator_agent
+MODULE=tcpsecrets
+PORT=7100
+OLDEST_KERNEL=5.10      # the oldest kernel the project's tests boot
+DKMS_MOK=/var/lib/dkms/mok.pub
+
+# --- output ----------------------------------------------------------------------------------
+
+say() { printf '%s\n' "$*" >&2; [ -w "$LOG_FILE" ] && printf '%s\n' "$*" >>"$LOG_FILE"; return 0; }
+
+# Stop with one line saying what to do. With a rollback armed, that line comes after the rollback's.
+die() {
+	FAIL_MESSAGE="$PROG: $*"
+	[ "${ROLLBACK_ARMED:-no}" = yes ] || say "$FAIL_MESSAGE"
+	exit 1
+}
+
+# Echo a command (like wg-quick), run it with its output in the log; on failure show the log's tail.
+cmd() {
+	say "[#] $*"
+	if [ -w "$LOG_FILE" ]; then
+		"$@" >>"$LOG_FILE" 2>&1 && return 0
+		status=$?
+		tail -n 15 "$LOG_FILE" | sed 's/^/    /' >&2
+		return $status
+	fi
+	"$@"
+}
+
+pause_at() {
+	[ "${MITIGATOR_AGENT_STEP_PAUSE:-}" = "$1" ] || return 0
+	say "[test hook] pausing at step $1"
+	sleep 600
+}
+
+usage() {
+	cat <<EOF
+Usage: sh $PROG [-d [--purge]] [-h]
+
+  (no option)  install, or update an existing install (keys and host key are kept)
+  -d           uninstall: service, module (all DKMS versions), agent and system settings;
+               keeps $KEYS_FILE and the host key ($HOST_KEY)
+  -d --purge   uninstall and also remove the keys, the host key and the $SERVICE_USER user
+  -h           this help
+
+Runs as root on Debian 11/12/13 or Ubuntu 22.04/24.04 (x86_64). Log: $LOG_FILE
+EOF
+}
+
+# --- facts -----------------------------------------------------------------------------------
+
+is_installed_pkg() {
+	[ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]
+}
+
+installed_packages() {
+	dpkg-query -W -f='${db:Status-Status} ${Package}\n' 2>/dev/null | sed -n 's/^installed //p' | sort
+}
+
+version_at_least() { # $1 >= $2, both dotted
+	[ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n 1)" = "$2" ]
+}
+
+kernel_release() { printf '%s' "${MITIGATOR_AGENT_KERNEL:-$(uname -r)}"; }
+
+payload_version() { cat "$PAYLOAD/kmod/VERSION"; }
+
+installed_version() { [ -r "$STATE_DIR/version" ] && cat "$STATE_DIR/version"; }
+
+# --- preconditions (nothing is changed before they all hold) ---------------------------------
+
+require_root() {
+	[ "$(id -u)" = 0 ] || die "must run as root (try: sudo sh $PROG${1:+ $1})"
+}
+
+check_os() {
+	arch=$(uname -m)
+	[ "$arch" = x86_64 ] || die "unsupported machine $arch: this installer supports x86_64 only"
+	[ -r /etc/os-release ] || die "cannot tell the distribution (no /etc/os-release): Debian 11/12/13 or Ubuntu 22.04/24.04 needed"
+	os_id=$(. /etc/os-release && printf '%s' "$ID")
+	os_version=$(. /etc/os-release && printf '%s' "${VERSION_ID:-}")
+	case "$os_id $os_version" in
+	"debian 11" | "debian 12" | "debian 13" | "ubuntu 22.04" | "ubuntu 24.04") ;;
+	*) die "unsupported system ${os_id:-unknown} ${os_version:-(no version)}: Debian 11/12/13 or Ubuntu 22.04/24.04 needed" ;;
+	esac
+	[ -d /run/systemd/system ] || die "systemd is not running here (PID 1 is $(cat /proc/1/comm)): the agent needs a systemd host"
+}
+
+check_kernel() {
+	release=$(kernel_release)
+	config=${MITIGATOR_AGENT_KCONFIG:-/boot/config-$release}
+	numeric=$(printf '%s' "$release" | sed 's/^\([0-9]*\.[0-9]*\).*/\1/')
+	version_at_least "$numeric" "$OLDEST_KERNEL" ||
+		die "kernel $release is older than $OLDEST_KERNEL, the oldest this module supports: upgrade the kernel"
+	[ -r "$config" ] || die "cannot read the kernel's config $config: install the kernel's package (linux-image-$release)"
+	for option in CONFIG_KPROBES CONFIG_KALLSYMS_ALL CONFIG_SYN_COOKIES; do
+		grep -q "^$option=y" "$config" ||
+			die "kernel $release lacks $option=y ($config): the module needs it; use a distribution kernel"
+	done
+}
+
+check_no_package_install() {
+	if is_installed_pkg mitigator-agent; then
+		die "the mitigator-agent Debian package is installed: update it with apt, or remove it (apt remove mitigator-agent) before using this script"
+	fi
+}
+
+# --- apt -------------------------------------------------------------------------------------
+
+apt_get() {
+	cmd apt-get -q -y -o Dpkg::Options::=--force-confold "$@"
+}
+
+missing_packages() {
+	for package in dkms "linux-headers-$(kernel_release)" python3 python3-venv kmod openssl; do
+		is_installed_pkg "$package" || printf '%s\n' "$package"
+	done
+}
+
+install_packages() {
+	# A run killed inside dpkg leaves it half-configured: finish that first.
+	if [ -n "$(dpkg --audit 2>/dev/null)" ]; then
+		cmd dpkg --configure -a || die "dpkg is in a broken state: run dpkg --configure -a and try again"
+	fi
+	missing=$(missing_packages | sort -u | tr '\n' ' ' | sed 's/ $//')
+	[ -n "$missing" ] || return 0
+	say "[i] missing packages: $missing"
+	apt_get update || die "apt-get update failed (see $LOG_FILE): check the apt sources and the network, then run this again"
+	headers="linux-headers-$(kernel_release)"
+	case " $missing " in
+	*" $headers "*)
+		candidate=$(apt-cache policy "$headers" 2>/dev/null | sed -n 's/^ *Candidate: //p')
+		if [ -z "$candidate" ] || [ "$candidate" = "(none)" ]; then
+			die "no package $headers for the running kernel in the apt sources: install its headers, or boot a distribution kernel (apt install linux-image-amd64, reboot) and run this again"
+		fi ;;
+	esac
+	before=$(mktemp)
+	installed_packages >"$before"
+	pause_at apt
+	# shellcheck disable=SC2086 # a list of package names
+	apt_get install --no-install-recommends $missing
+	status=$?
+	# Whatever apt managed to install is ours to remove on rollback or uninstall.
+	installed_packages | comm -13 "$before" - >>"$STATE_DIR/apt-installed"
+	rm -f "$before"
+	sort -u -o "$STATE_DIR/apt-installed" "$STATE_DIR/apt-installed"
+	[ "$status" = 0 ] || die "installing $missing with apt-get failed (see $LOG_FILE): fix apt, then run this again"
+}
+
+# --- the module ------------------------------------------------------------------------------
+
+dkms_versions() {
+	dkms status -m "$MODULE" 2>/dev/null | sed -n "s|^$MODULE[/,] *\([^,:]*\).*|\1|p" | sort -u
+}
+
+# Add and build this version beside any installed one (which keeps serving until the switch).
+build_module() {
+	version=$(payload_version)
+	release=$(kernel_release)
+	src=/usr/src/$MODULE-$version
+	# A same-version reinstall or a run killed half-way: start this version afresh.
+	dkms_versions | grep -qx "$version" || NEW_MODULE_VERSION=$version
+	if dkms_versions | grep -qx "$version" || [ -d "$src" ]; then
+		if ! dkms status -m "$MODULE" -v "$version" -k "$release" 2>/dev/null | grep -q ': installed'; then
+			cmd dkms remove -m "$MODULE" -v "$version" --all >/dev/null 2>&1 || true
+			cmd rm -rf "$src"
+		fi
+	fi
+	if [ ! -d "$src" ]; then
+		cmd cp -R "$PAYLOAD/kmod" "$src.new" && cmd mv "$src.new" "$src" || die "cannot copy the module source to $src"
+	fi
+	dkms_versions | grep -qx "$version" || cmd dkms add -m "$MODULE" -v "$version" ||
+		die "dkms add failed (see $LOG_FILE)"
+	pause_at dkms
+	if ! dkms status -m "$MODULE" -v "$version" -k "$release" 2>/dev/null | grep -Eq ': (built|installed)'; then
+		cmd dkms build -m "$MODULE" -v "$version" -k "$release" ||
+			die "building the module for kernel $release failed (see $LOG_FILE and /var/lib/dkms/$MODULE/$version/build/make.log)"
+	fi
+}
+
+activate_module() {
+	version=$(payload_version)
+	release=$(kernel_release)
+	if ! dkms status -m "$MODULE" -v "$version" -k "$release" 2>/dev/null | grep -q ': installed'; then
+		cmd dkms install -m "$MODULE" -v "$version" -k "$release" --force || die "dkms install failed (see $LOG_FILE)"
+	fi
+}
+
+remove_other_module_versions() {
+	keep=$1
+	for old in $(dkms_versions); do
+		[ "$old" = "$keep" ] && continue
+		cmd dkms remove -m "$MODULE" -v "$old" --all || say "[!] dkms remove $MODULE/$old failed; remove it by hand"
+		cmd rm -rf "/usr/src/$MODULE-$old"
+	done
+}
+
+write_system_files() {
+	gid=$(getent group "$SERVICE_USER" | cut -d: -f3)
+	umask 022
+	sed "s/@GID@/$gid/" "$PAYLOAD/packaging/system/modprobe.conf.in" >"$MODPROBE_FILE.new" && mv "$MODPROBE_FILE.new" "$MODPROBE_FILE"
+	say "[#] wrote $MODPROBE_FILE (read_gid=$gid)"
+	cmd install -m 0644 "$PAYLOAD/packaging/system/modules-load.conf" "$MODULES_LOAD_FILE"
+	if [ ! -e "$STATE_DIR/tcp_syncookies-before" ]; then
+		previous=$(cat /proc/sys/net/ipv4/tcp_syncookies)
+		printf '%s\n' "$previous" >"$STATE_DIR/tcp_syncookies-before"
+		if [ "$previous" != 2 ]; then
+			say "[i] net.ipv4.tcp_syncookies goes from $previous to 2 (restored on uninstall): the kernel then answers"
+			say "    every SYN with a cookie; clients without TCP timestamps lose window scaling and SACK on those connections."
+		fi
+	fi
+	cmd install -m 0644 "$PAYLOAD/packaging/system/sysctl.conf" "$SYSCTL_FILE"
+	cmd sysctl -q -p "$SYSCTL_FILE" || die "cannot set net.ipv4.tcp_syncookies=2"
+}
+
+load_module() {
+	version=$(payload_version)
+	loaded=$(cat /sys/module/$MODULE/version 2>/dev/null || true)
+	gid=$(getent group "$SERVICE_USER" | cut -d: -f3)
+	if [ -n "$loaded" ]; then
+		if [ "$loaded" = "$version" ] && [ "$(cat /sys/module/$MODULE/parameters/read_gid)" = "$gid" ]; then
+			return 0
+		fi
+		cmd modprobe -r "$MODULE" || die "cannot unload the running $MODULE $loaded (in use?): stop what uses /dev/tcpsecrets and run this again"
+	fi
+	if ! cmd modprobe "$MODULE"; then
+		if secure_boot_blocks_module; then
+			return 0
+		fi
+		die "the module does not load (see dmesg and $LOG_FILE)"
+	fi
+}
+
+# Secure Boot on (EFI variable SecureBoot = 1) and DKMS's key not enrolled: the module loads only after
+# the admin enrolls the key.
+secure_boot_blocks_module() {
+	variable=/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c
+	[ -r "$variable" ] && [ "$(od -An -tu1 -j4 -N1 "$variable" | tr -d ' ')" = 1 ] || return 1
+	if command -v mokutil >/dev/null 2>&1 && mokutil --test-key "$DKMS_MOK" 2>/dev/null | grep -q 'already enrolled'; then
+		return 1
+	fi
+	say "[!] Secure Boot is on and DKMS's signing key ($DKMS_MOK) is not enrolled, so the kernel refuses the module."
+	say "    Enroll it: apt install mokutil; mokutil --import $DKMS_MOK (choose a one-time password); reboot and"
+	say "    confirm the key in MokManager. The module then loads at boot and the agent serves it."
+	return 0
+}
+
+# --- the agent -------------------------------------------------------------------------------
+
+create_user() {
+	if ! getent group "$SERVICE_USER" >/dev/null; then
+		cmd groupadd --system "$SERVICE_USER" || die "cannot create group $SERVICE_USER"
+	fi
+	if ! getent passwd "$SERVICE_USER" >/dev/null; then
+		cmd useradd --system --gid "$SERVICE_USER" --home-dir "$HOME_DIR" --no-create-home \
+			--shell /usr/sbin/nologin --comment "MITIGATOR agent" "$SERVICE_USER" ||
+			die "cannot create user $SERVICE_USER"
+	fi
+}
+
+prepare_home() {
+	[ -L "$HOME_DIR" ] && die "$HOME_DIR is a symbolic link: make it a directory"
+	[ -d "$HOME_DIR" ] || cmd mkdir -m 0755 "$HOME_DIR"
+	cmd chown "$SERVICE_USER:$SERVICE_USER" "$HOME_DIR"
+	cmd chmod 0755 "$HOME_DIR"
+	if [ ! -e "$KEYS_FILE" ]; then
+		(umask 027 && : >"$KEYS_FILE.new") && chgrp "$SERVICE_USER" "$KEYS_FILE.new" && mv "$KEYS_FILE.new" "$KEYS_FILE"
+		say "[#] created empty $KEYS_FILE"
+	elif [ -L "$KEYS_FILE" ] || [ ! -f "$KEYS_FILE" ]; then
+		die "$KEYS_FILE is not a regular file: make it one (the agent never follows links)"
+	else
+		# Never world-writable, and readable by the agent: keep the content, fix only the mode bits.
+		mode=$(stat -c %a "$KEYS_FILE")
+		owner=$(stat -c %U "$KEYS_FILE")
+		case "$owner" in root | "$SERVICE_USER") ;; *) cmd chown root "$KEYS_FILE" ;; esac
+		[ $((0$mode & 022)) = 0 ] || cmd chmod go-w "$KEYS_FILE"
+		[ "$owner" = "$SERVICE_USER" ] || [ $((0$mode & 044)) != 0 ] || cmd chgrp "$SERVICE_USER" "$KEYS_FILE"
+		[ "$owner" = "$SERVICE_USER" ] || [ $((0$mode & 044)) != 0 ] || cmd chmod g+r "$KEYS_FILE"
+	fi
+}
+
+install_agent() {
+	version=$(payload_version)
+	umask 022 # the agent's user runs it
+	cmd mkdir -p "$LIB_DIR"
+	venv=$LIB_DIR/venv-$version-$$
+	cmd python3 -m venv "$venv" || die "python3 -m venv failed (see $LOG_FILE)"
+	pause_at venv
+	cmd "$venv/bin/python" -m pip install -q --no-index --find-links "$PAYLOAD/wheels" \
+		--disable-pip-version-check "mitigator-agent==$version" ||
+		die "installing the agent's wheels failed (see $LOG_FILE): this Python may be unsupported"
+	"$venv/bin/mitigator-agent" --version >/dev/null 2>&1 || die "the new agent does not run (see $LOG_FILE)"
+	NEW_VENV=$venv
+}
+
+# Switch the launcher to the new venv in one rename; the old venv goes after the new one serves.
+activate_agent() {
+	cmd ln -sfn "$NEW_VENV/bin/mitigator-agent" "$LAUNCHER.new"
+	cmd mv -T "$LAUNCHER.new" "$LAUNCHER"
+	cmd ln -sfn "$LAUNCHER" "$PATH_ENTRY"
+	# The man page and bash completion come from the CLI itself.
+	mkdir -p "$(dirname "$MAN_PAGE")" "$(dirname "$COMPLETION")"
+	"$LAUNCHER" --version >/dev/null &&
+		"$NEW_VENV/bin/python" -m mitigator_agent.manpage >"$MAN_PAGE" &&
+		"$NEW_VENV/bin/python" -m mitigator_agent.completion >"$COMPLETION" &&
+		say "[#] wrote $MAN_PAGE and $COMPLETION" || say "[!] could not write the man page or the completion"
+	cmd install -m 0755 "$PAYLOAD/installer/mitigator-agent.sh" "$KEPT_SCRIPT.new"
+	cmd mv "$KEPT_SCRIPT.new" "$KEPT_SCRIPT"
+}
+
+remove_old_venvs() {
+	for dir in "$LIB_DIR"/venv-*; do
+		[ -d "$dir" ] && [ "$dir" != "$NEW_VENV" ] && cmd rm -rf "$dir"
+	done
+	return 0
+}
+
+create_host_key() {
+	out=$(runuser -u "$SERVICE_USER" -- "$LAUNCHER" host-key --host-key "$HOST_KEY" 2>>"$LOG_FILE") ||
+		die "cannot create or read the host key $HOST_KEY (see $LOG_FILE)"
+	HOST_KEY_LINE=$out
+}
+
+install_unit() {
+	cmd install -m 0644 "$PAYLOAD/packaging/systemd/mitigator-agent.service" "$UNIT_FILE"
+	cmd systemctl daemon-reload
+	cmd systemctl enable mitigator-agent.service
+}
+
+start_agent() {
+	cmd systemctl restart mitigator-agent.service || die "the service does not start: journalctl -u mitigator-agent"
+	tries=0
+	until ss -Hltn "sport = :$PORT" 2>/dev/null | grep -q .; do
+		tries=$((tries + 1))
+		if [ $tries -gt 120 ] || ! systemctl is-active -q mitigator-agent.service; then
+			journalctl -u mitigator-agent.service -n 10 --no-pager 2>/dev/null | sed 's/^/    /' >&2
+			return 1
+		fi
+		sleep 1
+	done
+	say "[i] mitigator-agent listening on port $PORT"
+}
+
+# --- the end of an install -------------------------------------------------------------------
+
+firewall_advice() {
+	example="MITIGATOR_ADDRESS"
+	if command -v ufw >/dev/null 2>&1 && ufw status 2>/dev/null | grep -q '^Status: active'; then
+		say "    ufw is active: ufw allow from $example to any port $PORT proto tcp"
+	elif command -v firewall-cmd >/dev/null 2>&1 && firewall-cmd --state >/dev/null 2>&1; then
+		say "    firewalld is active: firewall-cmd --permanent --add-rich-rule='rule family=ipv4 source address=$example port port=$PORT protocol=tcp accept' && firewall-cmd --reload"
+	elif command -v nft >/dev/null 2>&1 && nft list ruleset 2>/dev/null | grep -q 'hook input'; then
+		chain=$(nft list ruleset 2>/dev/null | awk '/^table /{t=$2" "$3} /hook input/{print t; exit}')
+		say "    nftables is active (input chain in table $chain): nft insert rule $chain input ip saddr $example tcp dport $PORT accept (name your chain if it is not 'input')"
+	elif command -v iptables >/dev/null 2>&1 && iptables -S INPUT 2>/dev/null | grep -qv '^-P INPUT ACCEPT'; then
+		say "    iptables is active: iptables -I INPUT -p tcp -s $example --dport $PORT -j ACCEPT (and keep it with your rules' persistence)"
+	else
+		say "    no firewall is active: port $PORT is open to everyone; allow only MITIGATOR's addresses if you can (README: Firewall)"
+	fi
+}
+
+# Run a command and show its output, indented, on the terminal and in the log.
+show() {
+	say "[#] $*"
+	output=$("$@" 2>&1)
+	status=$?
+	printf '%s\n' "$output" | sed 's/^/    /' >&2
+	printf '%s\n' "$output" >>"$LOG_FILE"
+	return $status
+}
+
+finish_install() {
+	say ""
+	show "$LAUNCHER" check || say "[!] check reports problems (above); the agent serves anyway"
+	SELFTEST=ok
+	show "$LAUNCHER" selftest || SELFTEST=failed
+	say ""
+	say "mitigator-agent $(payload_version) is installed and running."
+	say "Host key (MITIGATOR pins it): $HOST_KEY_LINE"
+	say "Add MITIGATOR's key:  echo 'ssh-ed25519 AAAA... mitigator1' >> $KEYS_FILE   (or: mitigator-agent keys add ...)"
+	say "Open TCP port $PORT to MITIGATOR:"
+	firewall_advice
+	say "Update: run this script again. Uninstall: mitigator-agent -d"
+	[ "$SELFTEST" = ok ] || die "the selftest failed (above): MITIGATOR's cookies would not work on this server yet"
+}
+
+# --- install and rollback --------------------------------------------------------------------
+
+rollback() {
+	status=$?
+	trap - EXIT INT TERM HUP
+	ROLLBACK_ARMED=no
+	[ "$status" = 0 ] && return 0
+	if [ "$FIRST_INSTALL" = yes ]; then
+		say "[!] install failed: removing what it did"
+		UNINSTALL_QUIET=yes remove_everything "$ROLLBACK_PURGE"
+	elif [ "$ACTIVATED" != yes ]; then
+		[ -n "${NEW_VENV:-}" ] && cmd rm -rf "$NEW_VENV"
+		if [ -n "${NEW_MODULE_VERSION:-}" ]; then
+			cmd dkms remove -m "$MODULE" -v "$NEW_MODULE_VERSION" --all || true
+			cmd rm -rf "/usr/src/$MODULE-$NEW_MODULE_VERSION"
+		fi
+		say "[!] update failed: the previous version ($(installed_version)) keeps running"
+	fi
+	[ -n "${FAIL_MESSAGE:-}" ] && say "$FAIL_MESSAGE"
+	exit "$status"
+}
+
+do_install() {
+	require_root
+	check_os
+	check_no_package_install
+	check_kernel
+	umask 022
+	(umask 077 && : >>"$LOG_FILE") && chmod 0600 "$LOG_FILE"
+	say "[i] $PROG $(payload_version) install, $(date -u '+%Y-%m-%d %H:%M:%S UTC'), kernel $(kernel_release)"
+	FIRST_INSTALL=yes
+	[ -e "$KEPT_SCRIPT" ] && FIRST_INSTALL=no
+	[ "$FIRST_INSTALL" = no ] && say "[i] updating $(installed_version || echo '?') to $(payload_version)"
+	# A first install rolls back whatever it created; what existed before stays.
+	ROLLBACK_PURGE=
+	getent passwd "$SERVICE_USER" >/dev/null || ROLLBACK_PURGE="$ROLLBACK_PURGE user"
+	[ -e "$HOME_DIR" ] || ROLLBACK_PURGE="$ROLLBACK_PURGE home"
+	ACTIVATED=no
+	NEW_VENV=
+	NEW_MODULE_VERSION=
+	export DEBIAN_FRONTEND=noninteractive
+	trap rollback EXIT
+	trap 'FAIL_MESSAGE="$PROG: interrupted: run it again to complete the install"; exit 130' INT TERM HUP
+	ROLLBACK_ARMED=yes
+	mkdir -p -m 0700 "$STATE_DIR"
+	install_packages
+	create_user
+	prepare_home
+	build_module
+	install_agent
+	write_system_files
+	install_unit
+	pause_at switch
+	# From here the new version replaces the old one.
+	ACTIVATED=yes
+	systemctl stop mitigator-agent.service >/dev/null 2>&1 || true
+	activate_module
+	activate_agent
+	load_module
+	remove_other_module_versions "$(payload_version)"
+	create_host_key
+	start_agent || die "the agent does not stay up (journalctl -u mitigator-agent)"
+	remove_old_venvs
+	payload_version >"$STATE_DIR/version"
+	trap - EXIT INT TERM HUP
+	ROLLBACK_ARMED=no
+	finish_install
+}
+
+# --- uninstall -------------------------------------------------------------------------------
+
+# Remove what an install added. $1: extra things to purge ("keys user home", or "all").
+remove_everything() {
+	purge=$1
+	removed=no
+	if [ -e "$UNIT_FILE" ] || systemctl is-enabled -q mitigator-agent.service 2>/dev/null; then
+		cmd systemctl disable --now mitigator-agent.service || true
+		cmd rm -f "$UNIT_FILE"
+		cmd systemctl daemon-reload
+		removed=yes
+	fi
+	if [ -d /sys/module/$MODULE ]; then
+		cmd modprobe -r "$MODULE" || cmd rmmod "$MODULE" || say "[!] cannot unload $MODULE (in use?): it goes at the next reboot"
+		removed=yes
+	fi
+	if command -v dkms >/dev/null 2>&1; then
+		for version in $(dkms_versions); do
+			cmd dkms remove -m "$MODULE" -v "$version" --all || say "[!] dkms remove $MODULE/$version failed"
+			removed=yes
+		done
+	fi
+	for src in /usr/src/$MODULE-*; do
+		[ -d "$src" ] && cmd rm -rf "$src" && removed=yes
+	done
+	for file in "$MODPROBE_FILE" "$MODULES_LOAD_FILE" "$SYSCTL_FILE" "$PATH_ENTRY" "$MAN_PAGE" "$COMPLETION"; do
+		if [ -e "$file" ] || [ -L "$file" ]; then cmd rm -f "$file"; removed=yes; fi
+	done
+	# The directories the install made for them, if nothing else is there.
+	rmdir "$(dirname "$MAN_PAGE")" "$(dirname "$COMPLETION")" "$(dirname "$(dirname "$COMPLETION")")" 2>/dev/null || true
+	if [ -r "$STATE_DIR/tcp_syncookies-before" ]; then
+		cmd sysctl -q -w "net.ipv4.tcp_syncookies=$(cat "$STATE_DIR/tcp_syncookies-before")" || true
+	fi
+	if [ -d "$LIB_DIR" ]; then cmd rm -rf "$LIB_DIR"; removed=yes; fi
+	if [ -s "$STATE_DIR/apt-installed" ]; then
+		# Only what the install added; dpkg refuses any package something else now depends on.
+		# shellcheck disable=SC2046
+		cmd dpkg --purge $(cat "$STATE_DIR/apt-installed") ||
+			say "[!] some packages the install added are still needed by others and stay: $(cat "$STATE_DIR/apt-installed" | tr '\n' ' ')"
+		# The dkms we installed made its signing key for our builds; with dkms gone it signs nothing.
+		if grep -qx dkms "$STATE_DIR/apt-installed" && ! is_installed_pkg dkms && [ -d /var/lib/dkms ] &&
+			[ -z "$(find /var/lib/dkms -mindepth 1 ! -name 'mok.key' ! -name 'mok.pub')" ]; then
+			cmd rm -rf /var/lib/dkms
+		fi
+		removed=yes
+	fi
+	if [ -d "$STATE_DIR" ]; then cmd rm -rf "$STATE_DIR"; removed=yes; fi
+	case " $purge " in
+	*" all "* | *" home "*)
+		if [ -d "$HOME_DIR" ]; then cmd rm -rf "$HOME_DIR"; removed=yes; fi ;;
+	*)
+		if [ -e "$KEYS_FILE" ] || [ -e "$HOST_KEY" ]; then
+			[ "${UNINSTALL_QUIET:-}" = yes ] || say "[i] kept: $KEYS_FILE and the host key $HOST_KEY (remove them with -d --purge)"
+		fi ;;
+	esac
+	case " $purge " in
+	*" all "* | *" user "*)
+		if getent passwd "$SERVICE_USER" >/dev/null; then cmd userdel "$SERVICE_USER"; removed=yes; fi
+		if getent group "$SERVICE_USER" >/dev/null; then cmd groupdel "$SERVICE_USER"; removed=yes; fi ;;
+	esac
+	REMOVED=$removed
+}
+
+do_uninstall() {
+	require_root "-d${1:+ $1}"
+	check_no_package_install
+	umask 022
+	(umask 077 && : >>"$LOG_FILE") 2>/dev/null && chmod 0600 "$LOG_FILE"
+	say "[i] $PROG uninstall${1:+ ($1)}, $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+	remove_everything "$([ "$1" = --purge ] && echo all)"
+	if [ "$REMOVED" = no ]; then
+		say "$PROG: nothing to remove (not installed)"
+	else
+		say "$PROG is uninstalled."
+	fi
+	[ "$1" = --purge ] && rm -f "$LOG_FILE"
+	return 0
+}
+
+# --- main ------------------------------------------------------------------------------------
+
+# The payload (added by `make dist`) is unpacked into a private directory; a kept copy has none.
+unpack_payload() {
+	command -v payload_archive >/dev/null 2>&1 ||
+		die "this copy carries no payload and can only uninstall (-d): download the full mitigator-agent script to install"
+	PAYLOAD=$(mktemp -d /tmp/mitigator-agent.XXXXXXXX) || die "cannot create a temporary directory"
+	trap 'rm -rf "$PAYLOAD"' EXIT
+	payload_archive | base64 -d | tar -xz -C "$PAYLOAD" || die "the payload is damaged: download the script again"
+}
+
+main() {
+	case "${1:-}" in
+	-h | --help) usage ;;
+	-d | --uninstall)
+		case "${2:-}" in
+		"" | --purge) do_uninstall "${2:-}" ;;
+		*) usage >&2; exit 2 ;;
+		esac ;;
+	"")
+		require_root
+		unpack_payload
+		(do_install) </dev/null
+		status=$?
+		rm -rf "$PAYLOAD"
+		trap - EXIT
+		exit $status ;;
+	*) usage >&2; exit 2 ;;
+	esac
+}
+
+# @PAYLOAD@
+main "$@"

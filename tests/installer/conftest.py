@@ -1,0 +1,51 @@
+"""Fixtures for the system tests: a real Debian 12 system booted in qemu (system.py).
+
+A test that uses `debian_system` is marked `system` (slow: it boots a guest
+under TCG). Without the cached image (tests/installer/system-image.sh) such
+tests are skipped, saying how to build it — unless SYSTEM_TESTS=required
+(`make test` sets it), where a missing image is an error.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, List
+
+import pytest
+
+from .system import CACHE, DebianSystem, SystemImage
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    """Mark every test that boots a system `system`, so `-m 'not system'` leaves it out."""
+    for item in items:
+        if "debian_system" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.system)
+
+
+@pytest.fixture(scope="module")
+def system_image() -> SystemImage:
+    """The cached image; skips (or, with SYSTEM_TESTS=required, fails) when it is not there."""
+    image = SystemImage(CACHE)
+    problem = image.problem()
+    if problem:
+        if os.environ.get("SYSTEM_TESTS") == "required":
+            pytest.fail(f"SYSTEM_TESTS=required but {problem}", pytrace=False)
+        pytest.skip(problem)
+    return image
+
+
+@pytest.fixture(scope="module")
+def debian_system(system_image: SystemImage,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[DebianSystem]:
+    """One booted system for the module's tests; powered off (qemu reaped) afterwards.
+
+    Its console log stays in pytest's temporary directory (named in every
+    error the system raises).
+    """
+    system = DebianSystem(system_image, workdir=tmp_path_factory.mktemp("debian-system"))
+    try:
+        system.start()
+        yield system
+    finally:
+        system.stop()

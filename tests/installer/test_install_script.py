@@ -1,0 +1,265 @@
+"""The install script (dist/mitigator-agent) on a real Debian 12 system booted with systemd.
+
+One boot, in order, as an admin would go: failures that must change
+nothing, an install killed at three steps and run again until it completes,
+the installed system checked from the host (OpenSSH `get`, systemd's
+security rating, selftest), a reboot, an update to a higher version, and
+uninstall then purge, compared with the system as it was before.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import time
+from pathlib import Path
+from typing import Dict, Iterator
+
+import pytest
+
+from .system import DebianSystem, State, diff_states
+
+REPO = Path(__file__).resolve().parents[2]
+MAKE_DIST = REPO / "installer" / "make-dist.sh"
+VERSION = (REPO / "kmod" / "VERSION").read_text().strip()
+NEXT_VERSION = VERSION + ".1"  # a higher version for the update
+SCRIPT = "/root/mitigator-agent"
+NEXT_SCRIPT = "/root/mitigator-agent-next"
+KEYS = "/opt/mitigator_agent/keys"
+HOST_KEY = "/opt/mitigator_agent/host.ed25519"
+LOG = "/var/log/mitigator-agent-install.log"
+INSTALL_TIMEOUT = 1800  # apt, a DKMS build and a venv under TCG
+MAX_EXPOSURE = 2.0
+
+
+def build_dist(out: Path, version: str) -> Path:
+    subprocess.run([str(MAKE_DIST)], cwd=REPO, check=True, capture_output=True,
+                   env={"PATH": "/usr/bin:/bin", "HOME": "/root", "VERSION": version, "OUT": str(out)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def dists(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
+    where = tmp_path_factory.mktemp("dist")
+    return {VERSION: build_dist(where / VERSION / "mitigator-agent", VERSION),
+            NEXT_VERSION: build_dist(where / NEXT_VERSION / "mitigator-agent", NEXT_VERSION)}
+
+
+@pytest.fixture(scope="module")
+def system(debian_system: DebianSystem, dists: Dict[str, Path]) -> DebianSystem:
+    debian_system.put(dists[VERSION], SCRIPT, mode=0o644)
+    debian_system.put(dists[NEXT_VERSION], NEXT_SCRIPT, mode=0o644)
+    return debian_system
+
+
+@pytest.fixture(scope="module")
+def pristine(system: DebianSystem) -> State:
+    """The system before anything was installed."""
+    return system.state()
+
+
+@pytest.fixture(scope="module")
+def client_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    key = tmp_path_factory.mktemp("client") / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "mitigator1", "-f", str(key)], check=True)
+    return key
+
+
+def install(system: DebianSystem, script: str = SCRIPT, env: str = "", check: bool = True,
+            pipe: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the install as the README says: piped into sh (or `sh FILE`)."""
+    line = f"cat {script} | {env} sh" if pipe else f"{env} sh {script}"
+    return system.run(line, check=check, timeout=INSTALL_TIMEOUT)
+
+
+def last_line(result: subprocess.CompletedProcess[str]) -> str:
+    return result.stderr.strip().splitlines()[-1]
+
+
+def ssh_get(system: DebianSystem, key: Path, known_hosts: Path, command: str = "get") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ssh", "-F", "none", "-i", str(key), "-p", str(system.agent_port), "-o", "IdentitiesOnly=yes",
+         "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes",
+         "-o", "ConnectTimeout=60", "mitigator_agent@127.0.0.1", command],
+        capture_output=True, text=True, timeout=300)
+
+
+def pin_host_key(system: DebianSystem, where: Path) -> Path:
+    public = system.get(HOST_KEY + ".pub").decode().split()
+    known_hosts = where / "known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{system.agent_port} {public[0]} {public[1]}\n")
+    return known_hosts
+
+
+def fields(text: str, separator: str) -> Dict[str, str]:
+    return dict(line.split(separator, 1) for line in text.strip().splitlines())
+
+
+# --- failures before any install: one line, non-zero, nothing changed ---------------------------
+
+def test_not_root_is_refused(system, pristine):
+    result = system.run(f"cat {SCRIPT} | runuser -u nobody -- sh", check=False)
+    assert (result.returncode, last_line(result)) == (1, "mitigator-agent: must run as root (try: sudo sh mitigator-agent)")
+    assert diff_states(pristine, system.state()) == []
+
+
+def test_kernel_without_kprobes_is_refused(system, pristine):
+    release = system.run("uname -r").stdout.strip()
+    system.run(f"grep -v '^CONFIG_KPROBES=' /boot/config-{release} > /root/config-no-kprobes")
+    result = install(system, env="MITIGATOR_AGENT_KCONFIG=/root/config-no-kprobes", check=False)
+    assert result.returncode == 1
+    assert last_line(result) == (f"mitigator-agent: kernel {release} lacks CONFIG_KPROBES=y (/root/config-no-kprobes):"
+                                 " the module needs it; use a distribution kernel")
+    system.run("rm /root/config-no-kprobes")
+    assert diff_states(pristine, system.state()) == []
+
+
+def test_kernel_without_a_headers_package_is_refused(system, pristine):
+    release = system.run("uname -r").stdout.strip()
+    result = install(system, env=f"MITIGATOR_AGENT_KERNEL=6.1.0-999-amd64 MITIGATOR_AGENT_KCONFIG=/boot/config-{release}",
+                     check=False)
+    assert result.returncode == 1
+    assert last_line(result) == (
+        "mitigator-agent: no package linux-headers-6.1.0-999-amd64 for the running kernel in the apt sources:"
+        " install its headers, or boot a distribution kernel (apt install linux-image-amd64, reboot) and run this again")
+    assert diff_states(pristine, system.state()) == []
+
+
+def test_apt_failing_midway_is_rolled_back(system, pristine):
+    # dpkg runs (packages get installed), then apt reports a failure: everything it installed goes again
+    hook = "/etc/apt/apt.conf.d/99-test-fails"
+    system.run(f"echo 'DPkg::Post-Invoke {{\"/bin/false\";}};' > {hook}")
+    with_hook = system.state()
+    result = install(system, check=False)
+    assert result.returncode == 1, result.stderr
+    assert "[!] install failed: removing what it did" in result.stderr
+    assert re.fullmatch(r"mitigator-agent: installing dkms linux-headers-\S+( \S+)* with apt-get failed"
+                        r" \(see /var/log/mitigator-agent-install.log\): fix apt, then run this again", last_line(result))
+    system.run(f"rm {hook}")
+    after = system.state()
+    # the log stays (it says what happened); nothing else
+    assert [line for line in diff_states(pristine, after) if LOG not in line] == []
+    assert diff_states(with_hook, after) == [line for line in diff_states(with_hook, after)
+                                            if LOG in line or hook in line]
+    system.run(f"rm -f {LOG}")
+
+
+# --- the install, killed three times on the way -------------------------------------------------
+
+@pytest.mark.parametrize("step", ["apt", "dkms", "switch"])
+def test_install_killed_at_a_step(system, step):
+    out = f"/root/killed-{step}.out"
+    # its own session and process group, so SIGKILL reaches every process of the install
+    system.run(f"(setsid sh -c 'echo $$ > /root/installer.pgid; cat {SCRIPT} | MITIGATOR_AGENT_STEP_PAUSE={step} sh'"
+               f" > {out} 2>&1 &)")
+    deadline = time.monotonic() + INSTALL_TIMEOUT
+    while "[test hook] pausing at step" not in (text := system.run(f"cat {out}").stdout):
+        assert time.monotonic() < deadline and "mitigator-agent:" not in text, text
+        time.sleep(5)
+    # SIGKILL: no trap runs, as when the machine loses power or the admin's session dies
+    system.run("kill -KILL -- -$(cat /root/installer.pgid); rm /root/installer.pgid " + out)
+
+
+def test_install_completes_after_the_kills(system, client_key, tmp_path):
+    result = install(system)
+    out = result.stderr
+    assert "[#] systemctl enable mitigator-agent.service" in out
+    assert f"mitigator-agent {VERSION} is installed and running." in out
+    fingerprint = system.run(f"ssh-keygen -l -f {HOST_KEY}.pub").stdout.split()[1]
+    assert re.search(rf"^Host key \(MITIGATOR pins it\): 256 {re.escape(fingerprint)} ", out, re.M)
+    assert "    no firewall is active: port 7100 is open to everyone" in out
+    for line in ("ok   IPv4 cookie SYN-ACK = the cookie computed from the agent's answer",
+                 "ok   IPv6 cookie ACK for a SYN the kernel never saw opened a connection"):
+        assert "    " + line in out
+    assert last_line(result) == "Update: run this script again. Uninstall: mitigator-agent -d"
+
+
+def test_a_key_appended_as_root_is_admitted_and_get_matches_the_kernel(system, client_key, tmp_path):
+    public = client_key.with_suffix(".pub").read_text().strip()
+    system.run(f"echo {shlex.quote(public)} | head -1 >> {KEYS}")
+    known_hosts = pin_host_key(system, tmp_path)
+    result = ssh_get(system, client_key, known_hosts)
+    assert result.returncode == 0, result.stderr
+    answer = fields(result.stdout, ": ")
+    proc = fields(system.run("cat /proc/tcp_secrets").stdout, " ")
+    assert answer["syncookie_secret"] == proc["cookie_secret"]
+    assert answer["net_secret"] == proc["net_secret"]
+
+
+def test_files_users_and_modes_are_as_documented(system):
+    out = system.run(f"stat -c '%n %U:%G %a' /opt/mitigator_agent {KEYS} {HOST_KEY} {HOST_KEY}.pub "
+                     "/usr/lib/mitigator-agent/install.sh /var/lib/mitigator-agent").stdout.splitlines()
+    assert out == ["/opt/mitigator_agent mitigator_agent:mitigator_agent 755",
+                   f"{KEYS} root:mitigator_agent 640",
+                   f"{HOST_KEY} mitigator_agent:mitigator_agent 600",
+                   f"{HOST_KEY}.pub mitigator_agent:mitigator_agent 644",
+                   "/usr/lib/mitigator-agent/install.sh root:root 755",
+                   "/var/lib/mitigator-agent root:root 700"]
+    gid = system.run("getent group mitigator_agent | cut -d: -f3").stdout.strip()
+    assert system.run("cat /sys/module/tcpsecrets/parameters/read_gid").stdout.strip() == gid
+    assert system.run("readlink /usr/local/sbin/mitigator-agent").stdout.strip() == "/usr/lib/mitigator-agent/mitigator-agent"
+    assert system.run("ps -o user= -C mitigator-agent || ps -eo user,args | grep '[m]itigator-agent serve'").stdout.split()[0] \
+        == "mitigator_agent"
+
+
+def test_systemd_rates_the_unit_at_most_2(system):
+    out = system.run("systemd-analyze security mitigator-agent.service --no-pager").stdout
+    exposure = float(re.search(r"Overall exposure level for mitigator-agent.service: ([0-9.]+)", out).group(1))
+    assert exposure <= MAX_EXPOSURE, out
+
+
+def test_selftest_and_check_pass_on_the_installed_system(system):
+    selftest = system.run("mitigator-agent selftest", check=False)
+    assert selftest.returncode == 0, selftest.stdout + selftest.stderr
+    assert len(selftest.stdout.splitlines()) == 4
+
+
+# --- reboot -------------------------------------------------------------------------------------
+
+def test_everything_comes_back_after_a_reboot(system, client_key, tmp_path):
+    host_key = system.get(HOST_KEY)
+    system.reboot()
+    gid = system.run("getent group mitigator_agent | cut -d: -f3").stdout.strip()
+    assert system.run("cat /sys/module/tcpsecrets/parameters/read_gid").stdout.strip() == gid
+    assert system.run("sysctl -n net.ipv4.tcp_syncookies").stdout.strip() == "2"
+    system.run("for i in $(seq 120); do ss -Hltn 'sport = :7100' | grep -q . && exit 0; sleep 1; done; exit 1")
+    assert system.run("systemctl is-active mitigator-agent").stdout.strip() == "active"
+    assert system.get(HOST_KEY) == host_key
+    result = ssh_get(system, client_key, pin_host_key(system, tmp_path))
+    assert result.returncode == 0, result.stderr
+
+
+# --- update -------------------------------------------------------------------------------------
+
+def test_update_keeps_keys_and_host_key_and_serves_the_new_version(system, client_key, tmp_path):
+    kept = {path: system.get(path) for path in (KEYS, HOST_KEY, HOST_KEY + ".pub")}
+    result = install(system, NEXT_SCRIPT, pipe=False)
+    assert f"[i] updating {VERSION} to {NEXT_VERSION}" in result.stderr
+    assert f"mitigator-agent {NEXT_VERSION} is installed and running." in result.stderr
+    assert {path: system.get(path) for path in kept} == kept
+    assert system.run("mitigator-agent --version").stdout.strip() == f"mitigator-agent, version {NEXT_VERSION}"
+    assert system.run("cat /sys/module/tcpsecrets/version").stdout.strip() == NEXT_VERSION
+    assert f"tcpsecrets/{VERSION}" not in system.run("dkms status").stdout
+    assert system.run("ls /usr/lib/mitigator-agent | grep -c '^venv-'").stdout.strip() == "1"
+    result = ssh_get(system, client_key, pin_host_key(system, tmp_path))
+    assert result.returncode == 0, result.stderr
+
+
+# --- uninstall ----------------------------------------------------------------------------------
+
+def test_uninstall_keeps_keys_then_purge_leaves_nothing(system, pristine):
+    kept = {path: system.get(path) for path in (KEYS, HOST_KEY)}
+    result = system.run("mitigator-agent -d", timeout=INSTALL_TIMEOUT)
+    assert "[i] kept: /opt/mitigator_agent/keys and the host key /opt/mitigator_agent/host.ed25519" in result.stderr
+    assert last_line(result) == "mitigator-agent is uninstalled."
+    assert {path: system.get(path) for path in kept} == kept
+    left = [line for line in diff_states(pristine, system.state()) if LOG not in line]
+    assert left and all("mitigator_agent" in line for line in left), left
+
+    result = system.run(f"sh {SCRIPT} -d --purge", timeout=INSTALL_TIMEOUT)
+    assert last_line(result) == "mitigator-agent is uninstalled."
+    assert diff_states(pristine, system.state()) == []
+
+    again = system.run(f"sh {SCRIPT} -d")
+    assert last_line(again) == "mitigator-agent: nothing to remove (not installed)"

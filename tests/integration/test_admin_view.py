@@ -1,0 +1,221 @@
+"""The admin's view against the real agent and OpenSSH: status, check, start-up warnings, listen forms, journald."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pwd
+import re
+import shutil
+import socket
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import AGENT, WAIT_SECONDS, AgentProcess
+from mitigator_agent.hostkey import fingerprint_line, load_host_key
+from mitigator_agent.snapshot import encode
+
+ME = pwd.getpwuid(os.geteuid()).pw_name
+MODULE = "ABI 2, HZ 250, isn_algorithm seq_and_ts_off, cookie_clock wall, set_generation 0, tcp_syncookies 2"
+JOURNAL_SOCKET = "/run/systemd/journal/stdout"
+
+
+def run_agent(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([AGENT, *args], capture_output=True, text=True, timeout=WAIT_SECONDS)
+
+
+def config_for(agent: AgentProcess) -> Path:
+    """The agent's settings as a config file, as an installed machine has them (listen with its port)."""
+    path = agent.workdir / "admin.toml"
+    path.write_text(f'keys = "{agent.keys_path}"\nhost-key = "{agent.host_key_path}"\n'
+                    f'device = "{agent.device_path}"\nruntime-dir = "{agent.runtime_dir}"\n'
+                    f'listen = ["127.0.0.1:{agent.port("127.0.0.1")}", "[::1]:{agent.port("::1")}"]\nuser = "{ME}"\n')
+    path.chmod(0o644)
+    return path
+
+
+def test_status_reads_serves_config_and_shows_the_last_poll_per_instance(agent, client_key):
+    config = config_for(agent)
+    before = run_agent("status", "--config", str(config))
+    assert "last poll: mitigator1: none recorded" in before.stdout.splitlines()
+    assert agent.ssh(client_key, "get").returncode == 0  # a stock OpenSSH client polls
+    agent.wait_for(r"^INFO poll .*instance=mitigator1 .*command=get status=0")
+
+    result = run_agent("status", "--config", str(config))
+    lines = result.stdout.splitlines()
+    host_key = fingerprint_line(load_host_key(str(agent.host_key_path)))
+    assert lines[:5] == [
+        f"host key: {host_key} ({agent.host_key_path}; MITIGATOR pins it)",
+        f"keys: 1 admitted (mitigator1) from {agent.keys_path}",
+        f"module: loaded, {MODULE} ({agent.device_path})",
+        f"device: readable by {ME}",
+        "tcp_syncookies: 2",
+    ]
+    assert f"listening: 127.0.0.1:{agent.port('127.0.0.1')}" in lines
+    assert f"listening: [::1]:{agent.port('::1')}" in lines
+    last = [line for line in lines if line.startswith("last poll: ")]
+    assert len(last) == 1
+    assert re.fullmatch(r"last poll: mitigator1 from 127\.0\.0\.1 at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(\d+ s ago\):"
+                        r" get, exit status 0, ok", last[0]), last[0]
+    document = json.loads(run_agent("status", "--config", str(config), "--json").stdout)
+    poll = next(item for item in document["items"] if item["name"] == "last-poll")
+    assert poll["facts"]["source"] == "127.0.0.1" and poll["facts"]["key"] == client_key.fingerprint
+    assert result.returncode == (0 if document["ok"] else 1)
+    # The runtime state holds no secret: none of the snapshot's bytes, no answer.
+    stored = (agent.runtime_dir / "last-polls.json").read_text()
+    assert "secret" not in stored and oct((agent.runtime_dir / "last-polls.json").stat().st_mode & 0o777) == "0o644"
+
+
+def test_status_and_check_json_follow_the_documented_schema(agent):
+    jsonschema = pytest.importorskip("jsonschema")
+    from mitigator_agent.health import REPORT_SCHEMA
+    config = config_for(agent)
+    for command in (["status"], ["check", "--ntp-server", "127.0.0.1:9", "--timeout", "0.2"]):
+        result = run_agent(*command, "--config", str(config), "--json")
+        document = json.loads(result.stdout)
+        jsonschema.validate(document, REPORT_SCHEMA)
+        assert document["config"] == str(config) and document["user"] == ME
+        assert result.returncode == (0 if document["ok"] else 1)
+
+
+def test_the_check_probe_is_not_logged_as_an_attack(start_agent, client_key):
+    agent = start_agent(client_key.public_line + "\n", "--verbose")
+    start = agent.mark()
+    result = run_agent("check", "--config", str(config_for(agent)), "--ntp-server", "127.0.0.1:9", "--timeout", "0.2")
+    assert f"ok   agent listening on 127.0.0.1:{agent.port('127.0.0.1')}" in result.stdout.splitlines()
+    agent.wait_for_all(r"^DEBUG check-probe src=(127\.0\.0\.1|\[::1\]):\d+$", 2, start)
+    assert agent.count(r"refused|penalised|WARNING", start) == 0
+
+
+def test_serve_says_at_start_what_will_not_work_and_keeps_serving(start_agent, client_key, snapshot, workdir):
+    one = workdir / "syncookies-1"
+    one.write_bytes(encode(dataclasses.replace(snapshot, tcp_syncookies=1)))
+    agent = start_agent(client_key.public_line + "\n", "--device", str(one))
+    agent.wait_for('^WARNING will-not-work check=tcp-syncookies problem="tcp_syncookies = 2 \\(is 1\\)"'
+                   ' fix="run sysctl -w net.ipv4.tcp_syncookies=2 and keep it in /etc/sysctl.d/90-tcpsecrets.conf"$')
+    assert agent.ssh(client_key, "get").returncode == 0  # still serving
+
+    absent = workdir / "absent"
+    no_module = start_agent(client_key.public_line + "\n", "--device", str(absent))
+    no_module.wait_for(f'^WARNING will-not-work check=module problem="module loaded: tcpsecrets module not loaded'
+                       f' \\(no {re.escape(str(absent))}\\)" fix="run modprobe tcpsecrets \\(if modprobe does not find'
+                       f' it: dkms autoinstall -k \\$\\(uname -r\\), which needs linux-headers-\\$\\(uname -r\\)\\)"$')
+    assert no_module.process.poll() is None
+
+
+def test_keys_that_admit_nobody_are_reported_at_start(start_agent, workdir):
+    agent = start_agent(None)  # no keys file at all
+    agent.wait_for(f'^WARNING keys-file-admits-nobody reason="keys file {re.escape(str(workdir / "keys"))}'
+                   ' does not exist"$')
+
+
+@pytest.mark.parametrize("form", ["[::1]", "::1", "127.0.0.1:PORT", "[::1]:PORT"])
+def test_listen_takes_sshds_address_forms(start_agent, client_key, form):
+    if "PORT" in form:
+        with socket.socket(socket.AF_INET6 if "::" in form else socket.AF_INET) as probe:
+            probe.bind(("::1" if "::" in form else "127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        form = form.replace("PORT", str(port))
+    agent = start_agent(client_key.public_line + "\n", listen=[form])
+    host = "::1" if "::" in form else "127.0.0.1"
+    assert agent.ssh(client_key, "get", host=host).returncode == 0
+    if form.endswith("]") or form == "::1":
+        assert set(agent.ports) == {"::1"}
+    else:
+        assert agent.ports == {host: port}  # the address's own port wins over --port 0
+
+
+@pytest.mark.parametrize("form, reason", [
+    ("[::1", "'[::1' is not an address"),
+    ("localhost", "'localhost' is not an IP address"),
+    ("127.0.0.1:http", "'127.0.0.1:http': port 'http' is not a number from 0 to 65535"),
+])
+def test_a_bad_listen_address_is_named_with_the_forms_it_takes(workdir, form, reason):
+    result = run_agent("serve", "--listen", form, "--keys", str(workdir / "keys"))
+    assert result.returncode == 2
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith(f"Error: Invalid value for '--listen': {reason}")
+    assert "Errno" not in result.stderr
+
+
+def _serve_to(stdout_fd: int, env: dict, workdir: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [AGENT, "serve", "--config", str(workdir / "empty.toml"), "--port", "0", "--listen", "127.0.0.1",
+         "--keys", str(workdir / "keys"), "--host-key", str(workdir / "host.ed25519"),
+         "--device", str(workdir / "absent"), "--runtime-dir", str(workdir / "run")],
+        stdout=stdout_fd, stderr=subprocess.DEVNULL, env=env)
+
+
+@pytest.fixture
+def empty_config(workdir: Path) -> Path:
+    path = workdir / "empty.toml"
+    path.write_text("")
+    path.chmod(0o644)
+    return path
+
+
+def test_journal_priority_prefixes_when_stdout_is_the_journal_stream(workdir, empty_config):
+    read_end, write_end = os.pipe()
+    st = os.fstat(write_end)
+    env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}  # what systemd sets for a service
+    proc = _serve_to(write_end, env, workdir)
+    os.close(write_end)
+    lines = []
+    with os.fdopen(read_end, "r") as pipe:
+        for line in pipe:
+            lines.append(line.rstrip("\n"))
+            if "listening on" in line:
+                break
+        proc.terminate()
+        proc.wait(WAIT_SECONDS)
+    assert lines[-1].startswith("<6>listening on 127.0.0.1:")
+    assert any(line.startswith("<6>starting version=") for line in lines)
+    assert any(line.startswith("<4>will-not-work check=module ") for line in lines)
+    assert any(line.startswith('<4>keys-file-admits-nobody reason=') for line in lines)
+    assert not any(line.startswith(("INFO", "WARNING")) for line in lines)
+
+
+def test_plain_levels_when_stdout_is_not_the_journal(workdir, empty_config):
+    read_end, write_end = os.pipe()
+    env = {**os.environ, "JOURNAL_STREAM": "1:2"}  # some other stream (inherited, not ours)
+    proc = _serve_to(write_end, env, workdir)
+    os.close(write_end)
+    with os.fdopen(read_end, "r") as pipe:
+        first = pipe.readline()
+        proc.terminate()
+        proc.wait(WAIT_SECONDS)
+    assert first.startswith("INFO ") or first.startswith("WARNING ")
+
+
+@pytest.mark.skipif(not os.path.exists(JOURNAL_SOCKET) or shutil.which("journalctl") is None,
+                    reason="no journald on this machine")
+def test_journalctl_priority_filter_selects_the_agents_warnings(workdir, empty_config):
+    """A real journal stream, as systemd connects a service's stdout: journalctl -p warning selects by priority."""
+    identifier = f"mitigator-test-{uuid.uuid4().hex[:8]}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stream:
+        stream.connect(JOURNAL_SOCKET)
+        # sd-journal stream header: identifier, unit, priority, level prefix, syslog, kmsg, console.
+        stream.sendall(f"{identifier}\n\n6\n1\n0\n0\n0\n".encode())
+        stream.shutdown(socket.SHUT_RD)
+        st = os.fstat(stream.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        proc = _serve_to(stream.fileno(), env, workdir)
+    try:
+        for _ in range(100):
+            found = subprocess.run(["journalctl", "-t", identifier, "-o", "cat", "--no-pager"],
+                                   capture_output=True, text=True).stdout
+            if "listening on" in found:
+                break
+            subprocess.run(["journalctl", "--sync"], capture_output=True)
+    finally:
+        proc.terminate()
+        proc.wait(WAIT_SECONDS)
+    warnings = subprocess.run(["journalctl", "-t", identifier, "-p", "warning", "-o", "cat", "--no-pager"],
+                              capture_output=True, text=True).stdout.splitlines()
+    assert warnings and all(not line.startswith("<") for line in warnings)
+    assert any(line.startswith("will-not-work check=module ") for line in warnings)
+    assert not any(line.startswith(("starting", "listening on")) for line in warnings)
