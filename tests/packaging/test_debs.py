@@ -117,6 +117,11 @@ def test_agent_package_installs_the_documented_layout(debs: Debs, extracted: Dic
                               ("etc/sysctl.d/90-tcpsecrets.conf", "system/sysctl.conf"),
                               ("usr/share/mitigator-agent/modprobe.conf.in", "system/modprobe.conf.in")):
         assert (root / installed).read_bytes() == (REPO / "packaging" / source).read_bytes(), installed
+    # The man page (the unit's Documentation=) and the completion, from the packaged CLI itself.
+    assert ".TH" in subprocess.run(["zcat", str(root / "usr/share/man/man8/mitigator-agent.8.gz")],
+                                   check=True, capture_output=True, text=True).stdout
+    assert "_MITIGATOR_AGENT_COMPLETE" in \
+        (root / "usr/share/bash-completion/completions/mitigator-agent").read_text()
     assert control_file(debs.agent, "conffiles").split() == [
         "/etc/modules-load.d/tcpsecrets.conf", "/etc/sysctl.d/90-tcpsecrets.conf"]
     owners = {line.split()[1] for line in entries.values()}
