@@ -192,8 +192,9 @@ def test_upgrade_keeps_keys_and_host_key_and_the_new_version_answers(debian_syst
     # The service was restarted on the new code.
     assert system.run("systemctl show -p MainPID --value mitigator-agent").stdout.strip() != pid_before
     wait_for_listener(system)
-    started = system.run("journalctl -u mitigator-agent -o cat | grep ' starting ' | tail -n 1").stdout
-    assert f"version={new.version}" in started, started
+    journal = system.run("journalctl -u mitigator-agent -o cat").stdout
+    started = [line for line in journal.splitlines() if re.match(r"(.* )?starting version=", line)]
+    assert started and f"version={new.version} " in started[-1], journal[-2000:]
     assert openssh_get(system, client)["net_secret"] == proc_secrets(system)["net_secret"]
 
 
