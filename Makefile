@@ -14,7 +14,7 @@ VENV   := .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 
-.PHONY: all test matrix unit kmod provision venv clean matrix-purge dist demo
+.PHONY: all test matrix unit kmod provision venv clean matrix-purge dist demo deb
 
 all: kmod
 
@@ -83,6 +83,14 @@ dist: venv
 demo: venv dist
 	tests/provision-host.sh "bookworm:$$(awk '$$1 == "bookworm" { print $$2 }' tests/kernel/test-kernels)" >/dev/null
 	$(PY) -m tests.installer.demo dist/mitigator-agent
+
+# The Debian packages tcpsecrets-dkms and mitigator-agent in dist/, checked by
+# lintian (packaging/build-deb.sh; sets up its build dependencies and caches
+# the wheels in /var/cache/mitigator-agent-build). VERSION=N.N.N builds
+# another version than kmod/VERSION (upgrade tests) without editing a file.
+VERSION ?=
+deb:
+	packaging/build-deb.sh $(VERSION)
 
 clean:
 	$(MAKE) -C kmod clean

@@ -92,6 +92,8 @@ packages=(
     openssh-client dropbear-bin putty-tools iproute2 procps util-linux
     debootstrap debian-archive-keyring binutils e2fsprogs
 )
+# The Debian packages' build dependencies (make deb, tests/packaging).
+mapfile -t -O "${#packages[@]}" packages < <(sed -e 's/#.*//' "$HERE/../packaging/build-deps" | awk 'NF { print $1 }')
 for i in "${!kernels[@]}"; do
     suite=${kernels[$i]%%:*} kver=${kernels[$i]#*:}
     [ "$suite" = "$host_suite" ] || continue

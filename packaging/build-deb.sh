@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# `make deb`: build the tcpsecrets-dkms and mitigator-agent packages into
+# dist/ and check them with lintian.
+#
+#   packaging/build-deb.sh [VERSION]
+#
+# VERSION defaults to kmod/VERSION, the project's only version source; another
+# one (a higher version for upgrade tests) is written into the staged copy,
+# never into the tree. The Debian revision is always -1 and debian/changelog
+# is generated from debian/changelog.in, so no second copy of the version can
+# drift.
+#
+# On a fresh Debian 12 amd64 host (as root) this installs the build
+# dependencies listed in packaging/build-deps (apt, only the missing ones) and
+# downloads the agent's wheels from PyPI into $MITIGATOR_BUILD_CACHE (default
+# /var/cache/mitigator-agent-build, or ~/.cache/mitigator-agent-build when not
+# root: outside the repository). Repeat builds use the cached wheels and need
+# no network; REFRESH_WHEELS=1 resolves the wheels against PyPI again (the
+# newest releases the requirements admit).
+#
+# DEB_DIST_DIR (default dist/) and DEB_BUILD_DIR (default build/deb, emptied
+# first) move the output and the staging area (the tests build in a temporary
+# directory); DEB_LINTIAN=no leaves lintian to the caller.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+if [ "$(id -u)" = 0 ]; then
+    CACHE=${MITIGATOR_BUILD_CACHE:-/var/cache/mitigator-agent-build}
+else
+    CACHE=${MITIGATOR_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mitigator-agent-build}
+fi
+DIST=${DEB_DIST_DIR:-$ROOT/dist}
+STAGE_ROOT=${DEB_BUILD_DIR:-$ROOT/build/deb}
+# The interpreter the package runs on (control: python3 3.11); never a
+# python3 that happens to come first on PATH.
+PY=/usr/bin/python3
+TARGET_PYTHON=3.11
+
+say() { echo "build-deb: $*" >&2; }
+die() { say "$*"; exit 1; }
+
+VERSION=${1:-$(cat "$ROOT/kmod/VERSION")}
+[[ $VERSION =~ ^[0-9]+(\.[0-9]+){1,3}$ ]] ||
+    die "version '$VERSION' is not N.N[.N[.N]] (kmod/VERSION or VERSION=...)"
+
+# --- the host ------------------------------------------------------------------
+
+command -v dpkg >/dev/null || die "needs a Debian host (dpkg not found)"
+arch=$(dpkg --print-architecture)
+[ "$arch" = amd64 ] || die "builds amd64 packages only; this host is $arch"
+host_python=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) ||
+    die "$PY not found: apt-get install python3"
+[ "$host_python" = "$TARGET_PYTHON" ] ||
+    die "$PY is $host_python; the package carries wheels for Python $TARGET_PYTHON: build on Debian 12"
+
+installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
+missing=()
+while read -r pkg; do
+    installed "$pkg" || missing+=("$pkg")
+done < <(sed -e 's/#.*//' "$ROOT/packaging/build-deps" | awk 'NF { print $1 }')
+if [ ${#missing[@]} -gt 0 ]; then
+    [ "$(id -u)" = 0 ] || die "missing build dependencies: ${missing[*]} (run as root, or apt-get install them)"
+    say "installing ${missing[*]}"
+    apt-get update -q >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+fi
+
+# --- a staged copy of the tree ----------------------------------------------------
+# Tracked and untracked-but-not-ignored files only: no build output, venv or
+# bytecode of the working tree reaches the package.
+
+stage=$STAGE_ROOT/mitigator-agent-$VERSION
+rm -rf "$STAGE_ROOT"
+mkdir -p "$stage"
+(
+    cd "$ROOT"
+    git ls-files -z --cached --others --exclude-standard -- \
+        kmod agent pyproject.toml README.md packaging/debian packaging/system packaging/systemd |
+        while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done |
+        tar --null -T - -cf -
+) | tar -xf - -C "$stage"
+mv "$stage/packaging/debian" "$stage/debian"
+echo "$VERSION" >"$stage/kmod/VERSION"
+
+# The changelog's date is the last commit's: the same tree builds the same packages.
+epoch=$(git -C "$ROOT" log -1 --format=%ct 2>/dev/null || date +%s)
+sed -e "s/@VERSION@/$VERSION/" -e "s/@DATE@/$(LC_ALL=C date -u -R -d "@$epoch")/" \
+    "$stage/debian/changelog.in" >"$stage/debian/changelog"
+rm "$stage/debian/changelog.in"
+
+# --- wheels: the cache first, PyPI when something is missing --------------------
+
+"$PY" - "$ROOT/pyproject.toml" >"$STAGE_ROOT/runtime.txt" <<'PYEOF'
+import sys, tomllib
+with open(sys.argv[1], "rb") as f:
+    print("\n".join(tomllib.load(f)["project"]["dependencies"]))
+PYEOF
+# setuptools builds the agent's wheel (pyproject's build-system) offline.
+"$PY" - "$ROOT/pyproject.toml" >"$STAGE_ROOT/build.txt" <<'PYEOF'
+import sys, tomllib
+with open(sys.argv[1], "rb") as f:
+    print("\n".join(tomllib.load(f)["build-system"]["requires"]))
+PYEOF
+
+pip_download() {  # KIND: wheels for $STAGE_ROOT/KIND.txt into $stage/wheels/KIND
+    local kind=$1 cached=$CACHE/wheels
+    local args=(-m pip download -q --disable-pip-version-check --only-binary=:all:
+                -r "$STAGE_ROOT/$kind.txt" -d "$stage/wheels/$kind")
+    mkdir -p "$cached"
+    if [ -z "${REFRESH_WHEELS:-}" ] &&
+        "$PY" "${args[@]}" --no-index --find-links "$cached" 2>/dev/null; then
+        return 0
+    fi
+    say "downloading $kind wheels from PyPI into $cached"
+    "$PY" -m pip download -q --disable-pip-version-check --only-binary=:all: \
+        -r "$STAGE_ROOT/$kind.txt" -d "$cached" >&2
+    rm -rf "$stage/wheels/$kind"
+    "$PY" "${args[@]}" --no-index --find-links "$cached" >&2
+}
+pip_download runtime
+pip_download build
+say "wheels: $(cd "$stage/wheels/runtime" && ls | tr '\n' ' ')"
+
+# --- build --------------------------------------------------------------------------
+
+say "building mitigator-agent $VERSION-1 (log: $STAGE_ROOT/build.log)"
+if ! (cd "$stage" && dpkg-buildpackage -b -us -uc) >"$STAGE_ROOT/build.log" 2>&1; then
+    tail -n 40 "$STAGE_ROOT/build.log" >&2
+    die "dpkg-buildpackage failed; the whole log: $STAGE_ROOT/build.log"
+fi
+mkdir -p "$DIST"
+debs=("tcpsecrets-dkms_${VERSION}-1_all.deb" "mitigator-agent_${VERSION}-1_amd64.deb")
+for deb in "${debs[@]}"; do
+    cp "$STAGE_ROOT/$deb" "$DIST/"
+    say "$DIST/$deb ($(stat -c %s "$DIST/$deb") bytes)"
+done
+
+# --- lintian: no errors, no warnings that are not overridden with a reason ----------
+
+if [ "${DEB_LINTIAN:-yes}" != no ]; then
+    (cd "$DIST" && lintian --fail-on error,warning --display-info "${debs[@]}")
+    say "lintian: no errors, no warnings"
+fi
