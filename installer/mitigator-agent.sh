@@ -332,8 +332,11 @@ activate_agent() {
 	cmd ln -sfn "$NEW_VENV/bin/mitigator-agent" "$LAUNCHER.new"
 	cmd mv -T "$LAUNCHER.new" "$LAUNCHER"
 	cmd ln -sfn "$LAUNCHER" "$PATH_ENTRY"
-	# The man page and bash completion come from the CLI itself.
-	mkdir -p "$(dirname "$MAN_PAGE")" "$(dirname "$COMPLETION")"
+	# The man page and bash completion come from the CLI itself. Directories made for them are
+	# recorded, so an uninstall removes exactly those.
+	for dir in "$(dirname "$MAN_PAGE")" "$(dirname "$(dirname "$COMPLETION")")" "$(dirname "$COMPLETION")"; do
+		[ -d "$dir" ] || { mkdir -p "$dir" && printf '%s\n' "$dir" >>"$STATE_DIR/created-dirs"; }
+	done
 	"$LAUNCHER" --version >/dev/null &&
 		"$NEW_VENV/bin/python" -m mitigator_agent.manpage >"$MAN_PAGE" &&
 		"$NEW_VENV/bin/python" -m mitigator_agent.completion >"$COMPLETION" &&
@@ -514,8 +517,12 @@ remove_everything() {
 	for file in "$MODPROBE_FILE" "$MODULES_LOAD_FILE" "$SYSCTL_FILE" "$PATH_ENTRY" "$MAN_PAGE" "$COMPLETION"; do
 		if [ -e "$file" ] || [ -L "$file" ]; then cmd rm -f "$file"; removed=yes; fi
 	done
-	# The directories the install made for them, if nothing else is there.
-	rmdir "$(dirname "$MAN_PAGE")" "$(dirname "$COMPLETION")" "$(dirname "$(dirname "$COMPLETION")")" 2>/dev/null || true
+	# The directories the install made for them (deepest first), if nothing else is there.
+	if [ -r "$STATE_DIR/created-dirs" ]; then
+		for dir in $(sort -r "$STATE_DIR/created-dirs"); do
+			rmdir "$dir" 2>/dev/null || true
+		done
+	fi
 	if [ -r "$STATE_DIR/tcp_syncookies-before" ]; then
 		cmd sysctl -q -w "net.ipv4.tcp_syncookies=$(cat "$STATE_DIR/tcp_syncookies-before")" || true
 	fi
