@@ -417,6 +417,11 @@ def _summary(log: Path) -> str:
     return "\n".join(failures + lines[-1:])
 
 
+# The system tests' temporary files (guest overlays, console logs): outside pytest's shared,
+# pruned /tmp/pytest-of-USER/, and on the host's disk rather than in the repository.
+SYSTEM_BASETEMP = Path("/tmp/mitigator-agent-system-tests")
+
+
 def run(pytest_args: list[str], kernel_only: bool = False, jobs: int = 2) -> int:
     kvers = kernels_in_run()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -469,7 +474,10 @@ def run(pytest_args: list[str], kernel_only: bool = False, jobs: int = 2) -> int
         t0 = time.monotonic()
         _say(f"system tests started (log: {(out / 'pytest.log').relative_to(REPO)})")
         with open(out / "pytest.log", "w") as log:
-            rc = subprocess.run(pytest + ["-m", "system", f"--junitxml={out / 'junit.xml'}", *pytest_args],
+            # A base temp of its own: each kernel's pytest, starting later, would otherwise prune
+            # /tmp/pytest-of-USER/ down to its 3 newest and take this run's guest overlays and logs.
+            rc = subprocess.run(pytest + ["-m", "system", f"--junitxml={out / 'junit.xml'}",
+                                          f"--basetemp={SYSTEM_BASETEMP}", *pytest_args],
                                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, SYSTEM_TESTS="required")).returncode
         _say(f"system tests done in {time.monotonic() - t0:.0f} s (exit {rc})\n" + _summary(out / "pytest.log"))
