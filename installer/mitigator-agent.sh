@@ -308,8 +308,10 @@ prepare_home() {
 		owner=$(stat -c %U "$KEYS_FILE")
 		case "$owner" in root | "$SERVICE_USER") ;; *) cmd chown root "$KEYS_FILE" ;; esac
 		[ $((0$mode & 022)) = 0 ] || cmd chmod go-w "$KEYS_FILE"
-		[ "$owner" = "$SERVICE_USER" ] || [ $((0$mode & 044)) != 0 ] || cmd chgrp "$SERVICE_USER" "$KEYS_FILE"
-		[ "$owner" = "$SERVICE_USER" ] || [ $((0$mode & 044)) != 0 ] || cmd chmod g+r "$KEYS_FILE"
+		if [ "$owner" != "$SERVICE_USER" ] && [ $((0$mode & 044)) = 0 ]; then
+			cmd chgrp "$SERVICE_USER" "$KEYS_FILE"
+			cmd chmod g+r "$KEYS_FILE"
+		fi
 	fi
 }
 

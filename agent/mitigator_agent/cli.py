@@ -105,23 +105,23 @@ def _check_networks(ctx: click.Context, param: click.Parameter, value: Tuple[str
     return tuple(networks)
 
 
-def _check_listen(ctx: click.Context, param: click.Parameter, value: Tuple[str, ...]) -> Tuple[str, ...]:
-    """ADDR, [ADDR], ADDR:PORT or [ADDR]:PORT, as sshd's ListenAddress."""
-    for text in value:
-        try:
-            split_listen_address(text)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
-    return value
+def _each_parses_with(parse: Callable[[str], object]) -> Callable[..., Tuple[str, ...]]:
+    """A click callback refusing any value of a repeatable option that ``parse`` rejects (ValueError)."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: Tuple[str, ...]) -> Tuple[str, ...]:
+        for text in value:
+            try:
+                parse(text)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+        return value
+
+    return check
 
 
-def _check_ntp_servers(ctx: click.Context, param: click.Parameter, value: Tuple[str, ...]) -> Tuple[str, ...]:
-    for text in value:
-        try:
-            parse_ntp_server(text)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
-    return value
+# ADDR, [ADDR], ADDR:PORT or [ADDR]:PORT, as sshd's ListenAddress.
+_check_listen = _each_parses_with(split_listen_address)
+_check_ntp_servers = _each_parses_with(parse_ntp_server)
 
 
 def _check_fingerprint(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
