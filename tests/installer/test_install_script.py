@@ -31,6 +31,8 @@ HOST_KEY = "/opt/mitigator_agent/host.ed25519"
 LOG = "/var/log/mitigator-agent-install.log"
 INSTALL_TIMEOUT = 1800  # apt, a DKMS build and a venv under TCG
 MAX_EXPOSURE = 2.0
+# What an admin sees at each step (install, reboot check, update, uninstall), for people to read.
+TRANSCRIPT = REPO / "build" / "installer" / "transcript.txt"
 
 
 def build_dist(out: Path, version: str) -> Path:
@@ -71,6 +73,26 @@ def install(system: DebianSystem, script: str = SCRIPT, env: str = "", check: bo
     """Run the install as the README says: piped into sh (or `sh FILE`)."""
     line = f"cat {script} | {env} sh" if pipe else f"{env} sh {script}"
     return system.run(line, check=check, timeout=INSTALL_TIMEOUT)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_transcript() -> None:
+    TRANSCRIPT.parent.mkdir(parents=True, exist_ok=True)
+    TRANSCRIPT.write_text(f"# tests/installer/test_install_script.py, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+
+
+def record(title: str, result: subprocess.CompletedProcess[str]) -> None:
+    """Append a command and what it printed to the transcript."""
+    with TRANSCRIPT.open("a") as out:
+        out.write(f"\n## {title}\n$ {result.args}\n{result.stdout}{result.stderr}(exit status {result.returncode})\n")
+
+
+def record_poll(result: subprocess.CompletedProcess[str]) -> None:
+    """Append an OpenSSH `get` to the transcript with the secrets' values left out."""
+    shown = "".join(line.split(": ", 1)[0] + (": (secret)\n" if "secret" in line else line[line.find(":"):] + "\n")
+                    for line in result.stdout.splitlines())
+    record("poll from the host with OpenSSH (secret values not shown)",
+           subprocess.CompletedProcess(" ".join(result.args), result.returncode, shown, result.stderr))
 
 
 def last_line(result: subprocess.CompletedProcess[str]) -> str:
@@ -155,14 +177,19 @@ def test_install_killed_at_a_step(system, step):
                f" > {out} 2>&1 &)")
     deadline = time.monotonic() + INSTALL_TIMEOUT
     while "[test hook] pausing at step" not in (text := system.run(f"cat {out}").stdout):
-        assert time.monotonic() < deadline and not re.search(r"^mitigator-agent: ", text, re.M), text
+        if time.monotonic() > deadline or re.search(r"^mitigator-agent: ", text, re.M):
+            log = system.run(f"tail -n 60 {LOG}", check=False).stdout
+            pytest.fail(f"the install did not reach step {step}:\n{text}\n--- {LOG} (end) ---\n{log}")
         time.sleep(5)
-    # SIGKILL: no trap runs, as when the machine loses power or the admin's session dies
-    system.run("kill -KILL -- -$(cat /root/installer.pgid); rm /root/installer.pgid " + out)
+    # SIGKILL: no trap runs, as when the machine loses power or the admin's session dies. (dash's
+    # kill takes no `--`.) Every process of the group must be gone before the next run starts.
+    system.run("g=$(cat /root/installer.pgid) && kill -KILL -$g && rm /root/installer.pgid " + out +
+               " && for i in $(seq 60); do ps -o pid= -g $g >/dev/null || exit 0; sleep 1; done; ps -f -g $g; exit 1")
 
 
 def test_install_completes_after_the_kills(system, client_key, tmp_path):
     result = install(system)
+    record("install (after three killed runs)", result)
     out = result.stderr
     assert "[#] systemctl enable mitigator-agent.service" in out
     assert f"mitigator-agent {VERSION} is installed and running." in out
@@ -215,19 +242,14 @@ def test_selftest_and_check_pass_on_the_installed_system(system):
     assert len(selftest.stdout.splitlines()) == 4
 
 
-AFTER_REBOOT_LOST = pytest.mark.skip(reason=(
-    "issue 8, open: in the validating run the guest came back from `systemctl reboot` (a clean"
-    " remount-ro and restart in the same qemu) without anything the install wrote, so this and the"
-    " update and uninstall tests that follow it failed; the harness (qcow2 overlay, cache=unsafe)"
-    " is suspected, not the installer. Remove this mark to run them."))
-
-
 # --- reboot -------------------------------------------------------------------------------------
 
-@AFTER_REBOOT_LOST
 def test_everything_comes_back_after_a_reboot(system, client_key, tmp_path):
     host_key = system.get(HOST_KEY)
     system.reboot()
+    record("after the reboot", system.run(
+        "uptime; lsmod | grep tcpsecrets; cat /sys/module/tcpsecrets/parameters/read_gid; sysctl net.ipv4.tcp_syncookies;"
+        " systemctl is-active mitigator-agent; mitigator-agent status", check=False))
     gid = system.run("getent group mitigator_agent | cut -d: -f3").stdout.strip()
     assert system.run("cat /sys/module/tcpsecrets/parameters/read_gid").stdout.strip() == gid
     assert system.run("sysctl -n net.ipv4.tcp_syncookies").stdout.strip() == "2"
@@ -235,15 +257,16 @@ def test_everything_comes_back_after_a_reboot(system, client_key, tmp_path):
     assert system.run("systemctl is-active mitigator-agent").stdout.strip() == "active"
     assert system.get(HOST_KEY) == host_key
     result = ssh_get(system, client_key, pin_host_key(system, tmp_path))
+    record_poll(result)
     assert result.returncode == 0, result.stderr
 
 
 # --- update -------------------------------------------------------------------------------------
 
-@AFTER_REBOOT_LOST
 def test_update_keeps_keys_and_host_key_and_serves_the_new_version(system, client_key, tmp_path):
     kept = {path: system.get(path) for path in (KEYS, HOST_KEY, HOST_KEY + ".pub")}
     result = install(system, NEXT_SCRIPT, pipe=False)
+    record("update", result)
     assert f"[i] updating {VERSION} to {NEXT_VERSION}" in result.stderr
     assert f"mitigator-agent {NEXT_VERSION} is installed and running." in result.stderr
     assert {path: system.get(path) for path in kept} == kept
@@ -253,15 +276,16 @@ def test_update_keeps_keys_and_host_key_and_serves_the_new_version(system, clien
     assert re.findall(r"^tcpsecrets/([^,:]+)", dkms, re.M) == [NEXT_VERSION], dkms
     assert system.run("ls /usr/lib/mitigator-agent | grep -c '^venv-'").stdout.strip() == "1"
     result = ssh_get(system, client_key, pin_host_key(system, tmp_path))
+    record_poll(result)
     assert result.returncode == 0, result.stderr
 
 
 # --- uninstall ----------------------------------------------------------------------------------
 
-@AFTER_REBOOT_LOST
 def test_uninstall_keeps_keys_then_purge_leaves_nothing(system, pristine):
     kept = {path: system.get(path) for path in (KEYS, HOST_KEY)}
     result = system.run("mitigator-agent -d", timeout=INSTALL_TIMEOUT)
+    record("uninstall", result)
     assert "[i] kept: /opt/mitigator_agent/keys and the host key /opt/mitigator_agent/host.ed25519" in result.stderr
     assert last_line(result) == "mitigator-agent is uninstalled."
     assert {path: system.get(path) for path in kept} == kept
@@ -271,8 +295,10 @@ def test_uninstall_keeps_keys_then_purge_leaves_nothing(system, pristine):
     assert left and all("mitigator_agent" in line or any(f" {db}" in line for db in accounts) for line in left), left
 
     result = system.run(f"sh {SCRIPT} -d --purge", timeout=INSTALL_TIMEOUT)
+    record("uninstall --purge", result)
     assert last_line(result) == "mitigator-agent is uninstalled."
     assert diff_states(pristine, system.state()) == []
 
     again = system.run(f"sh {SCRIPT} -d")
+    record("uninstall again", again)
     assert last_line(again) == "mitigator-agent: nothing to remove (not installed)"

@@ -6,7 +6,7 @@ with DKMS in a chroot of that release, and the table of results.
         `system` once; then the `kernel` tests once per kernel, N kernels at
         a time (default 2), each in its own pytest (build/matrix/KVER/
         pytest.log), and beside them the `system` tests (a booted Debian
-        image: installer and packages; build/matrix/system/pytest.log; not
+        image: installer and packages, two runs; build/matrix/system-*/pytest.log; not
         with --kernel-only); then the results table. Exit status 1 if any
         pytest failed.
     python -m tests.kernel.matrix build [--force] [KVER...]
@@ -420,6 +420,10 @@ def _summary(log: Path) -> str:
 # The system tests' temporary files (guest overlays, console logs): outside pytest's shared,
 # pruned /tmp/pytest-of-USER/, and on the host's disk rather than in the repository.
 SYSTEM_BASETEMP = Path("/tmp/mitigator-agent-system-tests")
+# The install script's tests in one run; every other system test (the packages, the image) in the other.
+INSTALL_SCRIPT_TESTS = "tests/installer/test_install_script.py"
+SYSTEM_GROUPS = {"install-script": [INSTALL_SCRIPT_TESTS],
+                 "packages-and-image": [f"--ignore={INSTALL_SCRIPT_TESTS}"]}
 
 
 def run(pytest_args: list[str], kernel_only: bool = False, jobs: int = 2) -> int:
@@ -467,33 +471,36 @@ def run(pytest_args: list[str], kernel_only: bool = False, jobs: int = 2) -> int
              + _summary(out / "pytest.log"))
         return rc
 
-    def system_suite() -> int:
-        """The installer's and the packages' tests in a booted Debian system (tests/installer)."""
-        out = OUT / "system"
+    def system_suite(group: str, selection: list[str]) -> int:
+        """One group of the tests in a booted Debian system (tests/installer), its own pytest."""
+        out = OUT / f"system-{group}"
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
-        _say(f"system tests started (log: {(out / 'pytest.log').relative_to(REPO)})")
+        _say(f"system tests ({group}) started (log: {(out / 'pytest.log').relative_to(REPO)})")
         with open(out / "pytest.log", "w") as log:
             # A base temp of its own: each kernel's pytest, starting later, would otherwise prune
             # /tmp/pytest-of-USER/ down to its 3 newest and take this run's guest overlays and logs.
             rc = subprocess.run(pytest + ["-m", "system", f"--junitxml={out / 'junit.xml'}",
-                                          f"--basetemp={SYSTEM_BASETEMP}", *pytest_args],
+                                          f"--basetemp={SYSTEM_BASETEMP / group}", *selection, *pytest_args],
                                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, SYSTEM_TESTS="required")).returncode
-        _say(f"system tests done in {time.monotonic() - t0:.0f} s (exit {rc})\n" + _summary(out / "pytest.log"))
+        _say(f"system tests ({group}) done in {time.monotonic() - t0:.0f} s (exit {rc})\n"
+             + _summary(out / "pytest.log"))
         return rc
 
-    # The system tests run beside the kernel pool (a third job): much of their time is spent
-    # waiting on the guest (SSH round trips, reboots), which the kernels' guests fill.
-    with ThreadPoolExecutor(max_workers=1) as system_pool:
-        system_run = None if kernel_only else system_pool.submit(system_suite)
+    # The system tests run beside the kernel pool, in two groups of about equal length (each boots
+    # its own guest): much of their time is spent waiting on the guest (apt, SSH round trips,
+    # reboots), which the other guests fill.
+    with ThreadPoolExecutor(max_workers=len(SYSTEM_GROUPS)) as system_pool:
+        system_runs = [] if kernel_only else [system_pool.submit(system_suite, group, selection)
+                                              for group, selection in SYSTEM_GROUPS.items()]
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             codes = list(pool.map(kernel_suite, kvers))
         failed |= any(rc != 0 for rc in codes)
-        if system_run is not None:
-            system_rc = system_run.result()
-            failed |= system_rc != 0
-            _say(f"system tests: {'passed' if system_rc == 0 else 'FAILED'}")
+        if system_runs:
+            system_codes = [run.result() for run in system_runs]
+            failed |= any(rc != 0 for rc in system_codes)
+            _say(f"system tests: {'passed' if not any(system_codes) else 'FAILED'}")
 
     results()
     _say(f"results: {(OUT / 'results.md').relative_to(REPO)}; "
