@@ -69,8 +69,15 @@ fuzz: venv
 # The agent's `get` against OpenSSH's sshd (reference) and a bare asyncssh
 # server (floor), then a 50,000-poll soak; a few minutes, as root (sshd).
 # Results in build/bench/results.md.  BENCH_ARGS="--soak 10000 ..." to vary.
+# Then the module's cookie-accept hook in a booted guest: cookie connections/s
+# with the module against the stock kernel after a SYN-queue overflow, on the
+# host release's matrix kernel, provisioned as `make test` does (one qemu TCG
+# boot, several minutes). Results in build/bench/cookie-hook.md.
+# HOOK_BENCH_ARGS="--connections 5000 --rounds 3 ..." to vary.
 bench: venv
 	$(PY) bench/bench.py $(BENCH_ARGS)
+	kver="$$(tests/provision-host.sh "bookworm:$$(awk '$$1 == "bookworm" { print $$2 }' tests/kernel/test-kernels)")" && \
+	$(PY) bench/cookie_hook.py --kver "$$kver" $(HOOK_BENCH_ARGS)
 
 # dist/mitigator-agent: the one-file installer (module source, agent, wheels for
 # every supported CPython; wheels cached in /var/cache/mitigator-agent-build).
