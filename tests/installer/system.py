@@ -408,8 +408,9 @@ class DebianSystem:
         `roots`: type, mode, owner, and the SHA-256 of regular files or a
         symlink's target; STATE_EXCLUDE left out), ``users`` and ``groups``
         (getent lines), ``sysctls`` (SYSCTLS), ``modules`` (loaded, as
-        lsmod lists them) and ``unit_files`` (systemd's unit files and their
-        state: enabled, disabled, static, masked ...).
+        lsmod lists them, with the socket-list modules ss loads on demand
+        always among them) and ``unit_files`` (systemd's unit files and
+        their state: enabled, disabled, static, masked ...).
         """
         config = {"roots": list(roots), "skip_prefixes": list(STATE_SKIP_PREFIXES),
                   "exclude": list(STATE_EXCLUDE), "sysctls": list(SYSCTLS)}
@@ -501,6 +502,9 @@ for name in config["sysctls"]:
     with open("/proc/sys/" + name.replace(".", "/")) as f:
         sysctls[name] = f.read().strip()
 
+# The kernel loads inet_diag and tcp_diag on demand the first time anything asks for the socket
+# list (ss, as the installer and the tests do): asked here first, both snapshots have them.
+subprocess.run(["ss", "-Htan"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 with open("/proc/modules") as f:
     modules = {line.split()[0]: "loaded" for line in f}
 

@@ -14,7 +14,7 @@ import shlex
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, Iterator
+from typing import Dict, Iterator, Optional
 
 import pytest
 
@@ -81,10 +81,11 @@ def fresh_transcript() -> None:
     TRANSCRIPT.write_text(f"# tests/installer/test_install_script.py, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
 
 
-def record(title: str, result: subprocess.CompletedProcess[str]) -> None:
-    """Append a command and what it printed to the transcript."""
+def record(title: str, result: subprocess.CompletedProcess[str], seconds: Optional[float] = None) -> None:
+    """Append a command and what it printed (and how long it took, when given) to the transcript."""
+    took = f", {seconds:.0f} s" if seconds is not None else ""
     with TRANSCRIPT.open("a") as out:
-        out.write(f"\n## {title}\n$ {result.args}\n{result.stdout}{result.stderr}(exit status {result.returncode})\n")
+        out.write(f"\n## {title}\n$ {result.args}\n{result.stdout}{result.stderr}(exit status {result.returncode}{took})\n")
 
 
 def record_poll(result: subprocess.CompletedProcess[str]) -> None:
@@ -188,8 +189,9 @@ def test_install_killed_at_a_step(system, step):
 
 
 def test_install_completes_after_the_kills(system, client_key, tmp_path):
+    started = time.monotonic()
     result = install(system)
-    record("install (after three killed runs)", result)
+    record("install (after three killed runs)", result, time.monotonic() - started)
     out = result.stderr
     assert "[#] systemctl enable mitigator-agent.service" in out
     assert f"mitigator-agent {VERSION} is installed and running." in out
@@ -265,8 +267,9 @@ def test_everything_comes_back_after_a_reboot(system, client_key, tmp_path):
 
 def test_update_keeps_keys_and_host_key_and_serves_the_new_version(system, client_key, tmp_path):
     kept = {path: system.get(path) for path in (KEYS, HOST_KEY, HOST_KEY + ".pub")}
+    started = time.monotonic()
     result = install(system, NEXT_SCRIPT, pipe=False)
-    record("update", result)
+    record("update", result, time.monotonic() - started)
     assert f"[i] updating {VERSION} to {NEXT_VERSION}" in result.stderr
     assert f"mitigator-agent {NEXT_VERSION} is installed and running." in result.stderr
     assert {path: system.get(path) for path in kept} == kept
@@ -292,7 +295,8 @@ def test_uninstall_keeps_keys_then_purge_leaves_nothing(system, pristine):
     # left: the agent's home, its user and group (in the account databases too)
     accounts = ("/etc/passwd:", "/etc/group:", "/etc/shadow:", "/etc/gshadow:")
     left = [line for line in diff_states(pristine, system.state()) if LOG not in line]
-    assert left and all("mitigator_agent" in line or any(f" {db}" in line for db in accounts) for line in left), left
+    unexpected = [line for line in left if "mitigator_agent" not in line and not any(f" {db}" in line for db in accounts)]
+    assert left and unexpected == [], "\n".join(unexpected)
 
     result = system.run(f"sh {SCRIPT} -d --purge", timeout=INSTALL_TIMEOUT)
     record("uninstall --purge", result)
