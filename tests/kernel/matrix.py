@@ -407,7 +407,9 @@ def update_readme() -> None:
 # --- the whole run ------------------------------------------------------------------
 
 def _say(msg: str) -> None:
-    print(f"matrix: {msg}", file=sys.stderr, flush=True)
+    # One write per message: the system and kernel jobs report from their own threads.
+    sys.stderr.write(f"matrix: {msg}\n")
+    sys.stderr.flush()
 
 
 def _summary(log: Path) -> str:
