@@ -428,6 +428,20 @@ SYSTEM_GROUPS = {"install-script": [INSTALL_SCRIPT_TESTS],
                  "packages-and-image": [f"--ignore={INSTALL_SCRIPT_TESTS}"]}
 
 
+def _pytest_job(title: str, out: Path, command: list[str], env: dict[str, str]) -> int:
+    """Run a pytest `command` with its output in OUT/pytest.log and its junit in OUT/junit.xml,
+    saying when it starts and ends (with the summary); its exit status."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "junit.xml").unlink(missing_ok=True)
+    t0 = time.monotonic()
+    _say(f"{title} started (log: {(out / 'pytest.log').relative_to(REPO)})")
+    with open(out / "pytest.log", "w") as log:
+        rc = subprocess.run(command + [f"--junitxml={out / 'junit.xml'}"], cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT, env=dict(os.environ, **env)).returncode
+    _say(f"{title} done in {time.monotonic() - t0:.0f} s (exit {rc})\n" + _summary(out / "pytest.log"))
+    return rc
+
+
 def run(pytest_args: list[str], kernel_only: bool = False, jobs: int = 2) -> int:
     kvers = kernels_in_run()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -459,36 +473,17 @@ def run(pytest_args: list[str], kernel_only: bool = False, jobs: int = 2) -> int
         (OUT / "junit-host.xml").unlink(missing_ok=True)
 
     def kernel_suite(kver: str) -> int:
-        out = out_dir(kver)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "junit.xml").unlink(missing_ok=True)
-        t0 = time.monotonic()
-        _say(f"{kver}: kernel tests started (log: {(out / 'pytest.log').relative_to(REPO)})")
-        with open(out / "pytest.log", "w") as log:
-            rc = subprocess.run(pytest + ["-m", "kernel", f"--junitxml={out / 'junit.xml'}",
-                                          *pytest_args],
-                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, TEST_KVERS=kver)).returncode
-        _say(f"{kver}: kernel tests done in {time.monotonic() - t0:.0f} s (exit {rc})\n"
-             + _summary(out / "pytest.log"))
-        return rc
+        return _pytest_job(f"{kver}: kernel tests", out_dir(kver), pytest + ["-m", "kernel", *pytest_args],
+                           {"TEST_KVERS": kver})
 
     def system_suite(group: str, selection: list[str]) -> int:
         """One group of the tests in a booted Debian system (tests/installer), its own pytest."""
-        out = OUT / f"system-{group}"
-        out.mkdir(parents=True, exist_ok=True)
-        t0 = time.monotonic()
-        _say(f"system tests ({group}) started (log: {(out / 'pytest.log').relative_to(REPO)})")
-        with open(out / "pytest.log", "w") as log:
-            # A base temp of its own: each kernel's pytest, starting later, would otherwise prune
-            # /tmp/pytest-of-USER/ down to its 3 newest and take this run's guest overlays and logs.
-            rc = subprocess.run(pytest + ["-m", "system", f"--junitxml={out / 'junit.xml'}",
-                                          f"--basetemp={SYSTEM_BASETEMP / group}", *selection, *pytest_args],
-                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, SYSTEM_TESTS="required")).returncode
-        _say(f"system tests ({group}) done in {time.monotonic() - t0:.0f} s (exit {rc})\n"
-             + _summary(out / "pytest.log"))
-        return rc
+        # A base temp of its own: each kernel's pytest, starting later, would otherwise prune
+        # /tmp/pytest-of-USER/ down to its 3 newest and take this run's guest overlays and logs.
+        return _pytest_job(f"system tests ({group})", OUT / f"system-{group}",
+                           pytest + ["-m", "system", f"--basetemp={SYSTEM_BASETEMP / group}", *selection,
+                                     *pytest_args],
+                           {"SYSTEM_TESTS": "required"})
 
     # The system tests run beside the kernel pool, in two groups of about equal length (each boots
     # its own guest): much of their time is spent waiting on the guest (apt, SSH round trips,
@@ -500,7 +495,7 @@ def run(pytest_args: list[str], kernel_only: bool = False, jobs: int = 2) -> int
             codes = list(pool.map(kernel_suite, kvers))
         failed |= any(rc != 0 for rc in codes)
         if system_runs:
-            system_codes = [run.result() for run in system_runs]
+            system_codes = [job.result() for job in system_runs]
             failed |= any(rc != 0 for rc in system_codes)
             _say(f"system tests: {'passed' if not any(system_codes) else 'FAILED'}")
 
