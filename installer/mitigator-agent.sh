@@ -189,10 +189,17 @@ build_module() {
 	version=$(payload_version)
 	release=$(kernel_release)
 	src=/usr/src/$MODULE-$version
-	# A same-version reinstall or a run killed half-way: start this version afresh.
+	# A same-version reinstall keeps the installed build. A run killed half-way starts this version
+	# afresh, unless DKMS had finished building it from exactly this source: that build is reused.
 	dkms_versions | grep -qx "$version" || NEW_MODULE_VERSION=$version
 	if dkms_versions | grep -qx "$version" || [ -d "$src" ]; then
-		if ! dkms status -m "$MODULE" -v "$version" -k "$release" 2>/dev/null | grep -q ': installed'; then
+		state=$(dkms status -m "$MODULE" -v "$version" -k "$release" 2>/dev/null)
+		case $state in
+		*': installed'*) ;;
+		*': built'*) diff -r -q "$PAYLOAD/kmod" "$src" >/dev/null 2>&1 || state=stale ;;
+		*) state=stale ;;
+		esac
+		if [ "$state" = stale ]; then
 			cmd dkms remove -m "$MODULE" -v "$version" --all >/dev/null 2>&1 || true
 			cmd rm -rf "$src"
 		fi
@@ -204,8 +211,14 @@ build_module() {
 		die "dkms add failed (see $LOG_FILE)"
 	pause_at dkms
 	if ! dkms status -m "$MODULE" -v "$version" -k "$release" 2>/dev/null | grep -Eq ': (built|installed)'; then
-		cmd dkms build -m "$MODULE" -v "$version" -k "$release" ||
-			die "building the module for kernel $release failed (see $LOG_FILE and /var/lib/dkms/$MODULE/$version/build/make.log)"
+		if ! cmd dkms build -m "$MODULE" -v "$version" -k "$release"; then
+			# The rollback removes DKMS's tree, make.log with it: the install log keeps a copy.
+			for make_log in "/var/lib/dkms/$MODULE/$version/$release/$(uname -m)/log/make.log" \
+				"/var/lib/dkms/$MODULE/$version/build/make.log"; do
+				[ -r "$make_log" ] && { printf -- '--- %s\n' "$make_log"; cat "$make_log"; } >>"$LOG_FILE" && break
+			done
+			die "building the module for kernel $release failed (DKMS's output and make.log: $LOG_FILE): check that linux-headers-$release is installed whole (apt install --reinstall linux-headers-$release), then run this again"
+		fi
 	fi
 }
 

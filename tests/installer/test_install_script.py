@@ -194,6 +194,8 @@ def test_install_completes_after_the_kills(system, client_key, tmp_path):
     record("install (after three killed runs)", result, time.monotonic() - started)
     out = result.stderr
     assert "[#] systemctl enable mitigator-agent.service" in out
+    # the run killed at the switch had finished DKMS's build of this very source: reused, not redone
+    assert "[#] dkms build " not in out and f"[#] dkms install -m tcpsecrets -v {VERSION} " in out
     assert f"mitigator-agent {VERSION} is installed and running." in out
     fingerprint = system.run(f"ssh-keygen -l -f {HOST_KEY}.pub").stdout.split()[1]
     assert re.search(rf"^Host key \(MITIGATOR pins it\): 256 {re.escape(fingerprint)} ", out, re.M)
@@ -264,6 +266,32 @@ def test_everything_comes_back_after_a_reboot(system, client_key, tmp_path):
 
 
 # --- update -------------------------------------------------------------------------------------
+
+def test_a_failed_update_leaves_the_previous_version_running(system):
+    # The new version's module cannot build (its kernel's build tree is gone, as when the headers
+    # were removed by hand): the update stops before the switch and takes back what it added.
+    release = system.run("uname -r").stdout.strip()
+    build = f"/lib/modules/{release}/build"
+    before = system.state()
+    system.run(f"mv {build} /root/build-away")
+    try:
+        result = install(system, NEXT_SCRIPT, pipe=False, check=False)
+    finally:
+        system.run(f"mv /root/build-away {build}")
+    record("update that fails (the kernel's build tree moved away)", result)
+    assert result.returncode == 1, result.stderr
+    assert f"[i] updating {VERSION} to {NEXT_VERSION}" in result.stderr
+    assert f"[!] update failed: the previous version ({VERSION}) keeps running" in result.stderr
+    assert last_line(result) == (f"mitigator-agent: building the module for kernel {release} failed (DKMS's output"
+                                 f" and make.log: {LOG}): check that linux-headers-{release} is installed whole"
+                                 f" (apt install --reinstall linux-headers-{release}), then run this again")
+    assert system.run("cat /sys/module/tcpsecrets/version").stdout.strip() == VERSION
+    assert system.run("systemctl is-active mitigator-agent").stdout.strip() == "active"
+    assert system.run("mitigator-agent --version").stdout.strip() == f"mitigator-agent, version {VERSION}"
+    assert re.findall(r"^tcpsecrets/([^,:]+)", system.run("dkms status").stdout, re.M) == [VERSION]
+    # nothing else changed: the install log says what happened
+    assert [line for line in diff_states(before, system.state()) if LOG not in line] == []
+
 
 def test_update_keeps_keys_and_host_key_and_serves_the_new_version(system, client_key, tmp_path):
     kept = {path: system.get(path) for path in (KEYS, HOST_KEY, HOST_KEY + ".pub")}

@@ -83,7 +83,7 @@ def _run_guest_suite(kver: str, work: Path) -> dict[str, tuple[str, str]]:
     try:
         result = vm.run_in_guest(
             kver,
-            f"{sys.executable} -m pytest -p no:cacheprovider -o addopts= -v {GUEST_DIR} "
+            f"{sys.executable} -m pytest -p no:cacheprovider -o addopts= -v --durations=15 {GUEST_DIR} "
             f"--junitxml={junit}; rc=$?; dmesg > {dmesg}; exit $rc",
             rwdirs=[out],
             env={**vm.guest_env(kver, ko), "TCPSECRETS_GUEST_OUT": str(out)},

@@ -17,7 +17,10 @@ PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 # asyncssh 2.14.2 fixed Terrapin (CVE-2023-48795, prefix truncation of the
 # handshake); 2.14.1 the rogue session attacks (CVE-2023-46445/46446).
-FLOORS = {"asyncssh": (2, 14, 2)}
+# cryptography's PyPI wheels link OpenSSL statically; every release before
+# 48.0.1 carries a vulnerable one (GHSA-537c-gmf6-5ccf, July 2026; earlier:
+# 42.0.0-44.0.0 CVE-2024-12797, 37.0.0-43.0.0 the 2024-09-03 advisory).
+FLOORS = {"asyncssh": (2, 14, 2), "cryptography": (48, 0, 1)}
 
 
 def release(text: str) -> Tuple[int, ...]:
@@ -34,13 +37,14 @@ def declared_floors() -> Dict[str, Tuple[int, ...]]:
     return floors
 
 
-def test_asyncssh_floor_excludes_releases_open_to_terrapin():
+def test_floors_exclude_releases_with_known_vulnerabilities():
     floors = declared_floors()
     for name, minimum in FLOORS.items():
         assert name in floors, f"{name} has no >= floor in {PYPROJECT}"
         assert floors[name] >= minimum, f"{name}>={floors[name]} admits releases below {minimum}"
 
 
-def test_the_installed_asyncssh_meets_the_floor():
-    installed = release(re.match(r"[0-9.]+", version("asyncssh")).group(0).rstrip("."))
-    assert installed >= declared_floors()["asyncssh"]
+def test_the_installed_releases_meet_the_floors():
+    for name in FLOORS:
+        installed = release(re.match(r"[0-9.]+", version(name)).group(0).rstrip("."))
+        assert installed >= declared_floors()[name], f"{name} {version(name)} is below its floor"
