@@ -223,3 +223,20 @@ def test_journalctl_priority_filter_selects_the_agents_warnings(workdir, empty_c
     assert warnings and all(not line.startswith("<") for line in warnings)
     assert any(line.startswith("will-not-work check=module ") for line in warnings)
     assert not any(line.startswith(("starting", "listening on")) for line in warnings)
+
+
+def test_check_says_why_no_ntp_server_answered_in_words(agent):
+    """A name that does not resolve and a server that stays silent: the reason, never an errno."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))  # takes the query, never answers
+        server = f"127.0.0.1:{silent.getsockname()[1]}"
+        result = run_agent("check", "--config", str(config_for(agent)), "--ntp-server", "no-such-host.invalid",
+                           "--ntp-server", server, "--timeout", "0.2")
+    assert result.returncode == 1
+    offset = [line for line in result.stdout.splitlines() if "NTP offset" in line]
+    assert len(offset) == 1
+    # the resolver's own words vary (no DNS at all: "Temporary failure in name resolution")
+    assert re.fullmatch(r"FAIL NTP offset: no server answered \(no-such-host\.invalid: cannot resolve"
+                        r" no-such-host\.invalid \([A-Za-z ]+\); " + re.escape(server) + r": no answer within 0\.2 s\):"
+                        r" name a reachable NTP server with --ntp-server HOST \(your network's own\)", offset[0]), offset[0]
+    assert "Errno" not in result.stdout + result.stderr
