@@ -114,7 +114,8 @@ def test_serve_says_at_start_what_will_not_work_and_keeps_serving(start_agent, c
 def test_keys_that_admit_nobody_are_reported_at_start(start_agent, workdir):
     agent = start_agent(None)  # no keys file at all
     agent.wait_for(f'^WARNING keys-file-admits-nobody reason="keys file {re.escape(str(workdir / "keys"))}'
-                   ' does not exist"$')
+                   ' does not exist" fix="run mitigator-agent keys add \'ssh-ed25519 AAAA... mitigator1\' with the key'
+                   ' from MITIGATOR\'s admin"$')
 
 
 @pytest.mark.parametrize("form", ["[::1]", "::1", "127.0.0.1:PORT", "[::1]:PORT"])
