@@ -237,18 +237,28 @@ def _keys_items(view: Dict[str, Any], subject: Subject, group: str) -> List[Item
         items.append(Item("keys-warning", WARN, f"keys file: {warning}",
                           "fix the line (mitigator-agent keys add replaces a key's line) or remove it",
                           facts={"path": path}, label="keys"))
+    for instance, lines in duplicate_instances(admitted).items():
+        items.append(Item("keys-warning", WARN, f"keys file: {duplicate_words(instance, lines)}", DUPLICATE_FIX,
+                          facts={"path": path, "instance": instance, "lines": lines}, label="keys"))
+    return items
+
+
+DUPLICATE_FIX = "give each key its own name (mitigator-agent keys add 'KEY NEWNAME')"
+
+
+def duplicate_instances(admitted: Sequence[Dict[str, Any]]) -> Dict[str, List[int]]:
+    """Instance names carried by more than one admitted key, with their lines."""
     seen: Dict[str, List[int]] = {}
     for entry in admitted:
         if entry["instance"]:
             seen.setdefault(entry["instance"], []).append(entry["line"])
-    for instance, lines in seen.items():
-        if len(lines) > 1:
-            items.append(Item("keys-warning", WARN,
-                              f"keys file: instance name {instance} is on lines {', '.join(map(str, lines))}:"
-                              " logs and `keys remove` cannot tell them apart",
-                              "give each key its own name (mitigator-agent keys add 'KEY NEWNAME')",
-                              facts={"path": path, "instance": instance, "lines": lines}, label="keys"))
-    return items
+    return {instance: lines for instance, lines in seen.items() if len(lines) > 1}
+
+
+def duplicate_words(instance: str, lines: Sequence[int]) -> str:
+    """Why one instance name on several lines is a problem."""
+    return (f"instance name {instance} is on lines {', '.join(map(str, lines))}:"
+            " logs and `keys remove` cannot tell them apart")
 
 
 def _host_key_item(view: Dict[str, Any], subject: Subject) -> Item:
