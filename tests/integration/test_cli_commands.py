@@ -55,7 +55,9 @@ def test_poll_failures_exit_1_with_the_reason(agent, client_key, second_key):
     wrong_pin = run_agent("poll", "127.0.0.1", "--port", port, "--key", str(client_key.path),
                           "--host-fingerprint", "SHA256:" + "A" * 43)
     assert wrong_pin.returncode == 1 and wrong_pin.stdout == ""
-    assert wrong_pin.stderr == f"host key is {host_fingerprint(agent)}, expected SHA256:{'A' * 43}\n"
+    assert wrong_pin.stderr == (f"poll: Host key verification failed: 127.0.0.1 port {port} has host key"
+                                f" {host_fingerprint(agent)}, expected SHA256:{'A' * 43}; compare with what"
+                                " `mitigator-agent host-key` prints on the agent\n")
 
     not_admitted = run_agent("poll", "127.0.0.1", "--port", port, "--key", str(second_key.path))
     assert not_admitted.returncode == 1
