@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import pwd
@@ -13,6 +14,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
+from typing import Iterator, List, Tuple
 
 import pytest
 
@@ -23,6 +25,7 @@ from mitigator_agent.snapshot import encode
 ME = pwd.getpwuid(os.geteuid()).pw_name
 MODULE = "ABI 2, HZ 250, isn_algorithm seq_and_ts_off, cookie_clock wall, set_generation 0, tcp_syncookies 2"
 JOURNAL_SOCKET = "/run/systemd/journal/stdout"
+JOURNALD = "/lib/systemd/systemd-journald"
 
 
 def run_agent(*args: str) -> subprocess.CompletedProcess:
@@ -196,34 +199,73 @@ def test_plain_levels_when_stdout_is_not_the_journal(workdir, empty_config):
     assert first.startswith("INFO ") or first.startswith("WARNING ")
 
 
-@pytest.mark.skipif(not os.path.exists(JOURNAL_SOCKET) or shutil.which("journalctl") is None,
-                    reason="no journald on this machine")
-def test_journalctl_priority_filter_selects_the_agents_warnings(workdir, empty_config):
+@pytest.fixture
+def journal() -> Iterator[Tuple[str, List[str]]]:
+    """A running journald: (its stdout stream socket, the journalctl arguments that read what it stored).
+
+    The machine's own when it runs one; else (a container, a build host
+    without systemd as PID 1) a private instance started here in a journal
+    namespace of its own (``systemd-journald NAMESPACE``, as
+    systemd-journald@.service runs it), removed with everything it wrote
+    afterwards.  Skipped only where neither exists or this is not root.
+    """
+    if shutil.which("journalctl") is None:
+        pytest.skip("no journalctl on this machine")
+    if os.path.exists(JOURNAL_SOCKET):
+        yield JOURNAL_SOCKET, []
+        return
+    if os.geteuid() != 0 or not os.access(JOURNALD, os.X_OK):
+        pytest.skip(f"no journald running, and {JOURNALD} cannot be started here (needs root)")
+    namespace = f"mitigatortest{uuid.uuid4().hex[:8]}"
+    stdout_socket = f"/run/systemd/journal.{namespace}/stdout"
+    daemon = subprocess.Popen([JOURNALD, namespace], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not os.path.exists(stdout_socket):
+            assert daemon.poll() is None, f"{JOURNALD} {namespace} exited ({daemon.returncode})"
+            assert time.monotonic() < deadline, f"{JOURNALD} {namespace} made no {stdout_socket}"
+            time.sleep(0.05)
+        yield stdout_socket, [f"--namespace={namespace}"]
+    finally:
+        daemon.terminate()
+        daemon.wait(WAIT_SECONDS)
+        for leftover in (f"/run/systemd/journal.{namespace}", *glob.glob(f"/run/log/journal/*.{namespace}"),
+                         *glob.glob(f"/var/log/journal/*.{namespace}")):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def test_journalctl_priority_filter_selects_the_agents_warnings(workdir, empty_config, journal):
     """A real journal stream, as systemd connects a service's stdout: journalctl -p warning selects by priority."""
+    stdout_socket, namespace = journal
     identifier = f"mitigator-test-{uuid.uuid4().hex[:8]}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stream:
-        stream.connect(JOURNAL_SOCKET)
+        stream.connect(stdout_socket)
         # sd-journal stream header: identifier, unit, priority, level prefix, syslog, kmsg, console.
         stream.sendall(f"{identifier}\n\n6\n1\n0\n0\n0\n".encode())
         stream.shutdown(socket.SHUT_RD)
         st = os.fstat(stream.fileno())
         env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
         proc = _serve_to(stream.fileno(), env, workdir)
+
+    def journalctl(*args: str) -> List[str]:
+        return subprocess.run(["journalctl", *namespace, "-t", identifier, *args, "-o", "cat", "--no-pager"],
+                              capture_output=True, text=True, timeout=WAIT_SECONDS).stdout.splitlines()
+
     try:
-        for _ in range(100):
-            found = subprocess.run(["journalctl", "-t", identifier, "-o", "cat", "--no-pager"],
-                                   capture_output=True, text=True).stdout
-            if "listening on" in found:
-                break
-            subprocess.run(["journalctl", "--sync"], capture_output=True)
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not any("listening on" in line for line in journalctl()):
+            assert time.monotonic() < deadline, journalctl()
+            subprocess.run(["journalctl", *namespace, "--sync"], capture_output=True, timeout=WAIT_SECONDS)
     finally:
         proc.terminate()
         proc.wait(WAIT_SECONDS)
-    warnings = subprocess.run(["journalctl", "-t", identifier, "-p", "warning", "-o", "cat", "--no-pager"],
-                              capture_output=True, text=True).stdout.splitlines()
-    assert warnings and all(not line.startswith("<") for line in warnings)
+    everything = journalctl()
+    warnings = journalctl("-p", "warning")
+    assert all(not line.startswith("<") for line in everything)  # journald took the prefixes as priorities
+    assert warnings == [line for line in everything if line.startswith(("will-not-work", "keys-file-admits-nobody"))]
     assert any(line.startswith("will-not-work check=module ") for line in warnings)
-    assert not any(line.startswith(("starting", "listening on")) for line in warnings)
+    assert any(line.startswith("keys-file-admits-nobody ") for line in warnings)
+    assert any(line.startswith("starting version=") for line in everything)
 
 
 def test_check_says_why_no_ntp_server_answered_in_words(agent):
