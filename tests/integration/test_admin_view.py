@@ -77,16 +77,35 @@ def test_status_reads_serves_config_and_shows_the_last_poll_per_instance(agent, 
     assert "secret" not in stored and oct((agent.runtime_dir / "last-polls.json").stat().st_mode & 0o777) == "0o644"
 
 
-def test_status_and_check_json_follow_the_documented_schema(agent):
-    jsonschema = pytest.importorskip("jsonschema")
-    from mitigator_agent.health import REPORT_SCHEMA
-    config = config_for(agent)
-    for command in (["status"], ["check", "--ntp-server", "127.0.0.1:9", "--timeout", "0.2"]):
-        result = run_agent(*command, "--config", str(config), "--json")
-        document = json.loads(result.stdout)
-        jsonschema.validate(document, REPORT_SCHEMA)
-        assert document["config"] == str(config) and document["user"] == ME
-        assert result.returncode == (0 if document["ok"] else 1)
+def test_status_check_and_keys_list_json_follow_the_documented_schemas(agent, workdir):
+    """Every --json document, healthy or not, validates against the schema the man page prints."""
+    import jsonschema  # a test dependency (pyproject's test extra): never skipped
+    from mitigator_agent.health import KEYS_LIST_SCHEMA, REPORT_SCHEMA
+    healthy = config_for(agent)
+    broken = workdir / "broken.toml"  # nothing there: no keys, no host key, no module, nobody listening
+    broken.write_text(f'keys = "{workdir / "nokeys"}"\nhost-key = "{workdir / "nokey"}"\n'
+                      f'device = "{workdir / "nodevice"}"\nruntime-dir = "{workdir / "norun"}"\nport = 1\n'
+                      f'user = "{ME}"\n')
+    nobody_there = workdir / "nouser.toml"
+    nobody_there.write_text('user = "no-such-user-here"\n')
+    for path in (broken, nobody_there):
+        path.chmod(0o644)
+    seen = set()
+    for config in (healthy, broken, nobody_there):
+        for command in (["status"], ["check", "--ntp-server", "127.0.0.1:9", "--timeout", "0.2"]):
+            result = run_agent(*command, "--config", str(config), "--json")
+            document = json.loads(result.stdout)
+            jsonschema.validate(document, REPORT_SCHEMA)
+            assert document["config"] == str(config) and document["command"] == command[0]
+            assert result.returncode == (0 if document["ok"] else 1)
+            assert document["ok"] == all(item["status"] != "fail" for item in document["items"])
+            seen.update((item["name"], item["status"]) for item in document["items"])
+        listed = run_agent("keys", "list", "--config", str(config), "--json")
+        document = json.loads(listed.stdout)
+        jsonschema.validate(document, KEYS_LIST_SCHEMA)
+        assert listed.returncode == (0 if document["admits_nobody_because"] is None else 1)
+    assert {("keys", "ok"), ("keys", "fail"), ("host-key", "fail"), ("module", "fail"), ("listening", "ok"),
+            ("listening", "fail"), ("user", "fail")} <= seen
 
 
 def test_the_check_probe_is_not_logged_as_an_attack(start_agent, client_key):
