@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import grp
 import json
 import os
 import pwd
@@ -11,6 +12,7 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Iterator, List, Tuple
 
 import pytest
 
-from conftest import AGENT, WAIT_SECONDS, AgentProcess
+from conftest import AGENT, WAIT_SECONDS, AgentProcess, make_snapshot
 from mitigator_agent.hostkey import fingerprint_line, load_host_key
 from mitigator_agent.snapshot import encode
 
@@ -302,3 +304,53 @@ def test_check_says_why_no_ntp_server_answered_in_words(agent):
                         r" no-such-host\.invalid \([A-Za-z ]+\); " + re.escape(server) + r": no answer within 0\.2 s\):"
                         r" name a reachable NTP server with --ntp-server HOST \(your network's own\)", offset[0]), offset[0]
     assert "Errno" not in result.stdout + result.stderr
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A StrictModes-safe directory another account can traverse (/run is root's, 0755)."""
+    if os.geteuid() != 0:
+        pytest.skip("judging files as another user needs root")
+    path = Path(tempfile.mkdtemp(prefix="mitigator-test-", dir="/run"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_a_keys_file_and_device_only_root_reads_are_judged_as_the_service_user(shared_dir, client_key):
+    """Keys file and device root:root 0600, `user = "nobody"` in the config: root's commands see what nobody sees."""
+    nobody = pwd.getpwnam("nobody")
+    group = grp.getgrgid(nobody.pw_gid).gr_name
+    keys, device, host_key = shared_dir / "keys", shared_dir / "snapshot", shared_dir / "host.ed25519"
+    keys.write_text(client_key.public_line + "\n")
+    device.write_bytes(encode(make_snapshot()))
+    for path in (keys, device):
+        path.chmod(0o600)
+    config = shared_dir / "agent.toml"
+    config.write_text(f'keys = "{keys}"\ndevice = "{device}"\nhost-key = "{host_key}"\n'
+                      f'runtime-dir = "{shared_dir / "run"}"\nport = 1\nuser = "nobody"\n')
+    config.chmod(0o644)
+    keys_fix = f"run chgrp {group} {keys} && chmod 640 {keys} (and let nobody into its directories)"
+    status = run_agent("status", "--config", str(config))
+    assert status.returncode == 1
+    assert f"keys: none admitted: keys file {keys} cannot be opened: Permission denied: {keys_fix}" in status.stdout.splitlines()
+    assert (f"device: not readable by nobody: Permission denied: run chgrp {group} {device} && chmod g+r {device}"
+            in status.stdout.splitlines())
+    listed = run_agent("keys", "list", "--config", str(config))
+    assert (listed.returncode, listed.stdout) == (1, "")
+    assert listed.stderr == (f"warning: the agent (nobody) admits nobody: keys file {keys} cannot be opened:"
+                             f" Permission denied: {keys_fix}\n")
+    check = run_agent("check", "--config", str(config), "--ntp-server", "127.0.0.1:9", "--timeout", "0.2")
+    assert check.returncode == 1
+    lines = check.stdout.splitlines()
+    assert f"FAIL keys file admits nobody: keys file {keys} cannot be opened: Permission denied: {keys_fix}" in lines
+    assert (f"FAIL device {device} not readable by nobody: Permission denied: run chgrp {group} {device}"
+            f" && chmod g+r {device}") in lines
+    assert (f"FAIL host key {host_key} does not exist yet: run chown nobody {shared_dir}, then runuser -u nobody --"
+            f" mitigator-agent host-key --host-key {host_key}") in lines  # nobody may not create it there
+    for path in (keys, device):  # what the FAIL lines said
+        os.chown(path, 0, nobody.pw_gid)
+        path.chmod(0o640)
+    fixed = run_agent("check", "--config", str(config), "--ntp-server", "127.0.0.1:9", "--timeout", "0.2").stdout
+    assert f"ok   keys file {keys} admits 1 key (mitigator1)" in fixed.splitlines()
+    assert f"ok   device {device} readable by nobody" in fixed.splitlines()
