@@ -354,3 +354,18 @@ def test_a_keys_file_and_device_only_root_reads_are_judged_as_the_service_user(s
     fixed = run_agent("check", "--config", str(config), "--ntp-server", "127.0.0.1:9", "--timeout", "0.2").stdout
     assert f"ok   keys file {keys} admits 1 key (mitigator1)" in fixed.splitlines()
     assert f"ok   device {device} readable by nobody" in fixed.splitlines()
+
+
+@pytest.mark.parametrize("args, last_line", [
+    (["check", "--timeout", "-1"], "Error: Invalid value for '--timeout': -1.0 is not in the range x>0."),
+    (["check", "--ntp-server", "127.0.0.1:abc"],
+     "Error: Invalid value for '--ntp-server': '127.0.0.1:abc': port 'abc' is not a number from 1 to 65535"),
+    (["poll", "127.0.0.1", "--key", "id", "--host-fingerprint", "aa:bb:cc"],
+     "Error: Invalid value for '--host-fingerprint': 'aa:bb:cc' is not a SHA256 fingerprint; give what"
+     " `mitigator-agent host-key` prints on the agent (SHA256:...)"),
+])
+def test_a_bad_flag_is_one_line_naming_it_never_a_traceback(args, last_line):
+    result = run_agent(*args)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines()[-1] == last_line
+    assert "Traceback" not in result.stderr and "Errno" not in result.stderr
