@@ -23,6 +23,7 @@ cause is one line naming the thing and the fix.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import json
 import logging
@@ -370,6 +371,7 @@ def keys_add(keys_path: str, service_user: str, key: Tuple[str, ...]) -> None:
         text = " ".join(key)
     lines, private = _key_lines(text)
     failed = private
+    unwritten = False  # the file could not be written: what it admits is not this command's doing
     if private:
         click.echo(PRIVATE_KEY_REFUSAL, err=True)
     if not lines and not private:
@@ -383,19 +385,29 @@ def keys_add(keys_path: str, service_user: str, key: Tuple[str, ...]) -> None:
             failed = True
             continue
         except OSError as exc:
-            click.echo(f"refused: cannot write {keys_path}: {exc.strerror or exc}", err=True)
-            failed = True
+            click.echo(f"refused: {_write_problem(keys_path, exc)}", err=True)
+            failed = unwritten = True
             continue
         detail = " (options or instance name changed)" if outcome == REPLACED else ""
         click.echo(f"{outcome}: line {entry.line_number} {entry.fingerprint} {entry.instance or '-'}{detail}")
         if entry.instance:
             for warning in _duplicate_instance_warnings(keys_path, entry.line_number, entry.instance):
                 click.echo(warning, err=True)
-    refusal = _keys_as_user(keys_path, service_user)["refusal"]
+    refusal = None if unwritten else _keys_as_user(keys_path, service_user)["refusal"]
     if refusal is not None:
         click.echo(f"warning: the agent ({service_user}) would admit nobody: {refusal}:"
                    f" {_remedy(refusal, keys_path, service_user)}", err=True)
     sys.exit(1 if failed else 0)
+
+
+def _write_problem(keys_path: str, exc: OSError) -> str:
+    """Why the keys file could not be written, and what to do: one line, no errno."""
+    directory = os.path.dirname(os.path.abspath(keys_path))
+    if exc.errno == errno.ENOENT and not os.path.isdir(directory):
+        return f"cannot write {keys_path}: its directory {directory} does not exist; create it: mkdir -p {directory}"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"cannot write {keys_path}: permission denied; the keys file is root's: run this command as root"
+    return f"cannot write {keys_path}: {(exc.strerror or str(exc)).lower()}"
 
 
 def _keys_as_user(keys_path: str, user: str) -> dict:
@@ -430,15 +442,17 @@ def keys_list(keys_path: str, service_user: str, as_json: bool) -> None:
     except RuntimeError as exc:
         click.echo(f"cannot judge {keys_path} as {service_user}: {exc}", err=True)
         sys.exit(1)
+    warnings = view["warnings"] + [f"{health.duplicate_words(instance, lines)}: {health.DUPLICATE_FIX}"
+                                   for instance, lines in health.duplicate_instances(view["admitted"]).items()]
     if as_json:
         click.echo(json.dumps({"version": health.SCHEMA_VERSION, "path": keys_path, "user": service_user,
                                "admits_nobody_because": view["refusal"], "keys": view["admitted"],
-                               "warnings": view["warnings"]}, indent=2))
+                               "warnings": warnings}, indent=2))
     else:
         for entry in view["admitted"]:
             options = f" [{','.join(entry['options'])}]" if entry["options"] else ""
             click.echo(f"{entry['line']}: {entry['fingerprint']} {entry['instance'] or '-'}{options}")
-        for warning in view["warnings"]:
+        for warning in warnings:
             click.echo(f"warning: {warning}", err=True)
         if view["refusal"] is not None:
             click.echo(f"warning: the agent ({service_user}) admits nobody: {view['refusal']}:"
@@ -487,7 +501,7 @@ def keys_remove(keys_path: str, selector: Tuple[str, ...]) -> None:
             failed = True
             continue
         except OSError as exc:
-            click.echo(f"refused: cannot write {keys_path}: {exc.strerror or exc}", err=True)
+            click.echo(f"refused: {_write_problem(keys_path, exc)}", err=True)
             failed = True
             continue
         for entry in removed:

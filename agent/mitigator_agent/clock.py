@@ -18,6 +18,7 @@ import functools
 import os
 import re
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -233,15 +234,26 @@ class NtpUnavailable(Exception):
 
 
 def measure_ntp_offset(servers: Sequence[str], timeout: float = 2.0) -> NtpMeasurement:
-    """Ask each server in turn; return the first answer."""
+    """Ask each server in turn; return the first answer.
+
+    Each failure is said in words (``no answer within 3 s``, ``cannot
+    resolve HOST: ...``), never as an errno or an exception's text.
+    """
     client = ntplib.NTPClient()
     failures: List[str] = []
     for spec in servers:
         try:
             host, port = parse_ntp_server(spec)
             response = client.request(host, version=3, port=port, timeout=timeout)
-        except (ntplib.NTPException, OSError, ValueError) as exc:
-            failures.append(f"{spec}: {exc}")
-            continue
-        return NtpMeasurement(spec, response.offset)
+        except ValueError as exc:
+            failures.append(str(exc))
+        except socket.gaierror as exc:
+            failures.append(f"{spec}: cannot resolve {host} ({exc.strerror or 'unknown name'})")
+        except ntplib.NTPException as exc:
+            failures.append(f"{spec}: no answer within {timeout:g} s" if "No response" in str(exc)
+                            else f"{spec}: the answer is not NTP")
+        except OSError as exc:
+            failures.append(f"{spec}: {(exc.strerror or str(exc)).lower()}")
+        else:
+            return NtpMeasurement(spec, response.offset)
     raise NtpUnavailable("; ".join(failures) or "no NTP server configured")

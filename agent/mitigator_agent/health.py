@@ -237,18 +237,28 @@ def _keys_items(view: Dict[str, Any], subject: Subject, group: str) -> List[Item
         items.append(Item("keys-warning", WARN, f"keys file: {warning}",
                           "fix the line (mitigator-agent keys add replaces a key's line) or remove it",
                           facts={"path": path}, label="keys"))
+    for instance, lines in duplicate_instances(admitted).items():
+        items.append(Item("keys-warning", WARN, f"keys file: {duplicate_words(instance, lines)}", DUPLICATE_FIX,
+                          facts={"path": path, "instance": instance, "lines": lines}, label="keys"))
+    return items
+
+
+DUPLICATE_FIX = "give each key its own name (mitigator-agent keys add 'KEY NEWNAME')"
+
+
+def duplicate_instances(admitted: Sequence[Dict[str, Any]]) -> Dict[str, List[int]]:
+    """Instance names carried by more than one admitted key, with their lines."""
     seen: Dict[str, List[int]] = {}
     for entry in admitted:
         if entry["instance"]:
             seen.setdefault(entry["instance"], []).append(entry["line"])
-    for instance, lines in seen.items():
-        if len(lines) > 1:
-            items.append(Item("keys-warning", WARN,
-                              f"keys file: instance name {instance} is on lines {', '.join(map(str, lines))}:"
-                              " logs and `keys remove` cannot tell them apart",
-                              "give each key its own name (mitigator-agent keys add 'KEY NEWNAME')",
-                              facts={"path": path, "instance": instance, "lines": lines}, label="keys"))
-    return items
+    return {instance: lines for instance, lines in seen.items() if len(lines) > 1}
+
+
+def duplicate_words(instance: str, lines: Sequence[int]) -> str:
+    """Why one instance name on several lines is a problem."""
+    return (f"instance name {instance} is on lines {', '.join(map(str, lines))}:"
+            " logs and `keys remove` cannot tell them apart")
 
 
 def _host_key_item(view: Dict[str, Any], subject: Subject) -> Item:
@@ -439,16 +449,20 @@ def clock_items(ntp_servers: Sequence[str] = (), max_offset: float = 0.1, timeou
             items.append(Item("ntp-offset", OK if ok else FAIL,
                               f"NTP offset {measured.offset * 1000:+.1f} ms against {measured.server}"
                               f" (limit {max_offset * 1000:.0f} ms)",
-                              None if ok else "fix the time service so it follows that server (chronyc sources)",
+                              None if ok else (f"point {service.name} at a server that agrees, then run"
+                                               f" {_step_command(service.name)}" if service is not None else
+                                               "run a time service: apt install chrony (or systemctl enable --now"
+                                               " systemd-timesyncd)"),
                               facts={"offset_s": measured.offset, "server": measured.server, "limit_s": max_offset},
                               label="clock offset"))
     return items
 
 
 def _time_service_fix(name: str) -> str:
-    return {"chronyd": "see chronyc sources: a server must be reachable (UDP 123)",
-            "ntpd": "see ntpq -pn: a peer must be reachable (UDP 123)"}.get(
-        name, "run timedatectl set-ntp true; see timedatectl timesync-status for the server it tries")
+    return {"chronyd": "let it reach a server on UDP 123 (chronyc sources shows which answer), then run chronyc makestep",
+            "ntpd": "let it reach a peer on UDP 123 (ntpq -pn shows which answer), then run systemctl restart ntp"}.get(
+        name, "let it reach a server on UDP 123 (timedatectl timesync-status shows the one it tries),"
+              " then run timedatectl set-ntp true")
 
 
 def _step_command(name: str) -> str:

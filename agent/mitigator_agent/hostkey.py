@@ -10,6 +10,7 @@ Next to it ``PATH.pub`` holds the public half for the administrator.
 from __future__ import annotations
 
 import os
+import pwd
 import socket
 import stat
 from typing import Tuple
@@ -41,6 +42,10 @@ class HostKeyError(Exception):
 def load_host_key(path: str) -> asyncssh.SSHKey:
     """Read an existing host key; FileNotFoundError when there is none."""
     st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise HostKeyError(f"host key {path} is {kind}; name the key file itself,"
+                           f" e.g. {os.path.join(path, 'host.ed25519') if stat.S_ISDIR(st.st_mode) else DEFAULT_HOST_KEY_PATH}")
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise HostKeyError(
             f"host key {path} is accessible by group or others"
@@ -74,15 +79,23 @@ def load_or_create_host_key(path: str) -> Tuple[asyncssh.SSHKey, bool]:
         return load_host_key(path), False
     except FileNotFoundError:
         raise HostKeyError(f"cannot create host key {path}: its directory {directory} does not exist;"
-                           f" create it for the agent's user: mkdir -p {directory} && chown USER {directory}") from None
-    except PermissionError:
-        raise HostKeyError(f"cannot create host key {path}: no write permission in {directory};"
-                           " run `mitigator-agent host-key` as the agent's user, or chown that user the directory"
+                           f" create it for the key's owner: mkdir -p {directory} && chown {_me()} {directory}"
                            ) from None
+    except PermissionError:
+        raise HostKeyError(f"cannot create host key {path}: {_me()} may not write in {directory};"
+                           f" give the directory to the agent's user: chown {_me()} {directory}") from None
     except OSError as exc:
         raise HostKeyError(f"cannot create host key {path}: {exc.strerror or exc}") from None
     write_file_atomically(path + ".pub", key.export_public_key("openssh"), PUBLIC_MODE)
     return key, True
+
+
+def _me() -> str:
+    """This process's user name: the one that creates (and will own) the key."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
 
 
 def key_bits(key: asyncssh.SSHKey) -> int:

@@ -122,7 +122,8 @@ async def poll(host: str, port: int, user: str, key_path: str, known_hosts: Opti
         server_key = conn.get_server_host_key()
         seen = server_key.get_fingerprint("sha256") if server_key else "?"
         if host_fingerprint is not None and seen != host_fingerprint:
-            return PollResult(1, "", [f"host key is {seen}, expected {host_fingerprint}"])
+            raise PollError(f"Host key verification failed: {host} port {port} has host key {seen}, expected"
+                            f" {host_fingerprint}; compare with what `mitigator-agent host-key` prints on the agent")
         problems = [] if known_hosts or host_fingerprint else [f"warning: host key {seen} not verified"]
         try:
             result = await asyncio.wait_for(conn.run(GET_JSON_COMMAND), timeout)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
+import grp
 import json
 import os
 import pwd
@@ -10,19 +12,22 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Iterator, List, Tuple
 
 import pytest
 
-from conftest import AGENT, WAIT_SECONDS, AgentProcess
+from conftest import AGENT, WAIT_SECONDS, AgentProcess, make_snapshot
 from mitigator_agent.hostkey import fingerprint_line, load_host_key
 from mitigator_agent.snapshot import encode
 
 ME = pwd.getpwuid(os.geteuid()).pw_name
 MODULE = "ABI 2, HZ 250, isn_algorithm seq_and_ts_off, cookie_clock wall, set_generation 0, tcp_syncookies 2"
 JOURNAL_SOCKET = "/run/systemd/journal/stdout"
+JOURNALD = "/lib/systemd/systemd-journald"
 
 
 def run_agent(*args: str) -> subprocess.CompletedProcess:
@@ -74,16 +79,35 @@ def test_status_reads_serves_config_and_shows_the_last_poll_per_instance(agent, 
     assert "secret" not in stored and oct((agent.runtime_dir / "last-polls.json").stat().st_mode & 0o777) == "0o644"
 
 
-def test_status_and_check_json_follow_the_documented_schema(agent):
-    jsonschema = pytest.importorskip("jsonschema")
-    from mitigator_agent.health import REPORT_SCHEMA
-    config = config_for(agent)
-    for command in (["status"], ["check", "--ntp-server", "127.0.0.1:9", "--timeout", "0.2"]):
-        result = run_agent(*command, "--config", str(config), "--json")
-        document = json.loads(result.stdout)
-        jsonschema.validate(document, REPORT_SCHEMA)
-        assert document["config"] == str(config) and document["user"] == ME
-        assert result.returncode == (0 if document["ok"] else 1)
+def test_status_check_and_keys_list_json_follow_the_documented_schemas(agent, workdir):
+    """Every --json document, healthy or not, validates against the schema the man page prints."""
+    import jsonschema  # a test dependency (pyproject's test extra): never skipped
+    from mitigator_agent.health import KEYS_LIST_SCHEMA, REPORT_SCHEMA
+    healthy = config_for(agent)
+    broken = workdir / "broken.toml"  # nothing there: no keys, no host key, no module, nobody listening
+    broken.write_text(f'keys = "{workdir / "nokeys"}"\nhost-key = "{workdir / "nokey"}"\n'
+                      f'device = "{workdir / "nodevice"}"\nruntime-dir = "{workdir / "norun"}"\nport = 1\n'
+                      f'user = "{ME}"\n')
+    nobody_there = workdir / "nouser.toml"
+    nobody_there.write_text('user = "no-such-user-here"\n')
+    for path in (broken, nobody_there):
+        path.chmod(0o644)
+    seen = set()
+    for config in (healthy, broken, nobody_there):
+        for command in (["status"], ["check", "--ntp-server", "127.0.0.1:9", "--timeout", "0.2"]):
+            result = run_agent(*command, "--config", str(config), "--json")
+            document = json.loads(result.stdout)
+            jsonschema.validate(document, REPORT_SCHEMA)
+            assert document["config"] == str(config) and document["command"] == command[0]
+            assert result.returncode == (0 if document["ok"] else 1)
+            assert document["ok"] == all(item["status"] != "fail" for item in document["items"])
+            seen.update((item["name"], item["status"]) for item in document["items"])
+        listed = run_agent("keys", "list", "--config", str(config), "--json")
+        document = json.loads(listed.stdout)
+        jsonschema.validate(document, KEYS_LIST_SCHEMA)
+        assert listed.returncode == (0 if document["admits_nobody_because"] is None else 1)
+    assert {("keys", "ok"), ("keys", "fail"), ("host-key", "fail"), ("module", "fail"), ("listening", "ok"),
+            ("listening", "fail"), ("user", "fail")} <= seen
 
 
 def test_the_check_probe_is_not_logged_as_an_attack(start_agent, client_key):
@@ -114,7 +138,8 @@ def test_serve_says_at_start_what_will_not_work_and_keeps_serving(start_agent, c
 def test_keys_that_admit_nobody_are_reported_at_start(start_agent, workdir):
     agent = start_agent(None)  # no keys file at all
     agent.wait_for(f'^WARNING keys-file-admits-nobody reason="keys file {re.escape(str(workdir / "keys"))}'
-                   ' does not exist"$')
+                   ' does not exist" fix="run mitigator-agent keys add \'ssh-ed25519 AAAA... mitigator1\' with the key'
+                   ' from MITIGATOR\'s admin"$')
 
 
 @pytest.mark.parametrize("form", ["[::1]", "::1", "127.0.0.1:PORT", "[::1]:PORT"])
@@ -195,31 +220,152 @@ def test_plain_levels_when_stdout_is_not_the_journal(workdir, empty_config):
     assert first.startswith("INFO ") or first.startswith("WARNING ")
 
 
-@pytest.mark.skipif(not os.path.exists(JOURNAL_SOCKET) or shutil.which("journalctl") is None,
-                    reason="no journald on this machine")
-def test_journalctl_priority_filter_selects_the_agents_warnings(workdir, empty_config):
+@pytest.fixture
+def journal() -> Iterator[Tuple[str, List[str]]]:
+    """A running journald: (its stdout stream socket, the journalctl arguments that read what it stored).
+
+    The machine's own when it runs one; else (a container, a build host
+    without systemd as PID 1) a private instance started here in a journal
+    namespace of its own (``systemd-journald NAMESPACE``, as
+    systemd-journald@.service runs it), removed with everything it wrote
+    afterwards.  Skipped only where neither exists or this is not root.
+    """
+    if shutil.which("journalctl") is None:
+        pytest.skip("no journalctl on this machine")
+    if os.path.exists(JOURNAL_SOCKET):
+        yield JOURNAL_SOCKET, []
+        return
+    if os.geteuid() != 0 or not os.access(JOURNALD, os.X_OK):
+        pytest.skip(f"no journald running, and {JOURNALD} cannot be started here (needs root)")
+    namespace = f"mitigatortest{uuid.uuid4().hex[:8]}"
+    stdout_socket = f"/run/systemd/journal.{namespace}/stdout"
+    daemon = subprocess.Popen([JOURNALD, namespace], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not os.path.exists(stdout_socket):
+            assert daemon.poll() is None, f"{JOURNALD} {namespace} exited ({daemon.returncode})"
+            assert time.monotonic() < deadline, f"{JOURNALD} {namespace} made no {stdout_socket}"
+            time.sleep(0.05)
+        yield stdout_socket, [f"--namespace={namespace}"]
+    finally:
+        daemon.terminate()
+        daemon.wait(WAIT_SECONDS)
+        for leftover in (f"/run/systemd/journal.{namespace}", *glob.glob(f"/run/log/journal/*.{namespace}"),
+                         *glob.glob(f"/var/log/journal/*.{namespace}")):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def test_journalctl_priority_filter_selects_the_agents_warnings(workdir, empty_config, journal):
     """A real journal stream, as systemd connects a service's stdout: journalctl -p warning selects by priority."""
+    stdout_socket, namespace = journal
     identifier = f"mitigator-test-{uuid.uuid4().hex[:8]}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stream:
-        stream.connect(JOURNAL_SOCKET)
+        stream.connect(stdout_socket)
         # sd-journal stream header: identifier, unit, priority, level prefix, syslog, kmsg, console.
         stream.sendall(f"{identifier}\n\n6\n1\n0\n0\n0\n".encode())
         stream.shutdown(socket.SHUT_RD)
         st = os.fstat(stream.fileno())
         env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
         proc = _serve_to(stream.fileno(), env, workdir)
+
+    def journalctl(*args: str) -> List[str]:
+        return subprocess.run(["journalctl", *namespace, "-t", identifier, *args, "-o", "cat", "--no-pager"],
+                              capture_output=True, text=True, timeout=WAIT_SECONDS).stdout.splitlines()
+
     try:
-        for _ in range(100):
-            found = subprocess.run(["journalctl", "-t", identifier, "-o", "cat", "--no-pager"],
-                                   capture_output=True, text=True).stdout
-            if "listening on" in found:
-                break
-            subprocess.run(["journalctl", "--sync"], capture_output=True)
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not any("listening on" in line for line in journalctl()):
+            assert time.monotonic() < deadline, journalctl()
+            subprocess.run(["journalctl", *namespace, "--sync"], capture_output=True, timeout=WAIT_SECONDS)
     finally:
         proc.terminate()
         proc.wait(WAIT_SECONDS)
-    warnings = subprocess.run(["journalctl", "-t", identifier, "-p", "warning", "-o", "cat", "--no-pager"],
-                              capture_output=True, text=True).stdout.splitlines()
-    assert warnings and all(not line.startswith("<") for line in warnings)
+    everything = journalctl()
+    warnings = journalctl("-p", "warning")
+    assert all(not line.startswith("<") for line in everything)  # journald took the prefixes as priorities
+    assert warnings == [line for line in everything if line.startswith(("will-not-work", "keys-file-admits-nobody"))]
     assert any(line.startswith("will-not-work check=module ") for line in warnings)
-    assert not any(line.startswith(("starting", "listening on")) for line in warnings)
+    assert any(line.startswith("keys-file-admits-nobody ") for line in warnings)
+    assert any(line.startswith("starting version=") for line in everything)
+
+
+def test_check_says_why_no_ntp_server_answered_in_words(agent):
+    """A name that does not resolve and a server that stays silent: the reason, never an errno."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))  # takes the query, never answers
+        server = f"127.0.0.1:{silent.getsockname()[1]}"
+        result = run_agent("check", "--config", str(config_for(agent)), "--ntp-server", "no-such-host.invalid",
+                           "--ntp-server", server, "--timeout", "0.2")
+    assert result.returncode == 1
+    offset = [line for line in result.stdout.splitlines() if "NTP offset" in line]
+    assert len(offset) == 1
+    # the resolver's own words vary (no DNS at all: "Temporary failure in name resolution")
+    assert re.fullmatch(r"FAIL NTP offset: no server answered \(no-such-host\.invalid: cannot resolve"
+                        r" no-such-host\.invalid \([A-Za-z ]+\); " + re.escape(server) + r": no answer within 0\.2 s\):"
+                        r" name a reachable NTP server with --ntp-server HOST \(your network's own\)", offset[0]), offset[0]
+    assert "Errno" not in result.stdout + result.stderr
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A StrictModes-safe directory another account can traverse (/run is root's, 0755)."""
+    if os.geteuid() != 0:
+        pytest.skip("judging files as another user needs root")
+    path = Path(tempfile.mkdtemp(prefix="mitigator-test-", dir="/run"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_a_keys_file_and_device_only_root_reads_are_judged_as_the_service_user(shared_dir, client_key):
+    """Keys file and device root:root 0600, `user = "nobody"` in the config: root's commands see what nobody sees."""
+    nobody = pwd.getpwnam("nobody")
+    group = grp.getgrgid(nobody.pw_gid).gr_name
+    keys, device, host_key = shared_dir / "keys", shared_dir / "snapshot", shared_dir / "host.ed25519"
+    keys.write_text(client_key.public_line + "\n")
+    device.write_bytes(encode(make_snapshot()))
+    for path in (keys, device):
+        path.chmod(0o600)
+    config = shared_dir / "agent.toml"
+    config.write_text(f'keys = "{keys}"\ndevice = "{device}"\nhost-key = "{host_key}"\n'
+                      f'runtime-dir = "{shared_dir / "run"}"\nport = 1\nuser = "nobody"\n')
+    config.chmod(0o644)
+    keys_fix = f"run chgrp {group} {keys} && chmod 640 {keys} (and let nobody into its directories)"
+    status = run_agent("status", "--config", str(config))
+    assert status.returncode == 1
+    assert f"keys: none admitted: keys file {keys} cannot be opened: Permission denied: {keys_fix}" in status.stdout.splitlines()
+    assert (f"device: not readable by nobody: Permission denied: run chgrp {group} {device} && chmod g+r {device}"
+            in status.stdout.splitlines())
+    listed = run_agent("keys", "list", "--config", str(config))
+    assert (listed.returncode, listed.stdout) == (1, "")
+    assert listed.stderr == (f"warning: the agent (nobody) admits nobody: keys file {keys} cannot be opened:"
+                             f" Permission denied: {keys_fix}\n")
+    check = run_agent("check", "--config", str(config), "--ntp-server", "127.0.0.1:9", "--timeout", "0.2")
+    assert check.returncode == 1
+    lines = check.stdout.splitlines()
+    assert f"FAIL keys file admits nobody: keys file {keys} cannot be opened: Permission denied: {keys_fix}" in lines
+    assert (f"FAIL device {device} not readable by nobody: Permission denied: run chgrp {group} {device}"
+            f" && chmod g+r {device}") in lines
+    assert (f"FAIL host key {host_key} does not exist yet: run chown nobody {shared_dir}, then runuser -u nobody --"
+            f" mitigator-agent host-key --host-key {host_key}") in lines  # nobody may not create it there
+    for path in (keys, device):  # what the FAIL lines said
+        os.chown(path, 0, nobody.pw_gid)
+        path.chmod(0o640)
+    fixed = run_agent("check", "--config", str(config), "--ntp-server", "127.0.0.1:9", "--timeout", "0.2").stdout
+    assert f"ok   keys file {keys} admits 1 key (mitigator1)" in fixed.splitlines()
+    assert f"ok   device {device} readable by nobody" in fixed.splitlines()
+
+
+@pytest.mark.parametrize("args, last_line", [
+    (["check", "--timeout", "-1"], "Error: Invalid value for '--timeout': -1.0 is not in the range x>0."),
+    (["check", "--ntp-server", "127.0.0.1:abc"],
+     "Error: Invalid value for '--ntp-server': '127.0.0.1:abc': port 'abc' is not a number from 1 to 65535"),
+    (["poll", "127.0.0.1", "--key", "id", "--host-fingerprint", "aa:bb:cc"],
+     "Error: Invalid value for '--host-fingerprint': 'aa:bb:cc' is not a SHA256 fingerprint; give what"
+     " `mitigator-agent host-key` prints on the agent (SHA256:...)"),
+])
+def test_a_bad_flag_is_one_line_naming_it_never_a_traceback(args, last_line):
+    result = run_agent(*args)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines()[-1] == last_line
+    assert "Traceback" not in result.stderr and "Errno" not in result.stderr

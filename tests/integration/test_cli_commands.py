@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import socket
 import subprocess
 
@@ -13,6 +14,8 @@ from conftest import AGENT, WAIT_SECONDS, AgentProcess
 from mitigator_agent import __version__
 from mitigator_agent.answers import HostFacts, json_answer
 from mitigator_agent.clock import kernel_clock_synced
+
+ME = pwd.getpwuid(os.geteuid()).pw_name
 
 
 def run_agent(*args: str) -> subprocess.CompletedProcess:
@@ -52,7 +55,9 @@ def test_poll_failures_exit_1_with_the_reason(agent, client_key, second_key):
     wrong_pin = run_agent("poll", "127.0.0.1", "--port", port, "--key", str(client_key.path),
                           "--host-fingerprint", "SHA256:" + "A" * 43)
     assert wrong_pin.returncode == 1 and wrong_pin.stdout == ""
-    assert wrong_pin.stderr == f"host key is {host_fingerprint(agent)}, expected SHA256:{'A' * 43}\n"
+    assert wrong_pin.stderr == (f"poll: Host key verification failed: 127.0.0.1 port {port} has host key"
+                                f" {host_fingerprint(agent)}, expected SHA256:{'A' * 43}; compare with what"
+                                " `mitigator-agent host-key` prints on the agent\n")
 
     not_admitted = run_agent("poll", "127.0.0.1", "--port", port, "--key", str(second_key.path))
     assert not_admitted.returncode == 1
@@ -161,8 +166,8 @@ def test_serve_names_the_missing_host_key_directory_never_a_temporary_file(workd
                        "--keys", str(workdir / "keys"), "--device", str(workdir / "snapshot"))
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr == (f'ERROR cannot-start reason="cannot create host key {missing}: its directory'
-                             f' {missing.parent} does not exist; create it for the agent\'s user: mkdir -p'
-                             f' {missing.parent} && chown USER {missing.parent}"\n')
+                             f' {missing.parent} does not exist; create it for the key\'s owner: mkdir -p'
+                             f' {missing.parent} && chown {ME} {missing.parent}"\n')
 
 
 def test_serve_reports_a_port_in_use(workdir):
@@ -190,12 +195,19 @@ def test_host_key_command_creates_once_then_prints_the_same_fingerprint(workdir)
     assert host_key.read_bytes() == key_bytes
 
 
+def test_host_key_command_given_a_directory_names_the_file_to_give(workdir):
+    result = run_agent("host-key", "--host-key", str(workdir))
+    assert result.returncode == 1
+    assert result.stderr == (f"host key {workdir} is a directory; name the key file itself,"
+                             f" e.g. {workdir / 'host.ed25519'}\n")  # not `chmod 600` on the directory
+
+
 def test_host_key_command_in_a_missing_directory_says_so(workdir):
     missing = workdir / "nowhere" / "host.ed25519"
     result = run_agent("host-key", "--host-key", str(missing))
     assert result.returncode == 1
     assert result.stderr == (f"cannot create host key {missing}: its directory {missing.parent} does not exist;"
-                             f" create it for the agent's user: mkdir -p {missing.parent} && chown USER {missing.parent}\n")
+                             f" create it for the key's owner: mkdir -p {missing.parent} && chown {ME} {missing.parent}\n")
 
 
 @pytest.mark.parametrize("flag", ["-h", "--help"])

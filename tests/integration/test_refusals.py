@@ -206,8 +206,9 @@ def test_unsafe_keys_file_permissions_admit_nobody(agent, client_key, workdir, t
     path.chmod(mode)
     try:
         assert_refused_login(agent.ssh(client_key, "get"))
-        agent.wait_for(rf"keys-file-admits-nobody reason=\"keys {'file' if target == 'file' else 'directory'}"
-                       rf" \S+ is writable by group or others \(mode 0{mode:o}\)")
+        kind = "file" if target == "file" else "directory"
+        agent.wait_for(rf'^WARNING keys-file-admits-nobody reason="keys {kind} {re.escape(str(path))} is writable by'
+                       rf' group or others \(mode 0{mode:o}\)" fix="run chmod go-w {re.escape(str(path))}"$')
         agent.wait_for(r'refused .*request=publickey .*reason="keys .* is writable by group or others')
     finally:
         path.chmod(original)

@@ -9,7 +9,8 @@ import os
 import pytest
 
 from mitigator_agent.clock import (parse_chronyc_tracking, parse_ntp_server, parse_ntpq_peers, parse_timedatectl,
-                                   ask_time_service)
+                                   ask_time_service, TimeService)
+from mitigator_agent import health
 from mitigator_agent.logs import EventFormatter, journal_priority, stream_is_journal
 from mitigator_agent.poll import normalise_fingerprint
 from mitigator_agent.runstate import PollRecorder, RuntimeStateError, read_polls
@@ -165,3 +166,18 @@ def test_journal_priorities_and_stream_detection(tmp_path):
         assert not stream_is_journal(stream, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"})
         assert not stream_is_journal(stream, {})
     assert not stream_is_journal(io.StringIO(), {"JOURNAL_STREAM": "1:2"})
+
+
+@pytest.mark.parametrize("service, fix", [
+    (TimeService("chronyd", False, None, None, "leap status Not synchronised"),
+     "let it reach a server on UDP 123 (chronyc sources shows which answer), then run chronyc makestep"),
+    (TimeService("ntpd", False, None, None, "no peer selected (no line starts with *)"),
+     "let it reach a peer on UDP 123 (ntpq -pn shows which answer), then run systemctl restart ntp"),
+    (TimeService("systemd-timesyncd", False, None, None, "not synchronised yet"),
+     "let it reach a server on UDP 123 (timedatectl timesync-status shows the one it tries),"
+     " then run timedatectl set-ntp true"),
+])
+def test_an_unsynchronised_time_service_fails_with_the_command_that_fixes_it(monkeypatch, service, fix):
+    monkeypatch.setattr(health, "ask_time_service", lambda: service)
+    [clock] = health.clock_items(measure=False)
+    assert clock.check_line() == f"FAIL clock synchronised: {service.name} says no ({service.detail}): {fix}"

@@ -185,7 +185,8 @@ def test_unsafe_file_admits_nobody_and_logs_why_once(keys_path, caplog):
         keys.match(ED1_OFFERED, "127.0.0.1")
     assert first.entry is None and "writable by group or others" in first.reason
     assert [r.getMessage() for r in caplog.records].count(
-        f'keys-file-admits-nobody reason="keys file {keys_path} is writable by group or others (mode 0666)"') == 1
+        f'keys-file-admits-nobody reason="keys file {keys_path} is writable by group or others (mode 0666)"'
+        f' fix="run chmod go-w {keys_path}"') == 1
     keys_path.chmod(0o644)
     assert keys.match(ED1_OFFERED, "127.0.0.1").entry is not None
 

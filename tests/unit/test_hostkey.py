@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,6 +20,8 @@ from mitigator_agent.hostkey import (
 )
 
 SSH_KEYGEN = shutil.which("ssh-keygen")
+
+ME = pwd.getpwuid(os.geteuid()).pw_name
 
 
 def keygen_fingerprint(path: Path) -> str:
@@ -93,7 +97,7 @@ def test_missing_directory_names_the_path_and_the_fix_never_a_temporary_name(tmp
     with pytest.raises(HostKeyError) as raised:
         load_or_create_host_key(str(path))
     assert str(raised.value) == (f"cannot create host key {path}: its directory {path.parent} does not exist;"
-                                 f" create it for the agent's user: mkdir -p {path.parent} && chown USER {path.parent}")
+                                 f" create it for the key's owner: mkdir -p {path.parent} && chown {ME} {path.parent}")
 
 
 def test_creation_never_clobbers_a_key_created_meanwhile(tmp_path):
