@@ -7,8 +7,9 @@ set -eu
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 WHEEL_CACHE=${WHEEL_CACHE:-/var/cache/mitigator-agent-build/wheels}
-# Debian 11, 12, 13 and Ubuntu 22.04, 24.04 ship CPython 3.9, 3.11, 3.13, 3.10, 3.12.
-PYTHON_VERSIONS="3.9 3.10 3.11 3.12 3.13"
+# Each supported release's python3 (Debian 11, Ubuntu 22.04, Debian 12, Ubuntu 24.04, Debian 13),
+# micro version included: Requires-Python may exclude early micro releases (cryptography: !=3.9.0,!=3.9.1).
+PYTHON_VERSIONS="3.9.2 3.10.12 3.11.2 3.12.3 3.13.5"
 PLATFORMS="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
 VERSION=${VERSION:-$(cat kmod/VERSION)}
 OUT=${OUT:-dist/mitigator-agent}
@@ -35,7 +36,7 @@ agent_wheel=$(ls "$work"/agent/mitigator_agent-"$VERSION"-*.whl)
 cp "$agent_wheel" "$payload/wheels/"
 
 for pyver in $PYTHON_VERSIONS; do
-	abi=cp$(echo "$pyver" | tr -d .)
+	abi=cp$(echo "$pyver" | cut -d. -f1,2 | tr -d .)
 	# shellcheck disable=SC2086
 	set -- --only-binary=:all: $PLATFORMS --python-version "$pyver" --implementation cp --abi "$abi" --abi abi3 --abi none
 	if ! "$PYTHON" -m pip download -q --no-index --find-links "$WHEEL_CACHE" -d "$payload/wheels" "$@" "$agent_wheel" 2>/dev/null; then

@@ -22,6 +22,7 @@ HOME_DIR=/opt/mitigator_agent
 KEYS_FILE=$HOME_DIR/keys
 HOST_KEY=$HOME_DIR/host.ed25519
 STATE_DIR=/var/lib/mitigator-agent
+APT_BEFORE=$STATE_DIR/packages-before-apt
 LOG_FILE=/var/log/mitigator-agent-install.log
 UNIT_FILE=/etc/systemd/system/mitigator-agent.service
 MODPROBE_FILE=/etc/modprobe.d/tcpsecrets.conf
@@ -84,8 +85,10 @@ is_installed_pkg() {
 	[ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]
 }
 
-installed_packages() {
-	dpkg-query -W -f='${db:Status-Status} ${Package}\n' 2>/dev/null | sed -n 's/^installed //p' | sort
+# Packages on the system in any state but gone (a run killed inside dpkg leaves some half-configured).
+present_packages() {
+	dpkg-query -W -f='${db:Status-Status} ${Package}\n' 2>/dev/null |
+		awk '$1 != "not-installed" && $1 != "config-files" { print $2 }' | sort
 }
 
 version_at_least() { # $1 >= $2, both dotted
@@ -154,7 +157,10 @@ install_packages() {
 		cmd dpkg --configure -a || die "dpkg is in a broken state: run dpkg --configure -a and try again"
 	fi
 	missing=$(missing_packages | sort -u | tr '\n' ' ' | sed 's/ $//')
-	[ -n "$missing" ] || return 0
+	if [ -z "$missing" ]; then
+		record_apt_additions
+		return 0
+	fi
 	say "[i] missing packages: $missing"
 	apt_get update || die "apt-get update failed (see $LOG_FILE): check the apt sources and the network, then run this again"
 	headers="linux-headers-$(kernel_release)"
@@ -165,17 +171,26 @@ install_packages() {
 			die "no package $headers for the running kernel in the apt sources: install its headers, or boot a distribution kernel (apt install linux-image-amd64, reboot) and run this again"
 		fi ;;
 	esac
-	before=$(mktemp)
-	installed_packages >"$before"
+	# What was there before apt, kept on disk: a run killed inside apt leaves it for the next one.
+	if [ ! -e "$APT_BEFORE" ]; then
+		present_packages >"$APT_BEFORE.new" && mv "$APT_BEFORE.new" "$APT_BEFORE" ||
+			die "cannot write $APT_BEFORE: is /var/lib writable?"
+	fi
 	pause_at apt
 	# shellcheck disable=SC2086 # a list of package names
 	apt_get install --no-install-recommends $missing
 	status=$?
-	# Whatever apt managed to install is ours to remove on rollback or uninstall.
-	installed_packages | comm -13 "$before" - >>"$STATE_DIR/apt-installed"
-	rm -f "$before"
-	sort -u -o "$STATE_DIR/apt-installed" "$STATE_DIR/apt-installed"
+	record_apt_additions
 	[ "$status" = 0 ] || die "installing $missing with apt-get failed (see $LOG_FILE): fix apt, then run this again"
+}
+
+# Whatever apt added since APT_BEFORE (in this run or in one killed inside apt) is ours to remove
+# on rollback or uninstall.
+record_apt_additions() {
+	[ -e "$APT_BEFORE" ] || return 0
+	present_packages | comm -13 "$APT_BEFORE" - >>"$STATE_DIR/apt-installed"
+	sort -u -o "$STATE_DIR/apt-installed" "$STATE_DIR/apt-installed"
+	rm -f "$APT_BEFORE"
 }
 
 # --- the module ------------------------------------------------------------------------------
@@ -542,6 +557,7 @@ remove_everything() {
 		cmd sysctl -q -w "net.ipv4.tcp_syncookies=$(cat "$STATE_DIR/tcp_syncookies-before")" || true
 	fi
 	if [ -d "$LIB_DIR" ]; then cmd rm -rf "$LIB_DIR"; removed=yes; fi
+	[ -d "$STATE_DIR" ] && record_apt_additions # an install killed inside apt never recorded them
 	if [ -s "$STATE_DIR/apt-installed" ]; then
 		# Only what the install added; dpkg refuses any package something else now depends on.
 		# shellcheck disable=SC2046

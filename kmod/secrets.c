@@ -270,8 +270,9 @@ int tcpsecrets_apply_set(const struct tcpsecrets_set *set)
 		WRITE_ONCE(set_generation, generation);
 	}
 	mutex_unlock(&set_lock);
+	/* MITIGATOR may set often; the generation in the snapshot counts them all. */
 	if (!err)
-		pr_info("secrets and TCP sysctls replaced by a set (generation %u)\n",
-			generation);
+		pr_info_ratelimited("secrets and TCP sysctls replaced by a set (generation %u)\n",
+				    generation);
 	return err;
 }

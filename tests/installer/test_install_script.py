@@ -14,7 +14,7 @@ import shlex
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Dict, Optional
 
 import pytest
 
@@ -36,8 +36,10 @@ TRANSCRIPT = REPO / "build" / "installer" / "transcript.txt"
 
 
 def build_dist(out: Path, version: str) -> Path:
-    subprocess.run([str(MAKE_DIST)], cwd=REPO, check=True, capture_output=True,
-                   env={"PATH": "/usr/bin:/bin", "HOME": "/root", "VERSION": version, "OUT": str(out)})
+    made = subprocess.run([str(MAKE_DIST)], cwd=REPO, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "HOME": "/root", "VERSION": version, "OUT": str(out)})
+    if made.returncode != 0:
+        pytest.fail(f"installer/make-dist.sh (VERSION={version}) failed:\n{made.stdout}{made.stderr[-4000:]}")
     return out
 
 
@@ -170,22 +172,42 @@ def test_apt_failing_midway_is_rolled_back(system, pristine):
 
 # --- the install, killed three times on the way -------------------------------------------------
 
+# Killed inside dpkg: linux-headers' postinst runs /etc/kernel/header_postinst.d (where DKMS hooks
+# in); a script there stops dpkg half-way through configuring and says which session it runs in.
+DPKG_PAUSE_HOOK = "/etc/kernel/header_postinst.d/00-test-pause"
+DPKG_PAUSE_SCRIPT = "#!/bin/sh\nps -o sid= -p $$ > /root/dpkg.sid.new && mv /root/dpkg.sid.new /root/dpkg.sid\nsleep 600\n"
+
+
 @pytest.mark.parametrize("step", ["apt", "dkms", "switch"])
 def test_install_killed_at_a_step(system, step):
     out = f"/root/killed-{step}.out"
+    if step == "apt":
+        # (the directory is dkms's: the uninstall's purge of dkms takes it away again)
+        system.run(f"mkdir -p {DPKG_PAUSE_HOOK.rsplit('/', 1)[0]}")
+        system.put(DPKG_PAUSE_SCRIPT.encode(), DPKG_PAUSE_HOOK, mode=0o755)
+        env, reached, past = "", "test -s /root/dpkg.sid", "[#] dkms "
+    else:
+        env, reached, past = f"MITIGATOR_AGENT_STEP_PAUSE={step}", f"grep -q 'pausing at step {step}' {out}", None
     # its own session and process group, so SIGKILL reaches every process of the install
-    system.run(f"(setsid sh -c 'echo $$ > /root/installer.pgid; cat {SCRIPT} | MITIGATOR_AGENT_STEP_PAUSE={step} sh'"
+    system.run(f"(setsid sh -c 'echo $$ > /root/installer.pgid; cat {SCRIPT} | {env} sh'"
                f" > {out} 2>&1 &)")
     deadline = time.monotonic() + INSTALL_TIMEOUT
-    while "[test hook] pausing at step" not in (text := system.run(f"cat {out}").stdout):
-        if time.monotonic() > deadline or re.search(r"^mitigator-agent: ", text, re.M):
+    while system.run(reached, check=False).returncode != 0:
+        text = system.run(f"cat {out}").stdout
+        if time.monotonic() > deadline or re.search(r"^mitigator-agent: ", text, re.M) or (past and past in text):
             log = system.run(f"tail -n 60 {LOG}", check=False).stdout
             pytest.fail(f"the install did not reach step {step}:\n{text}\n--- {LOG} (end) ---\n{log}")
         time.sleep(5)
-    # SIGKILL: no trap runs, as when the machine loses power or the admin's session dies. (dash's
-    # kill takes no `--`.) Every process of the group must be gone before the next run starts.
-    system.run("g=$(cat /root/installer.pgid) && kill -KILL -$g && rm /root/installer.pgid " + out +
-               " && for i in $(seq 60); do ps -o pid= -g $g >/dev/null || exit 0; sleep 1; done; ps -f -g $g; exit 1")
+    # SIGKILL: no trap runs, as when the machine loses power or the admin's session dies. apt runs
+    # dpkg in a session of its own (its pty): that session goes too. (dash's kill takes no `--`.)
+    # Every process of both must be gone before the next run starts.
+    system.run('groups="$(cat /root/installer.pgid) $(cat /root/dpkg.sid 2>/dev/null)"; for g in $groups; do'
+               f" kill -KILL -$g; done; rm -f /root/installer.pgid /root/dpkg.sid {out} {DPKG_PAUSE_HOOK};"
+               " for i in $(seq 60); do alive=no; for g in $groups; do ps -o pid= -g $g >/dev/null && alive=yes;"
+               " done; [ $alive = no ] && exit 0; sleep 1; done; ps -ef; exit 1")
+    if step == "apt":
+        # dpkg really stopped half-way: the next run has to finish its work first
+        assert system.run("dpkg --audit", check=False).stdout.strip() != ""
 
 
 def test_install_completes_after_the_kills(system, client_key, tmp_path):
