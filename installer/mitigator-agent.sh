@@ -51,9 +51,11 @@ die() {
 cmd() {
 	say "[#] $*"
 	if [ -w "$LOG_FILE" ]; then
+		logged=$(wc -c <"$LOG_FILE")
 		"$@" >>"$LOG_FILE" 2>&1 && return 0
 		status=$?
-		tail -n 15 "$LOG_FILE" | sed 's/^/    /' >&2
+		# The end of what this command wrote (not earlier runs' lines).
+		tail -c +$((logged + 1)) "$LOG_FILE" | tail -n 15 | sed 's/^/    /' >&2
 		return $status
 	fi
 	"$@"
