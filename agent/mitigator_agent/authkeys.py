@@ -46,11 +46,9 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import grp
 import hashlib
 import logging
 import os
-import pwd
 import stat
 import unicodedata
 from contextlib import contextmanager
@@ -61,6 +59,7 @@ import asyncssh
 
 from . import logs
 from .atomic import write_file_atomically
+from .runas import current_user_name, group_name
 
 DEFAULT_KEYS_PATH = "/opt/mitigator_agent/keys"
 ADMITTED_KEY_TYPE = "ssh-ed25519"
@@ -518,9 +517,10 @@ class KeysFile:
         """Check and (if changed) re-parse the file; log a refusal reason when it changes."""
         state = self._read()
         if state.refusal != self._last_refusal and state.refusal is not None:
-            user, group = _own_user_and_group()  # the agent runs as the service's account
+            # the agent runs as the service's account: the fix names this process's user and group
             self._log.warning(logs.event("keys-file-admits-nobody", whole=True, reason=state.refusal,
-                                         fix=refusal_remedy(state.refusal, self.path, user, group)))
+                                         fix=refusal_remedy(state.refusal, self.path, current_user_name(),
+                                                            group_name(os.getegid()))))
         self._last_refusal = state.refusal
         return state
 
@@ -544,19 +544,6 @@ class KeysFile:
         if listed:
             return Match(None, f"from= of line {listed[0].line_number} does not admit {address}")
         return Match(None, "key not in keys file")
-
-
-def _own_user_and_group() -> Tuple[str, str]:
-    """This process's user and group names (numbers when the system has no name for them)."""
-    try:
-        user = pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        user = str(os.geteuid())
-    try:
-        group = grp.getgrgid(os.getegid()).gr_name
-    except KeyError:
-        group = str(os.getegid())
-    return user, group
 
 
 def refusal_remedy(refusal: str, path: str, user: str, group: str) -> str:

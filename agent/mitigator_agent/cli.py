@@ -28,7 +28,6 @@ import ipaddress
 import json
 import logging
 import os
-import pwd
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -41,7 +40,7 @@ from .clock import DEFAULT_NTP_SERVERS, parse_ntp_server
 from .config import config_option, user_option
 from .hostkey import DEFAULT_HOST_KEY_PATH, HostKeyError, fingerprint_line, load_or_create_host_key
 from .poll import PollError, normalise_fingerprint, poll as poll_agent
-from .runas import UserUnknown, account, call_as
+from .runas import UserUnknown, account, call_as, current_user_name, group_name
 from .runstate import DEFAULT_RUNTIME_DIR
 from .server import (DEFAULT_PORT, ListenError, ServerSettings, disable_core_dumps, run_until_signalled,
                      split_listen_address)
@@ -251,20 +250,13 @@ def serve(listen: Tuple[str, ...], port: int, keys_path: str, host_key_path: str
 
 def _log_what_will_not_work(log: logging.Logger, settings: ServerSettings, service_user: str) -> None:
     """One warning per thing MITIGATOR relies on that is broken at start, with its fix; serving goes on."""
-    current = _current_user()
+    current = current_user_name()
     if service_user != current:
         log.warning(logs.event("running-as-another-user", whole=True, user=current, configured=service_user,
                                fix=f"run the agent as {service_user} (the unit's User=), or set user"))
     subject = health.Subject(settings.keys_path, settings.host_key_path, settings.device, current)
     for item in health.startup_items(subject):
         log.warning(logs.event("will-not-work", whole=True, check=item.name, problem=item.text, fix=item.fix))
-
-
-def _current_user() -> str:
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return str(os.geteuid())
 
 
 @main.command("host-key")
@@ -421,7 +413,7 @@ def _keys_as_user(keys_path: str, user: str) -> dict:
 
 def _remedy(refusal: str, keys_path: str, user: str) -> str:
     try:
-        group = health.primary_group(account(user).pw_gid)
+        group = group_name(account(user).pw_gid)
     except UserUnknown:
         group = user
     return refusal_remedy(refusal, keys_path, user, group)

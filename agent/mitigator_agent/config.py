@@ -44,6 +44,7 @@ from typing import Any, Dict, List, Optional
 import click
 
 from .authkeys import default_allowed_owners, open_no_follow, secure_path_problem
+from .runas import current_user_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -78,10 +79,7 @@ def default_service_user() -> str:
         pwd.getpwnam(SERVICE_USER)
         return SERVICE_USER
     except KeyError:
-        try:
-            return pwd.getpwuid(os.geteuid()).pw_name
-        except KeyError:
-            return str(os.geteuid())
+        return current_user_name()
 
 
 def _option_names(command: click.Command) -> Dict[str, click.Option]:

@@ -30,10 +30,8 @@ Unix seconds); it never holds a secret.
 
 from __future__ import annotations
 
-import grp
 import logging
 import os
-import pwd
 import socket
 import stat
 import time
@@ -45,7 +43,7 @@ from .authkeys import KeysFile, refusal_remedy
 from .clock import (DEFAULT_NTP_SERVERS, ClockState, NtpUnavailable, TimeService, ask_time_service, describe_kernel_clock,
                     kernel_clock_state, measure_ntp_offset)
 from .hostkey import HostKeyError, fingerprint_line, load_host_key
-from .runas import account, call_as, can_become
+from .runas import account, call_as, can_become, current_user_name, group_name
 from .runstate import RuntimeStateError, read_polls
 from .server import CHECK_PROBE_VERSION, DEFAULT_PORT, format_address, split_listen_address
 from .snapshot import DeviceMissing, Snapshot, SnapshotError, read_snapshot
@@ -291,11 +289,7 @@ def _host_key_item(view: Dict[str, Any], subject: Subject) -> Item:
 
 def _as_user_prefix(user: str) -> str:
     """``runuser -u USER -- `` when USER is not who runs this command, else nothing."""
-    try:
-        me = pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        me = str(os.geteuid())
-    return "" if user == me else f"runuser -u {user} -- "
+    return "" if user == current_user_name() else f"runuser -u {user} -- "
 
 
 def _module_fix() -> str:
@@ -577,13 +571,6 @@ def last_poll_items(instances: Sequence[str], runtime_dir: str, now: Optional[fl
     return items
 
 
-def primary_group(user_gid: int) -> str:
-    try:
-        return grp.getgrgid(user_gid).gr_name
-    except KeyError:
-        return str(user_gid)
-
-
 def judge(subject: Subject, *, command: str, probe_timeout: float = 3.0, ntp_servers: Sequence[str] = (),
           max_offset: float = 0.1, measure_ntp: bool = True) -> List[Item]:
     """Every finding about ``subject``, in the order an admin fixes them."""
@@ -593,7 +580,7 @@ def judge(subject: Subject, *, command: str, probe_timeout: float = 3.0, ntp_ser
     except Exception as exc:  # UserUnknown
         return [Item("user", FAIL, str(exc), f"useradd --system --home-dir /opt/mitigator_agent {subject.user}",
                      label="user")]
-    group = primary_group(user.pw_gid)
+    group = group_name(user.pw_gid)
     if not can_become(user):
         items.append(Item("user", WARN, f"judged as you, not as {subject.user}: only root can try files as another user",
                           "run this as root", label="user"))
@@ -631,7 +618,7 @@ def startup_items(subject: Subject) -> List[Item]:
     not synchronised.  (The keys file reports itself: keys-file-admits-nobody.)
     """
     view = _as_user_view(subject)
-    items = _device_items(view, subject, os.getegid(), primary_group(os.getegid()))
+    items = _device_items(view, subject, os.getegid(), group_name(os.getegid()))
     snapshot = view["device"]["snapshot"]
     items.append(syncookies_item(snapshot["tcp_syncookies"] if snapshot else read_syncookies()))
     try:

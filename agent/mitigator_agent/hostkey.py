@@ -10,7 +10,6 @@ Next to it ``PATH.pub`` holds the public half for the administrator.
 from __future__ import annotations
 
 import os
-import pwd
 import socket
 import stat
 from typing import Tuple
@@ -18,6 +17,7 @@ from typing import Tuple
 import asyncssh
 
 from .atomic import write_file_atomically
+from .runas import current_user_name
 
 DEFAULT_HOST_KEY_PATH = "/opt/mitigator_agent/host.ed25519"
 HOST_KEY_TYPE = "ssh-ed25519"
@@ -79,23 +79,15 @@ def load_or_create_host_key(path: str) -> Tuple[asyncssh.SSHKey, bool]:
         return load_host_key(path), False
     except FileNotFoundError:
         raise HostKeyError(f"cannot create host key {path}: its directory {directory} does not exist;"
-                           f" create it for the key's owner: mkdir -p {directory} && chown {_me()} {directory}"
+                           f" create it for the key's owner: mkdir -p {directory} && chown {current_user_name()} {directory}"
                            ) from None
     except PermissionError:
-        raise HostKeyError(f"cannot create host key {path}: {_me()} may not write in {directory};"
-                           f" give the directory to the agent's user: chown {_me()} {directory}") from None
+        raise HostKeyError(f"cannot create host key {path}: {current_user_name()} may not write in {directory};"
+                           f" give the directory to the agent's user: chown {current_user_name()} {directory}") from None
     except OSError as exc:
         raise HostKeyError(f"cannot create host key {path}: {exc.strerror or exc}") from None
     write_file_atomically(path + ".pub", key.export_public_key("openssh"), PUBLIC_MODE)
     return key, True
-
-
-def _me() -> str:
-    """This process's user name: the one that creates (and will own) the key."""
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return str(os.geteuid())
 
 
 def key_bits(key: asyncssh.SSHKey) -> int:

@@ -10,6 +10,7 @@ function's JSON-able result crosses back, through a pipe.
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import pwd
@@ -35,6 +36,22 @@ def account(user: str) -> pwd.struct_passwd:
             pass
     raise UserUnknown(f"no such user {user!r}: create it (the installer does) or name the service's"
                       " account with --user or `user` in the config")
+
+
+def current_user_name() -> str:
+    """The name of the user this process runs as (its uid as text when the system has none)."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def group_name(gid: int) -> str:
+    """The name of group ``gid`` (the number as text when the system has none)."""
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def can_become(user: pwd.struct_passwd) -> bool:
