@@ -559,7 +559,7 @@ remove_everything() {
 		cmd sysctl -q -w "net.ipv4.tcp_syncookies=$(cat "$STATE_DIR/tcp_syncookies-before")" || true
 	fi
 	if [ -d "$LIB_DIR" ]; then cmd rm -rf "$LIB_DIR"; removed=yes; fi
-	[ -d "$STATE_DIR" ] && record_apt_additions # an install killed inside apt never recorded them
+	record_apt_additions # an install killed inside apt never recorded them
 	if [ -s "$STATE_DIR/apt-installed" ]; then
 		# Only what the install added; dpkg refuses any package something else now depends on.
 		# shellcheck disable=SC2046
