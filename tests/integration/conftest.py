@@ -62,6 +62,16 @@ LISTEN_RE = re.compile(r"listening on (?:\[([^\]]+)\]|([^:\s]+)):(\d+)$")
 LOOPBACK_VIA = {"127.0.0.1": "0.0.0.0", "::1": "::"}  # reached through a wildcard listener
 
 
+def run_agent(*args: str, stdin: Optional[str] = None, bound: float = WAIT_SECONDS) -> subprocess.CompletedProcess:
+    """``mitigator-agent ARGS`` as an admin runs it; its exit status and text output."""
+    return subprocess.run([AGENT, *args], input=stdin, capture_output=True, text=True, timeout=bound)
+
+
+def keys_cmd(*args: str, stdin: str = "", bound: float = WAIT_SECONDS) -> subprocess.CompletedProcess:
+    """``mitigator-agent keys ARGS`` with ``stdin`` (empty unless given)."""
+    return run_agent("keys", *args, stdin=stdin, bound=bound)
+
+
 def make_snapshot() -> Snapshot:
     """The module's default on a 6.1.192+ kernel (wall clock, TS hook), random secrets.
 

@@ -8,16 +8,11 @@ then asks the agent (a real OpenSSH login) what it now admits.
 
 from __future__ import annotations
 
-import subprocess
 
-from conftest import AGENT, WAIT_SECONDS, AgentProcess, ClientKey, make_client_key
+from conftest import AgentProcess, ClientKey, keys_cmd, make_client_key
 
 PRIVATE_REFUSAL = ("refused: that is a private key: it stays with MITIGATOR; give its public half"
                    " (the .pub file, or ssh-keygen -y -f KEYFILE)\n")
-
-
-def keys_cmd(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([AGENT, "keys", *args], input=stdin, capture_output=True, text=True, timeout=WAIT_SECONDS)
 
 
 def logs_in(agent: AgentProcess, key: ClientKey) -> bool:
@@ -60,8 +55,8 @@ def test_keys_remove_takes_several_selectors_and_the_agent_refuses_them_at_once(
 def test_a_duplicate_instance_name_is_warned_about_and_never_removes_both(agent, client_key, workdir):
     (workdir / "twin").mkdir()
     twin = make_client_key(workdir / "twin", "mitigator1")  # a second key, the same name
-    warning = (f"instance name mitigator1 is on lines 1, 2: logs and `keys remove` cannot tell them apart:"
-               f" give each key its own name (mitigator-agent keys add 'KEY NEWNAME')")
+    warning = ("instance name mitigator1 is on lines 1, 2: logs and `keys remove` cannot tell them apart:"
+               " give each key its own name (mitigator-agent keys add 'KEY NEWNAME')")
     added = keys_cmd("add", "--keys", str(agent.keys_path), twin.public_line)
     assert (added.returncode, added.stdout) == (0, f"added: line 2 {twin.fingerprint} mitigator1\n")
     assert added.stderr == (f"warning: instance name mitigator1 is also on line 1 ({client_key.fingerprint}): logs"

@@ -20,7 +20,7 @@ from typing import Iterator, List, Tuple
 
 import pytest
 
-from conftest import AGENT, WAIT_SECONDS, AgentProcess, make_snapshot
+from conftest import AGENT, WAIT_SECONDS, AgentProcess, make_snapshot, run_agent
 from mitigator_agent.hostkey import fingerprint_line, load_host_key
 from mitigator_agent.snapshot import encode
 
@@ -28,10 +28,6 @@ ME = pwd.getpwuid(os.geteuid()).pw_name
 MODULE = "ABI 2, HZ 250, isn_algorithm seq_and_ts_off, cookie_clock wall, set_generation 0, tcp_syncookies 2"
 JOURNAL_SOCKET = "/run/systemd/journal/stdout"
 JOURNALD = "/lib/systemd/systemd-journald"
-
-
-def run_agent(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([AGENT, *args], capture_output=True, text=True, timeout=WAIT_SECONDS)
 
 
 def config_for(agent: AgentProcess) -> Path:

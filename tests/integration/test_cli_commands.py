@@ -10,16 +10,12 @@ import subprocess
 
 import pytest
 
-from conftest import AGENT, WAIT_SECONDS, AgentProcess
+from conftest import AgentProcess, run_agent
 from mitigator_agent import __version__
 from mitigator_agent.answers import HostFacts, json_answer
 from mitigator_agent.clock import kernel_clock_synced
 
 ME = pwd.getpwuid(os.geteuid()).pw_name
-
-
-def run_agent(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([AGENT, *args], capture_output=True, text=True, timeout=WAIT_SECONDS)
 
 
 def host_fingerprint(agent: AgentProcess) -> str:

@@ -6,11 +6,7 @@ import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import AGENT, WAIT_SECONDS, make_client_key
-
-
-def keys_cmd(*args: str, stdin: str = "", bound: float = WAIT_SECONDS) -> subprocess.CompletedProcess:
-    return subprocess.run([AGENT, "keys", *args], input=stdin, capture_output=True, text=True, timeout=bound)
+from conftest import WAIT_SECONDS, keys_cmd, make_client_key
 
 
 def test_twenty_concurrent_keys_add_processes_lose_no_key_thanks_to_the_lock(workdir):
