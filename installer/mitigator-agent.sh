@@ -38,7 +38,8 @@ DKMS_MOK=/var/lib/dkms/mok.pub
 
 # --- output ----------------------------------------------------------------------------------
 
-say() { printf '%s\n' "$*" >&2; [ -w "$LOG_FILE" ] && printf '%s\n' "$*" >>"$LOG_FILE"; return 0; }
+# To the terminal as is; to the log with the time, so the log shows how long each step took.
+say() { printf '%s\n' "$*" >&2; [ -w "$LOG_FILE" ] && printf '%s %s\n' "$(date +%T)" "$*" >>"$LOG_FILE"; return 0; }
 
 # Stop with one line saying what to do. With a rollback armed, that line comes after the rollback's.
 die() {

@@ -71,7 +71,10 @@ def wall_ts_shift_ms(wall_ms: int, tcp_clock_ms: int) -> int:
     """The wall-mode TS shift: ((wall_ms - tcp_clock_ms + 5000) & ~63) mod 2^32.
 
     A multiple of 64, so the low six TSval bits of a cookie SYN-ACK keep
-    carrying its options; the module samples it once at load.
+    carrying its options.  The module computes it at every use (each
+    SYN-ACK, each snapshot), so it follows a stepped wall clock; two reads
+    may differ by one step of 64 where wall_ms - tcp_clock_ms sits on a
+    multiple of 64 (the two clocks are floored to ms separately).
     """
     return ((wall_ms - tcp_clock_ms + TS_WALL_LEAD_MS) & ~((1 << TS_OPTION_BITS) - 1)) & U32
 

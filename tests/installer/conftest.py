@@ -9,6 +9,8 @@ tests are skipped, saying how to build it — unless SYSTEM_TESTS=required
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 from typing import Iterator, List
 
 import pytest
@@ -36,17 +38,36 @@ def system_image() -> SystemImage:
     return image
 
 
+# What the guest logged about installs, kept after the run (build/installer/guest-logs/MODULE/):
+# with timestamps, they say which step of a slow or failed run took the time.
+GUEST_LOGS = ("/var/log/mitigator-agent-install.log", "/var/log/dpkg.log", "/var/log/apt/term.log")
+KEPT_LOGS = Path(__file__).resolve().parents[2] / "build" / "installer" / "guest-logs"
+
+
+def keep_guest_logs(system: DebianSystem, module: str) -> None:
+    """Copy GUEST_LOGS out of a running guest (those it has) into KEPT_LOGS/module."""
+    where = KEPT_LOGS / module
+    shutil.rmtree(where, ignore_errors=True)
+    where.mkdir(parents=True)
+    for path in GUEST_LOGS:
+        try:
+            (where / Path(path).name).write_bytes(system.get(path))
+        except Exception:  # absent, or the guest is gone: nothing to keep
+            continue
+
+
 @pytest.fixture(scope="module")
-def debian_system(system_image: SystemImage,
-                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[DebianSystem]:
+def debian_system(system_image: SystemImage, tmp_path_factory: pytest.TempPathFactory,
+                  request: pytest.FixtureRequest) -> Iterator[DebianSystem]:
     """One booted system for the module's tests; powered off (qemu reaped) afterwards.
 
     Its console log stays in pytest's temporary directory (named in every
-    error the system raises).
+    error the system raises); its install logs are copied to KEPT_LOGS.
     """
     system = DebianSystem(system_image, workdir=tmp_path_factory.mktemp("debian-system"))
     try:
         system.start()
         yield system
     finally:
+        keep_guest_logs(system, request.module.__name__.rsplit(".", 1)[-1])
         system.stop()

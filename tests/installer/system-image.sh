@@ -41,12 +41,16 @@ IMAGE_SIZE=4G
 
 # The minimal server: what boots and what the tests reach it with. No sudo
 # (everything runs as root), no python3-venv (the installer installs it).
+# ca-certificates (with openssl) as on any standard Debian server, where wget
+# and most else pull it in; without it every install in the image would also
+# pay for update-ca-certificates, minutes of shell loops under TCG.
 PACKAGES=(
     systemd systemd-sysv udev dbus
     openssh-server
     iproute2 kmod procps netbase
     passwd adduser
     python3
+    ca-certificates
 )
 # What an install of mitigator-agent on this server asks apt for; downloaded
 # into the image's apt cache only. linux-headers-KVER is added for the image's

@@ -166,6 +166,10 @@ class DebianSystem:
         self.ssh_port = 0
         self.agent_port = 0
         self._qemu: Optional[subprocess.Popen[bytes]] = None
+        # One SSH connection that every command rides on (OpenSSH multiplexing): a login of its
+        # own per command costs the guest seconds of TCG time (sshd, key exchange, PAM).
+        self._mux_socket = self.workdir / "ssh-mux"
+        self._mux: Optional[subprocess.Popen[bytes]] = None
 
     # --- life cycle ---------------------------------------------------------
 
@@ -194,6 +198,7 @@ class DebianSystem:
         except BaseException:
             self._kill_qemu()
             raise
+        self._start_mux()
 
     def _launch(self) -> None:
         """Start qemu in the background (serial console to console_log)."""
@@ -272,12 +277,45 @@ class DebianSystem:
     def reboot(self) -> None:
         """`systemctl reboot`, then wait until SSH answers from the new boot (a new boot id)."""
         before = self.boot_id()
+        self._stop_mux()
         try:
             # The connection may drop before ssh sees the command's exit.
             self._ssh(["systemctl", "reboot"], timeout=120)
         except subprocess.TimeoutExpired:
             pass
         self._wait_for_ssh(time.monotonic() + self.boot_timeout, previous_boot_id=before)
+        self._start_mux()
+
+    def _ssh_options(self) -> List[str]:
+        return ["-F", "none", "-i", str(self.image.key), "-p", str(self.ssh_port),
+                "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+                # A guest that reboots or hangs under a command: ssh notices.
+                "-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=6"]
+
+    def _start_mux(self) -> None:
+        """Open the shared connection (its output in ssh-mux.log); without it, commands log in each."""
+        self._stop_mux()
+        with open(self.workdir / "ssh-mux.log", "ab") as log:
+            self._mux = subprocess.Popen(
+                ["ssh", *self._ssh_options(), "-o", "ConnectTimeout=30", "-N", "-o", "ControlMaster=yes",
+                 "-o", f"ControlPath={self._mux_socket}", "root@127.0.0.1"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while not self._mux_socket.exists() and self._mux.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def _stop_mux(self) -> None:
+        mux, self._mux = self._mux, None
+        if mux is not None:
+            if mux.poll() is None:
+                mux.terminate()
+            try:
+                mux.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                mux.kill()
+                mux.wait()
+        self._mux_socket.unlink(missing_ok=True)
 
     def _kill_qemu(self) -> None:
         """Kill qemu at once (no clean shutdown) and reap it."""
@@ -294,6 +332,7 @@ class DebianSystem:
         `keep_logs`: then the console and qemu logs stay for the post-mortem.
         """
         try:
+            self._stop_mux()
             qemu = self._qemu
             if qemu is not None and qemu.poll() is None:
                 try:
@@ -310,6 +349,7 @@ class DebianSystem:
                     except subprocess.TimeoutExpired:
                         pass
         finally:
+            self._stop_mux()
             self._kill_qemu()
             self.overlay.unlink(missing_ok=True)
             if self._own_workdir and not keep_logs:
@@ -333,14 +373,15 @@ class DebianSystem:
 
     def _ssh(self, command: Sequence[str], *, input: Optional[bytes] = None, timeout: float,
              connect_timeout: int = 30) -> "subprocess.CompletedProcess[bytes]":
-        """Run `command` (joined for the guest's shell) as root over OpenSSH; never raises on exit status."""
+        """Run `command` (joined for the guest's shell) as root over OpenSSH; never raises on exit status.
+
+        Over the shared connection while it is up (ssh falls back to a login of its own when the
+        socket is gone).
+        """
+        mux = self._mux is not None and self._mux.poll() is None and self._mux_socket.exists()
         ssh = [
-            "ssh", "-F", "none", "-i", str(self.image.key), "-p", str(self.ssh_port),
-            "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
-            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-            "-o", f"ConnectTimeout={connect_timeout}", "-o", "LogLevel=ERROR",
-            # A guest that reboots or hangs under a command: ssh notices.
-            "-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=6",
+            "ssh", *self._ssh_options(), "-o", f"ConnectTimeout={connect_timeout}",
+            *(["-o", "ControlMaster=no", "-o", f"ControlPath={self._mux_socket}"] if mux else []),
             "root@127.0.0.1", "--", shlex.join(command),
         ]
         return subprocess.run(ssh, input=input, capture_output=True, timeout=timeout,

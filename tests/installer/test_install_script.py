@@ -152,16 +152,24 @@ def test_kernel_without_a_headers_package_is_refused(system, pristine):
 
 
 def test_apt_failing_midway_is_rolled_back(system, pristine):
-    # dpkg runs (packages get installed), then apt reports a failure: everything it installed goes again
-    hook = "/etc/apt/apt.conf.d/99-test-fails"
-    system.run(f"echo 'DPkg::Post-Invoke {{\"/bin/false\";}};' > {hook}")
+    # dpkg's first run (apt's first batch of packages) unpacks, then fails: apt stops with those
+    # unpacked and none configured. Everything it put there goes again.
+    # (dpkg's own post-invoke hook, failing once only: the rollback's dpkg must run.)
+    hook, failed = "/etc/dpkg/dpkg.cfg.d/99-test-fails", "/run/test-dpkg-failed"
+    system.run(f"echo 'post-invoke=if [ ! -e {failed} ]; then touch {failed}; exit 1; fi' > {hook}")
     with_hook = system.state()
     result = install(system, check=False)
     assert result.returncode == 1, result.stderr
     assert "[!] install failed: removing what it did" in result.stderr
     assert re.fullmatch(r"mitigator-agent: installing dkms linux-headers-\S+( \S+)* with apt-get failed"
                         r" \(see /var/log/mitigator-agent-install.log\): fix apt, then run this again", last_line(result))
-    system.run(f"rm {hook}")
+    # dpkg really stopped half-way: packages were unpacked, none set up, then apt gave up
+    assert system.run(f"test -e {failed}", check=False).returncode == 0
+    log = system.run(f"cat {LOG}").stdout
+    assert "Sub-process /usr/bin/dpkg returned an error code" in log
+    assert re.search(r"^Unpacking \S+ ", log, re.M), log[-3000:]
+    assert "Setting up " not in log, log[-3000:]
+    system.run(f"rm {hook} {failed}")
     after = system.state()
     # the log stays (it says what happened); nothing else
     assert [line for line in diff_states(pristine, after) if LOG not in line] == []

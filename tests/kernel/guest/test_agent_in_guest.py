@@ -25,7 +25,7 @@ from mitigator_agent import cookies
 from mitigator_agent.snapshot import Snapshot
 
 from . import packets
-from .conftest import PROC, agent_home, load, open_path_to_python, unload
+from .conftest import PROC, agent_home, load, open_path_to_python, sysctl, unload
 from .test_tcpsecrets import NOBODY, READER_GID, syn_synack
 
 AGENT = Path(sys.executable).with_name("mitigator-agent")
@@ -60,12 +60,22 @@ def serve_as_nobody(groups: list[int], extra_args: list[str] = ()) -> Iterator[t
         shutil.rmtree(home)
 
 
-@pytest.fixture
-def agent(tcpsecrets, syncookies) -> Iterator[tuple[int, Path, subprocess.Popen]]:
-    """The agent as installed for reading only (module read_gid = its group)."""
-    tcpsecrets(f"read_gid={READER_GID}")
-    syncookies(2)
-    yield from serve_as_nobody([READER_GID])
+@pytest.fixture(scope="module")
+def agent() -> Iterator[tuple[int, Path, subprocess.Popen]]:
+    """The agent as installed for reading only (module read_gid = its group).
+
+    One agent for this file's tests: starting one costs tens of seconds of
+    Python under TCG. Each test leaves the module loaded with these options.
+    """
+    unload()
+    load(f"read_gid={READER_GID}")
+    syncookies_before = sysctl("tcp_syncookies")
+    sysctl("tcp_syncookies", 2)
+    try:
+        yield from serve_as_nobody([READER_GID])
+    finally:
+        sysctl("tcp_syncookies", syncookies_before)
+        unload()
 
 
 def wait_for_port(proc: subprocess.Popen, log: Path) -> int:
