@@ -211,6 +211,10 @@ def test_remove_keeps_keys_host_key_and_user(debian_system: DebianSystem, seen: 
     assert "tcpsecrets" not in system.run("dkms status").stdout
 
 
+DKMS_SIGNING_KEY = re.compile(r"\+ files /var/lib/dkms(: dir 0755 root:root|/mok\.key: file 0600 root:root \S+"
+                              r"|/mok\.pub: file 0644 root:root \S+)$")
+
+
 def test_purge_leaves_nothing(debian_system: DebianSystem, seen: Dict[str, object]) -> None:
     system = debian_system
     before = seen["before"]
@@ -224,6 +228,10 @@ def test_purge_leaves_nothing(debian_system: DebianSystem, seen: Dict[str, objec
     if added:
         system.run(f"SUDO_FORCE_REMOVE=yes {APT} purge {' '.join(added)} 2>&1", timeout=INSTALL_TIMEOUT)
     left = diff_states(before, system.state())
+    if "dkms" in added:
+        # DKMS signs what it builds with a key it makes (with openssl, which this server has) and
+        # keeps that key when it is purged: the firmware may trust it (MOK). DKMS's, not ours.
+        left = [line for line in left if not DKMS_SIGNING_KEY.match(line)]
     assert left == [], "\n".join(left)
 
 
