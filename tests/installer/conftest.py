@@ -15,7 +15,7 @@ from typing import Iterator, List
 
 import pytest
 
-from .system import CACHE, DebianSystem, SystemImage
+from .system import CACHE, DebianSystem, GuestCommandError, GuestError, SystemImage
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
@@ -52,7 +52,7 @@ def keep_guest_logs(system: DebianSystem, module: str) -> None:
     for path in GUEST_LOGS:
         try:
             (where / Path(path).name).write_bytes(system.get(path))
-        except Exception:  # absent, or the guest is gone: nothing to keep
+        except (GuestCommandError, GuestError):  # absent, or the guest is gone: nothing to keep
             continue
 
 
