@@ -1,7 +1,8 @@
 """Boot a Debian kernel under qemu (TCG) with virtme-ng and run a command in it.
 
 The guest sees the host's filesystem (read-only, with `rwdirs` writable), so
-the project's venv, sources and built module are used in place. KVM is off on
+the project's venv, sources and built module are used in place; the trees
+programs start from come through a second, cached export (cached-root.sh). KVM is off on
 purpose: on our machines qemu with KVM aborts or hangs (shared notes).
 
 The kernels are the matrix of tests/kernel/test-kernels (one per Debian
@@ -21,7 +22,8 @@ from pathlib import Path
 
 from . import matrix
 
-REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
 BOOT_TIMEOUT = 2700  # seconds for a whole guest run under TCG (5.10 on a loaded host: ~20 min)
 
 
@@ -90,6 +92,34 @@ def kbuild_on_host(kver: str, out_dir: Path) -> Path:
     return src / "tcpsecrets.ko"
 
 
+# virtme-ng gives the guest the host's root over 9p without caching, so every stat, open and
+# read is a round trip to qemu; under TCG that made each start of the agent's Python take
+# ~30 s (5.10). The root is exported a second time, read-only, and mounted with the guest's
+# caches on (cache=loose) over the trees programs are started from: the interpreter, the
+# venv, the repository's code and /usr (as an overlay, so the guest may still write there).
+# Nothing under them changes while a guest runs (modules are named by their hash; the
+# guests' outputs go to --rwdir mounts, outside these trees).
+CACHED_ROOT_TAG = "cachedroot"
+
+
+def guest_script(lines: list[str]) -> Path:
+    """A shell script the guest runs, written before boot under build/guest-scripts/.
+
+    virtme-ng hands the guest its command on the kernel's command line (base64),
+    whose 2 KiB limit a long command overflows, and the guest then hangs at boot;
+    so the guest gets `sh SCRIPT`. Named by its SHA-256 and never rewritten, like
+    build_module()'s copies, so what a running guest reads cannot change.
+    """
+    text = "".join(f"{line}\n" for line in ["#!/bin/sh", *lines])
+    path = REPO / "build" / "guest-scripts" / f"{hashlib.sha256(text.encode()).hexdigest()}.sh"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return path
+
+
 def run_in_guest(kver: str, command: str, rwdirs: list[Path], env: dict[str, str],
                  timeout: int = BOOT_TIMEOUT) -> subprocess.CompletedProcess[str]:
     """Boot `kver`, run `command` (a shell line) as root in the repo, return its result."""
@@ -102,7 +132,14 @@ def run_in_guest(kver: str, command: str, rwdirs: list[Path], env: dict[str, str
     ]
     for d in rwdirs:
         argv += ["--rwdir", str(d)]
-    argv += ["--exec", f"cd {shlex.quote(str(REPO))} && env {exports} {command}"]
+    trees = sorted({sys.base_prefix, sys.prefix, str(REPO / "agent"), str(REPO / "tests")})
+    script = guest_script([
+        shlex.join(["sh", str(HERE / "cached-root.sh"), CACHED_ROOT_TAG, *trees]) + " || exit 1",
+        f"cd {shlex.quote(str(REPO))} && env {exports} {command}"])
+    argv += ["--exec", f"sh {shlex.quote(str(script))}"]
+    # Last: vng passes everything after --qemu-opts to qemu.
+    argv += [f"--qemu-opts=-virtfs local,path=/,mount_tag={CACHED_ROOT_TAG},security_model=none,"
+             "readonly=on,multidevs=remap"]
     return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=timeout, env=host_env,
                           stdin=subprocess.DEVNULL)

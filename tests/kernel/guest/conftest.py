@@ -139,10 +139,11 @@ def open_path_to_python() -> None:
         return
     keep = Path("/run/tcpsecrets-pyenv")
     keep.mkdir(exist_ok=True)
-    subprocess.run(["mount", "--bind", str(home / ".pyenv"), str(keep)], check=True)
+    # --rbind: the interpreter's tree below is a mount of its own (the cached root, vm.py)
+    subprocess.run(["mount", "--rbind", str(home / ".pyenv"), str(keep)], check=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", str(home)], check=True)
     (home / ".pyenv").mkdir()
-    subprocess.run(["mount", "--bind", str(keep), str(home / ".pyenv")], check=True)
+    subprocess.run(["mount", "--rbind", str(keep), str(home / ".pyenv")], check=True)
 
 
 @pytest.fixture
