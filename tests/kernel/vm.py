@@ -2,8 +2,9 @@
 
 The guest sees the host's filesystem (read-only, with `rwdirs` writable), so
 the project's venv, sources and built module are used in place; the trees
-programs start from come through a second, cached export (cached-root.sh). KVM is off on
-purpose: on our machines qemu with KVM aborts or hangs (shared notes).
+programs start from come through a second, cached export (cached-root.sh).
+KVM is off on purpose: on our machines qemu with KVM aborts or hangs (shared
+notes).
 
 The kernels are the matrix of tests/kernel/test-kernels (one per Debian
 release); the module each guest loads is the one DKMS built in a chroot of
@@ -61,14 +62,18 @@ def build_module(kver: str) -> Path:
     and overlayfs leaves changes to its lower layer under a running guest
     (other pytest sessions make them) undefined.
     """
-    data = matrix.module(kver).read_bytes()
-    ko = matrix.out_dir(kver) / "by-hash" / f"{hashlib.sha256(data).hexdigest()}.ko"
-    if not ko.exists():
-        ko.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ko.with_name(f".{ko.name}.{os.getpid()}")
+    return _by_hash(matrix.out_dir(kver) / "by-hash", matrix.module(kver).read_bytes(), ".ko")
+
+
+def _by_hash(directory: Path, data: bytes, suffix: str) -> Path:
+    """`data` in `directory`, named by its SHA-256 (+ `suffix`): written once, atomically."""
+    path = directory / f"{hashlib.sha256(data).hexdigest()}{suffix}"
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
         tmp.write_bytes(data)
-        os.replace(tmp, ko)
-    return ko
+        os.replace(tmp, path)
+    return path
 
 
 def guest_env(kver: str, ko: Path) -> dict[str, str]:
@@ -111,13 +116,7 @@ def guest_script(lines: list[str]) -> Path:
     build_module()'s copies, so what a running guest reads cannot change.
     """
     text = "".join(f"{line}\n" for line in ["#!/bin/sh", *lines])
-    path = REPO / "build" / "guest-scripts" / f"{hashlib.sha256(text.encode()).hexdigest()}.sh"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    return path
+    return _by_hash(REPO / "build" / "guest-scripts", text.encode(), ".sh")
 
 
 def run_in_guest(kver: str, command: str, rwdirs: list[Path], env: dict[str, str],
