@@ -14,7 +14,20 @@ VENV   := .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 
-.PHONY: all test matrix unit kmod provision venv clean matrix-purge dist demo deb
+# The locks: the exact version and hashes of every package pip installs for the project.
+#   agent/requirements.lock  the agent's runtime dependencies, for every CPython the packages
+#                            support (Debian 11's 3.9.2 and newer); `make dist` and `make deb`
+#                            bundle exactly these, and the install script installs them by hash
+#   tests/requirements.lock  the test venv: the same runtime pins, pyproject's [test] extra and
+#                            the tools of tests/requirements.in
+# pyproject.toml keeps ranges (a `pip install` user still gets newer releases); `make lock`
+# moves the locks to the newest releases those ranges admit, and a bump is a commit that ran
+# `make test`. `make test-newest` tries the newest releases without touching the locks.
+RUNTIME_LOCK := agent/requirements.lock
+TEST_LOCK    := tests/requirements.lock
+PIP_INSTALL  := -m pip install -q --disable-pip-version-check
+
+.PHONY: all test matrix unit kmod provision venv clean matrix-purge dist demo deb lock test-newest matrix-refresh
 
 all: kmod
 
@@ -24,14 +37,44 @@ kmod:
 provision:
 	tests/provision-host.sh $(TEST_KVERS)
 
-# Reinstalled only when the project's dependencies change.
-$(VENV)/.installed: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+# Made anew when the project's dependencies change: exactly the locked versions, checked by
+# hash, then the agent itself (editable, built by the locked setuptools).
+$(VENV)/.installed: pyproject.toml $(RUNTIME_LOCK) $(TEST_LOCK)
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) $(PIP_INSTALL) --require-hashes --no-deps -r $(TEST_LOCK)
+	$(PY) $(PIP_INSTALL) --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	touch $@
 
 venv: $(VENV)/.installed
+
+# Resolve both locks again with uv (itself locked): the newest releases pyproject.toml's ranges
+# admit, for CPython 3.9.2 and newer (runtime) and 3.11 and newer (tests; Debian 12's python3).
+# LOCK_UPGRADE="--upgrade-package asyncssh" moves one package only; LOCK_UPGRADE= none.
+LOCK_UPGRADE ?= --upgrade
+UV_COMPILE = $(VENV)/bin/uv pip compile --quiet --universal --generate-hashes \
+	--custom-compile-command 'make lock' $(LOCK_UPGRADE)
+lock: venv
+	$(UV_COMPILE) --python-version 3.9.2 -o $(RUNTIME_LOCK) pyproject.toml
+	$(UV_COMPILE) --python-version 3.11 -c $(RUNTIME_LOCK) -o $(TEST_LOCK) \
+		--extra test pyproject.toml tests/requirements.in
+	@git diff --stat -- $(RUNTIME_LOCK) $(TEST_LOCK)
+
+# The tests that boot nothing, in a throwaway venv with the newest release of every dependency
+# (pyproject.toml's ranges, no lock), and every command's stderr checked for lines that are not
+# ours: what PyPI will give the next `make lock` and every `pip install` user. Outside `make test`,
+# so that a release on PyPI never breaks a landing. Which versions it ran: build/newest/versions.txt.
+NEWEST := build/newest
+test-newest:
+	rm -rf $(NEWEST)
+	$(PYTHON) -m venv $(NEWEST)/venv
+	$(NEWEST)/venv/bin/python $(PIP_INSTALL) --upgrade pip
+	$(NEWEST)/venv/bin/python $(PIP_INSTALL) --upgrade --upgrade-strategy eager -e '.[test]'
+	$(NEWEST)/venv/bin/python -m pip freeze --exclude-editable >$(NEWEST)/versions.txt
+	$(NEWEST)/venv/bin/python packaging/lockfile.py compare $(TEST_LOCK) $(NEWEST)/versions.txt
+	$(NEWEST)/venv/bin/python -m pytest -p no:cacheprovider -m 'not kernel and not system' \
+		--deselect tests/unit/test_locks.py::test_the_venv_runs_the_locked_versions $(PYTEST_ARGS)
 
 # Provision the host and the matrix (chroots and images cached in
 # /var/cache/tcpsecrets-matrix), then tests/kernel/matrix.py: DKMS-build the
