@@ -1,7 +1,9 @@
 #!/bin/sh
 # Build dist/mitigator-agent: installer/mitigator-agent.sh with its payload (module source, systemd and
-# system files, the agent's wheel and every wheel it needs on each supported CPython), and its sha256.
-# Wheels come from PyPI once and are cached in $WHEEL_CACHE; later builds work offline.
+# system files, the agent's wheel and, for each supported CPython, the wheels agent/requirements.lock
+# pins, with the lock the install script installs them by), and its sha256.
+# Wheels come from PyPI once and are cached in $WHEEL_CACHE; later builds work offline. Each wheel is
+# checked against the lock's hashes, from PyPI and from the cache alike.
 #   VERSION=0.1.1 OUT=/tmp/x installer/make-dist.sh   builds another version (upgrade tests) elsewhere
 set -eu
 cd "$(dirname "$0")/.."
@@ -30,22 +32,31 @@ echo "[#] the agent's wheel ($VERSION)"
 mkdir -p "$work/tree/kmod"
 git ls-files -z agent pyproject.toml README.md | xargs -0 -I{} cp --parents {} "$work/tree/"
 printf '%s\n' "$VERSION" >"$work/tree/kmod/VERSION"
-"$PYTHON" -m pip wheel -q --no-deps -w "$work/agent" "$work/tree" >"$work/wheel.log" 2>&1 ||
+# Built by the venv's setuptools (tests/requirements.lock), not one fetched for the build.
+"$PYTHON" -m pip wheel -q --no-deps --no-build-isolation -w "$work/agent" "$work/tree" >"$work/wheel.log" 2>&1 ||
 	{ cat "$work/wheel.log" >&2; exit 1; }
 agent_wheel=$(ls "$work"/agent/mitigator_agent-"$VERSION"-*.whl)
 cp "$agent_wheel" "$payload/wheels/"
 
+# The lock's wheels for each CPython: pip downloads for another Python than its own but judges the
+# lock's markers against its own, so each Python gets the lock's entries for it (lockfile.py select).
 for pyver in $PYTHON_VERSIONS; do
 	abi=cp$(echo "$pyver" | cut -d. -f1,2 | tr -d .)
+	"$PYTHON" packaging/lockfile.py select agent/requirements.lock --python "$pyver" >"$work/lock-$pyver.txt"
 	# shellcheck disable=SC2086
-	set -- --only-binary=:all: $PLATFORMS --python-version "$pyver" --implementation cp --abi "$abi" --abi abi3 --abi none
-	if ! "$PYTHON" -m pip download -q --no-index --find-links "$WHEEL_CACHE" -d "$payload/wheels" "$@" "$agent_wheel" 2>/dev/null; then
+	set -- --no-deps --require-hashes -r "$work/lock-$pyver.txt" --only-binary=:all: $PLATFORMS \
+		--python-version "$pyver" --implementation cp --abi "$abi" --abi abi3 --abi none
+	if ! "$PYTHON" -m pip download -q --no-index --find-links "$WHEEL_CACHE" -d "$payload/wheels" "$@" 2>/dev/null; then
 		echo "[#] wheels for CPython $pyver from PyPI (cached in $WHEEL_CACHE)"
-		"$PYTHON" -m pip download -q -d "$WHEEL_CACHE" "$@" "$agent_wheel"
-		"$PYTHON" -m pip download -q --no-index --find-links "$WHEEL_CACHE" -d "$payload/wheels" "$@" "$agent_wheel"
+		"$PYTHON" -m pip download -q -d "$WHEEL_CACHE" "$@"
+		"$PYTHON" -m pip download -q --no-index --find-links "$WHEEL_CACHE" -d "$payload/wheels" "$@"
 	fi
 done
-rm -f "$WHEEL_CACHE"/mitigator_agent-*.whl
+# What the install script installs, each file checked by hash: the lock, and the agent's own wheel.
+{
+	cat agent/requirements.lock
+	printf 'mitigator-agent==%s \\\n    --hash=sha256:%s\n' "$VERSION" "$(sha256sum "$agent_wheel" | cut -d' ' -f1)"
+} >"$payload/requirements.lock"
 
 echo "[#] $OUT"
 mkdir -p "$(dirname "$OUT")"

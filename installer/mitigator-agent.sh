@@ -353,8 +353,9 @@ install_agent() {
 	venv=$LIB_DIR/venv-$version-$$
 	cmd python3 -m venv "$venv" || die "python3 -m venv failed (see $LOG_FILE)"
 	pause_at venv
+	# Exactly the locked versions, each wheel checked against the lock's hashes.
 	cmd "$venv/bin/python" -m pip install -q --no-index --find-links "$PAYLOAD/wheels" \
-		--disable-pip-version-check "mitigator-agent==$version" ||
+		--disable-pip-version-check --require-hashes -r "$PAYLOAD/requirements.lock" ||
 		die "installing the agent's wheels failed (see $LOG_FILE): this Python may be unsupported"
 	"$venv/bin/mitigator-agent" --version >/dev/null 2>&1 || die "the new agent does not run (see $LOG_FILE)"
 	NEW_VENV=$venv

@@ -12,11 +12,12 @@
 #
 # On a fresh Debian 12 amd64 host (as root) this installs the build
 # dependencies listed in packaging/build-deps (apt, only the missing ones) and
-# downloads the agent's wheels from PyPI into $MITIGATOR_BUILD_CACHE (default
+# downloads the wheels the locks pin (agent/requirements.lock for the agent,
+# tests/requirements.lock for the build backend, setuptools), each checked by
+# hash, from PyPI into $MITIGATOR_BUILD_CACHE (default
 # /var/cache/mitigator-agent-build, or ~/.cache/mitigator-agent-build when not
 # root: outside the repository). Repeat builds use the cached wheels and need
-# no network; REFRESH_WHEELS=1 resolves the wheels against PyPI again (the
-# newest releases the requirements admit).
+# no network. Other versions come only with other locks (`make lock`).
 #
 # DEB_DIST_DIR (default dist/) and DEB_BUILD_DIR (default build/deb, emptied
 # first) move the output and the staging area (the tests build in a temporary
@@ -90,30 +91,24 @@ rm "$stage/debian/changelog.in"
 
 # --- wheels: the cache first, PyPI when something is missing --------------------
 
-"$PY" - "$ROOT/pyproject.toml" >"$STAGE_ROOT/runtime.txt" <<'PYEOF'
-import sys, tomllib
-with open(sys.argv[1], "rb") as f:
-    print("\n".join(tomllib.load(f)["project"]["dependencies"]))
-PYEOF
-# setuptools builds the agent's wheel (pyproject's build-system) offline.
-"$PY" - "$ROOT/pyproject.toml" >"$STAGE_ROOT/build.txt" <<'PYEOF'
-import sys, tomllib
-with open(sys.argv[1], "rb") as f:
-    print("\n".join(tomllib.load(f)["build-system"]["requires"]))
-PYEOF
+# The agent's runtime wheels: the lock's entries for this python3, which pip picks by their markers.
+cp "$ROOT/agent/requirements.lock" "$STAGE_ROOT/runtime.txt"
+# setuptools builds the agent's wheel (pyproject's build-system) offline: the pin of the test lock.
+"$PY" "$ROOT/packaging/lockfile.py" select "$ROOT/tests/requirements.lock" \
+    --python "$("$PY" -c 'import platform; print(platform.python_version())')" --only setuptools \
+    >"$STAGE_ROOT/build.txt"
 
-pip_download() {  # KIND: wheels for $STAGE_ROOT/KIND.txt into $stage/wheels/KIND
+pip_download() {  # KIND: the wheels $STAGE_ROOT/KIND.txt pins, checked by hash, into $stage/wheels/KIND
     local kind=$1 cached=$CACHE/wheels
-    local args=(-m pip download -q --disable-pip-version-check --only-binary=:all:
-                -r "$STAGE_ROOT/$kind.txt" -d "$stage/wheels/$kind")
+    local args=(-m pip download -q --disable-pip-version-check --only-binary=:all: --no-deps
+                --require-hashes -r "$STAGE_ROOT/$kind.txt" -d "$stage/wheels/$kind")
     mkdir -p "$cached"
-    if [ -z "${REFRESH_WHEELS:-}" ] &&
-        "$PY" "${args[@]}" --no-index --find-links "$cached" 2>/dev/null; then
+    if "$PY" "${args[@]}" --no-index --find-links "$cached" 2>/dev/null; then
         return 0
     fi
     say "downloading $kind wheels from PyPI into $cached"
-    "$PY" -m pip download -q --disable-pip-version-check --only-binary=:all: \
-        -r "$STAGE_ROOT/$kind.txt" -d "$cached" >&2
+    "$PY" -m pip download -q --disable-pip-version-check --only-binary=:all: --no-deps \
+        --require-hashes -r "$STAGE_ROOT/$kind.txt" -d "$cached" >&2
     rm -rf "$stage/wheels/$kind"
     "$PY" "${args[@]}" --no-index --find-links "$cached" >&2
 }
