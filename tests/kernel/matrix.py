@@ -42,6 +42,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -420,8 +421,22 @@ def _summary(log: Path) -> str:
 
 
 # The system tests' temporary files (guest overlays, console logs): outside pytest's shared,
-# pruned /tmp/pytest-of-USER/, and on the host's disk rather than in the repository.
+# pruned /tmp/pytest-of-USER/, and on the host's disk rather than in the repository. Each group's
+# pytest empties its own --basetemp below it; the directory itself is made by the run
+# (system_basetemp), since pytest makes a basetemp's last component only.
 SYSTEM_BASETEMP = Path("/tmp/mitigator-agent-system-tests")
+
+
+def system_basetemp() -> Path:
+    """SYSTEM_BASETEMP, made now if it is missing: ours (this user's, 0700), never a link."""
+    SYSTEM_BASETEMP.mkdir(mode=0o700, exist_ok=True)
+    st = SYSTEM_BASETEMP.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise SystemExit(f"matrix: {SYSTEM_BASETEMP} is not a directory of uid {os.getuid()}: "
+                         "remove it (the system tests keep their temporary files there)")
+    SYSTEM_BASETEMP.chmod(0o700)
+    return SYSTEM_BASETEMP
+
 # The install script's tests in one run; every other system test (the packages, the image) in the other.
 INSTALL_SCRIPT_TESTS = "tests/installer/test_install_script.py"
 SYSTEM_GROUPS = {"install-script": [INSTALL_SCRIPT_TESTS],
@@ -481,7 +496,7 @@ def run(pytest_args: list[str], kernel_only: bool = False, jobs: int = 2) -> int
         # A base temp of its own: each kernel's pytest, starting later, would otherwise prune
         # /tmp/pytest-of-USER/ down to its 3 newest and take this run's guest overlays and logs.
         return _pytest_job(f"system tests ({group})", OUT / f"system-{group}",
-                           pytest + ["-m", "system", f"--basetemp={SYSTEM_BASETEMP / group}", *selection,
+                           pytest + ["-m", "system", f"--basetemp={system_basetemp() / group}", *selection,
                                      *pytest_args],
                            {"SYSTEM_TESTS": "required"})
 
