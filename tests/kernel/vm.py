@@ -103,7 +103,9 @@ def kbuild_on_host(kver: str, out_dir: Path) -> Path:
 # caches on (cache=loose) over the trees programs are started from: the interpreter, the
 # venv, the repository's code and /usr (as an overlay, so the guest may still write there).
 # Nothing under them changes while a guest runs (modules are named by their hash; the
-# guests' outputs go to --rwdir mounts, outside these trees).
+# guests' outputs go to --rwdir mounts, outside these trees). Before that, open-paths.sh lets
+# every user reach the repository and those trees (the guest tests run the agent as nobody,
+# and root's clones and interpreters live under /root, mode 0700), in the guest only.
 CACHED_ROOT_TAG = "cachedroot"
 
 
@@ -133,6 +135,7 @@ def run_in_guest(kver: str, command: str, rwdirs: list[Path], env: dict[str, str
         argv += ["--rwdir", str(d)]
     trees = sorted({sys.base_prefix, sys.prefix, str(REPO / "agent"), str(REPO / "tests")})
     script = guest_script([
+        shlex.join(["sh", str(HERE / "open-paths.sh"), str(REPO), *trees]) + " || exit 1",
         shlex.join(["sh", str(HERE / "cached-root.sh"), CACHED_ROOT_TAG, *trees]) + " || exit 1",
         f"cd {shlex.quote(str(REPO))} && env {exports} {command}"])
     argv += ["--exec", f"sh {shlex.quote(str(script))}"]

@@ -33,7 +33,7 @@ from mitigator_agent.snapshot import read_snapshot
 from tests.emulators import MitigatorV2308
 
 from . import packets
-from .conftest import agent_home, load, open_path_to_python, sysctl
+from .conftest import agent_home, load, sysctl
 from .test_agent_in_guest import AGENT, ssh, wait_for_port
 
 NOBODY, READER_GID, WRITER_GID = 65534, 4242, 4243
@@ -105,7 +105,6 @@ def main(role: str) -> None:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     load(f"read_gid={READER_GID}", f"write_gid={WRITER_GID}")
     sysctl("tcp_syncookies", 2)
-    open_path_to_python()
     home = agent_home("anycast-")
     for name in ("mitigator1", "mitigator2"):
         keypair(home, name)

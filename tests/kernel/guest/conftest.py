@@ -127,25 +127,6 @@ def guest_only() -> None:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 
 
-def open_path_to_python() -> None:
-    """Let unprivileged users run the venv's Python in this guest.
-
-    The venv's interpreter may live under the host's /root (pyenv), mode 0700.
-    In the guest only, /root is replaced by a world-traversable tmpfs that
-    carries the interpreter tree back in with a bind mount.
-    """
-    home = Path("/root")
-    if home.stat().st_mode & 0o001 or not (home / ".pyenv").exists():
-        return
-    keep = Path("/run/tcpsecrets-pyenv")
-    keep.mkdir(exist_ok=True)
-    # --rbind: the interpreter's tree below is a mount of its own (the cached root, vm.py)
-    subprocess.run(["mount", "--rbind", str(home / ".pyenv"), str(keep)], check=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", str(home)], check=True)
-    (home / ".pyenv").mkdir()
-    subprocess.run(["mount", "--rbind", str(keep), str(home / ".pyenv")], check=True)
-
-
 @pytest.fixture
 def syncookies() -> Iterator[Callable[[int], None]]:
     """Set net.ipv4.tcp_syncookies for one test, restoring it afterwards."""

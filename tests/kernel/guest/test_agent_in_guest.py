@@ -25,7 +25,7 @@ from mitigator_agent import cookies
 from mitigator_agent.snapshot import Snapshot
 
 from . import packets
-from .conftest import PROC, agent_home, load, open_path_to_python, sysctl, unload
+from .conftest import PROC, agent_home, load, sysctl, unload
 from .test_tcpsecrets import NOBODY, READER_GID, syn_synack
 
 AGENT = Path(sys.executable).with_name("mitigator-agent")
@@ -44,7 +44,6 @@ def serve_as_nobody(groups: list[int], extra_args: list[str] = ()) -> Iterator[t
     keys.write_text((home / "client.pub").read_text())
     os.chmod(keys, 0o600)
     os.chown(keys, NOBODY, NOBODY)
-    open_path_to_python()
     log = home / "agent.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
