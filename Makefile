@@ -97,6 +97,15 @@ matrix: venv
 	$(MATRIX_RUN) --kernel-only -- $(PYTEST_ARGS); rc=$$?; \
 	$(PY) -m tests.kernel.matrix readme && exit $$rc
 
+# Move the pins of tests/kernel/test-kernels to each release's current kernel (its archive's
+# linux-image-amd64), provision them and DKMS-build the module for each: a kernel the module no
+# longer builds for shows up here, before the commit that moves the pins (which must pass
+# `make test`). Every provisioning names a release whose kernel moved on since (NOTICE lines).
+matrix-refresh: venv
+	$(PY) -m tests.kernel.matrix refresh
+	kvers="$$(tests/provision-host.sh)" && TEST_KVERS="$$kvers" $(PY) -m tests.kernel.matrix build
+	@git diff --stat -- tests/kernel/test-kernels
+
 # Fast loop while editing: no VM boots.
 unit: venv
 	$(PY) -m pytest -m 'not kernel and not system' $(PYTEST_ARGS)

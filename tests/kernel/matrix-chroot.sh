@@ -4,6 +4,10 @@
 #   matrix-chroot.sh prepare SUITE          debootstrap SUITE's build chroot
 #   matrix-chroot.sh kernel SUITE KVER      headers into the chroot, image for
 #                                           the host; prints the KVER provided
+#   matrix-chroot.sh newest SUITE           asks SUITE's archive (apt-get update in
+#                                           its chroot) for its newest kernel ABI;
+#                                           prints "KVER VERSION" and records it in
+#                                           $CACHE/newest/SUITE
 #   matrix-chroot.sh build SUITE KVER SRC OUT
 #                                           DKMS-build SRC (a kmod/ tree) for
 #                                           KVER in SUITE's chroot; the signed
@@ -22,7 +26,9 @@
 # apt in a chroot uses the Debian mirror of the host's own sources
 # (/etc/apt/sources.list.d/debian.sources), read here at run time.
 # A KVER the suite no longer carries (its ABI moved on at a point release) is
-# replaced by the suite's current one, with a warning on stderr.
+# replaced by the suite's current one, with a warning on stderr. `kernel` asks
+# the archive every time (apt-get update: the package lists only) and says, in a
+# NOTICE line, when the suite's current kernel is another ABI than the one asked for.
 set -euo pipefail
 
 CACHE=${TCPSECRETS_MATRIX_CACHE:-/var/cache/tcpsecrets-matrix}
@@ -183,6 +189,36 @@ current_kver() {
         sed -n 's/^ *Depends: linux-image-\([0-9].*-amd64\)$/\1/p' | head -n 1
 }
 
+# find_newest SUITE: ask the suite's archive for its newest kernel ABI (the package lists only;
+# a failure to reach the archive is a warning: the cached lists answer). Sets NEWEST_KVER and
+# NEWEST_VERSION (the Debian version of linux-image-KVER) and keeps "KVER VERSION" in
+# $CACHE/newest/SUITE, where the matrix's results table reads it.
+NEWEST_KVER= NEWEST_VERSION=
+find_newest() {
+    local suite=$1 root
+    root=$(root_of "$suite")
+    [ -f "$root/.tcpsecrets-matrix" ] || die "$suite: no chroot (run prepare first)"
+    if [ -z "$apt_updated" ]; then
+        say "$suite: apt-get update (has a newer kernel been published?)"
+        if in_chroot "$root" apt-get update -q >&2; then
+            apt_updated=1
+        else
+            say "WARNING: $suite: apt-get update failed; newer kernels are judged from the lists of an earlier run"
+        fi
+    fi
+    NEWEST_KVER=$(current_kver "$root")
+    [ -n "$NEWEST_KVER" ] || die "$suite: linux-image-amd64 points at no kernel"
+    NEWEST_VERSION=$(package_version "$root" "linux-image-$NEWEST_KVER")
+    mkdir -p "$CACHE/newest"
+    echo "$NEWEST_KVER $NEWEST_VERSION" >"$CACHE/newest/$suite.new"
+    mv "$CACHE/newest/$suite.new" "$CACHE/newest/$suite"
+}
+
+# package_version ROOT PACKAGE: the version apt would install (its candidate).
+package_version() {
+    in_chroot "$1" apt-cache policy "$2" | sed -n 's/^ *Candidate: //p' | head -n 1
+}
+
 headers_installed() {
     [ "$(in_chroot "$1" dpkg-query -W -f='${Status}' "linux-headers-$2" 2>/dev/null)" = \
       "install ok installed" ]
@@ -294,8 +330,13 @@ kernel() {
     local suite=$1 kver=$2 root
     root=$(root_of "$suite")
     [ -f "$root/.tcpsecrets-matrix" ] || die "$suite: no chroot (run prepare first)"
+    find_newest "$suite"
     resolve "$root" "$suite" "$kver"
     kver=$RESOLVED
+    if [ "$NEWEST_KVER" != "$kver" ]; then
+        say "NOTICE: $suite's current kernel is $NEWEST_KVER ($NEWEST_VERSION), the matrix pins $kver" \
+            "(tests/kernel/test-kernels): this run tests $kver; \`make matrix-refresh\` moves the pin"
+    fi
     if ! headers_installed "$root" "$kver"; then
         chroot_apt_update "$root" "$suite"
         say "$suite: apt-get install linux-headers-$kver"
@@ -339,6 +380,7 @@ build() {
     mount_proc "$root"
     {
         echo "# DKMS build of tcpsecrets $version for $kver in a $suite chroot"
+        echo "# linux-headers-$kver $(in_chroot "$root" dpkg-query -W -f='${Version}' "linux-headers-$kver")"
         echo "# dkms $(in_chroot "$root" dpkg-query -W -f='${Version}' dkms)," \
              "$(in_chroot "$root" sh -c 'cc=$(sed -n "s/^CONFIG_CC_VERSION_TEXT=\"\(.*\)\"$/\1/p" /usr/src/linux-headers-$1/.config); echo "${cc:-unknown compiler}"' sh "$kver")"
         echo "# probed: $(in_chroot "$root" sh "/usr/src/tcpsecrets-$version/compat/probe.sh" \
@@ -419,8 +461,9 @@ purge() {
 case ${1:-} in
     prepare) [ $# = 2 ] || die "usage: $0 prepare SUITE"; prepare "$2" ;;
     kernel)  [ $# = 3 ] || die "usage: $0 kernel SUITE KVER"; kernel "$2" "$3" ;;
+    newest)  [ $# = 2 ] || die "usage: $0 newest SUITE"; find_newest "$2"; echo "$NEWEST_KVER $NEWEST_VERSION" ;;
     build)   [ $# = 5 ] || die "usage: $0 build SUITE KVER SRC OUT"; build "$2" "$3" "$4" "$5" ;;
     mirror)  mirror ;;
     purge)   purge ;;
-    *) die "usage: $0 prepare|kernel|build|purge ..." ;;
+    *) die "usage: $0 prepare|kernel|newest|build|purge ..." ;;
 esac

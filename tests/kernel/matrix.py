@@ -16,6 +16,10 @@ with DKMS in a chroot of that release, and the table of results.
     python -m tests.kernel.matrix readme
         put build/matrix/results.md into README.md, between its
         kernel-matrix markers (`make matrix` does this after its run)
+    python -m tests.kernel.matrix refresh
+        ask each release's archive for its current kernel and move the pins of
+        tests/kernel/test-kernels to it (`make matrix-refresh`, which then
+        provisions and DKMS-builds the new pins)
 
 Provisioning (chroots, kernel images) is tests/provision-host.sh, which calls
 matrix-chroot.sh; that script also runs the build inside the chroot. Here:
@@ -23,8 +27,9 @@ the bookkeeping around it. Per kernel, build/matrix/KVER/ holds
 
     tcpsecrets.ko   the module DKMS built and signed (decompressed)
     build.log       DKMS's output (and make.log when the build failed)
-    status.json     suite, DKMS build ok/failed, compiler, signer, probed
-                    features, and the hash of the kmod/ sources it was built from
+    status.json     suite, the headers' Debian version, DKMS build ok/failed,
+                    compiler, signer, probed features, and the hash of the kmod/
+                    sources it was built from
     guest.json      each guest test's outcome (written by test_guest_kernels.py)
     guest.log, dmesg.txt   the guest's console and its kernel log after the suite
     pytest.log, junit.xml  that kernel's pytest run (`run`)
@@ -79,6 +84,57 @@ def listed() -> list[tuple[str, str]]:
         elif fields:
             raise ValueError(f"{LIST}: expected 'SUITE KVER', got {line!r}")
     return kernels
+
+
+def published(suite: str) -> Optional[tuple[str, str]]:
+    """(kver, Debian version) of `suite`'s current kernel, as the last provisioning asked its archive.
+
+    Written by matrix-chroot.sh (`newest`, which `kernel` runs at every provisioning) to
+    CACHE/newest/SUITE; None when no provisioning has asked yet.
+    """
+    try:
+        fields = (CACHE / "newest" / suite).read_text().split()
+    except OSError:
+        return None
+    return (fields[0], fields[1]) if len(fields) == 2 else None
+
+
+def refresh_pins() -> list[str]:
+    """Move every pin of tests/kernel/test-kernels to its release's current kernel; what moved.
+
+    Asks each release's archive (matrix-chroot.sh newest, preparing the chroot first if
+    needed), then rewrites the file (rewrite_pins).
+    """
+    current = {}
+    for suite, _ in listed():
+        subprocess.run([str(CHROOT_TOOL), "prepare", suite], check=True)
+        out = subprocess.run([str(CHROOT_TOOL), "newest", suite], check=True, capture_output=True,
+                             text=True).stdout.split()
+        current[suite] = (out[0], out[1])
+    text, moved = rewrite_pins(LIST.read_text(), current, time.strftime("%Y-%m-%d", time.gmtime()))
+    tmp = LIST.with_name(f".{LIST.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, LIST)
+    return moved
+
+
+def rewrite_pins(text: str, current: dict[str, tuple[str, str]], today: str) -> tuple[str, list[str]]:
+    """`text` (a test-kernels file) with each pin set to current[suite] = (kver, Debian version) and
+    the `# refreshed:` line to `today`; every other line as it was. Also what moved, a line each."""
+    moved = []
+    lines = []
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if line.startswith("# refreshed:"):
+            line = f"# refreshed: {today}"
+        elif len(fields) == 2 and fields[0] in current:
+            suite, kver = fields
+            new_kver, version = current[suite]
+            if new_kver != kver:
+                moved.append(f"{suite}: {kver} -> {new_kver} ({version})")
+            line = f"{f'{suite} {new_kver}':<31} # {version}"
+        lines.append(line)
+    return "\n".join(lines) + "\n", moved
 
 
 def host_suite() -> str:
@@ -212,9 +268,11 @@ def build(kver: str) -> dict:
     log_path = out / "build.log"
     log = log_path.read_text(errors="replace") if log_path.exists() else result.stdout
     ok = result.returncode == 0 and ko.exists()
+    headers = re.search(rf"^# linux-headers-{re.escape(kver)} (\S+)$", log, re.M)
     st = {
         "kver": kver,
         "suite": suite,
+        "debian_version": headers.group(1) if headers else "",
         "dkms": "ok" if ok else "failed",
         "compiler": _compiler(ko, log),
         "signer": modinfo(ko, "signer") if ok else "",
@@ -336,14 +394,16 @@ def results(junits: Optional[list[Path]] = None) -> str:
     host_cols = sorted(host)
     lines = [
         "<!-- produced by `make matrix` (tests/kernel/matrix.py); do not edit by hand -->",
-        f"Kernel matrix run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+            f"Kernel matrix run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"kmod/ sources {source_hash()[:12]}: the module built with DKMS in a chroot "
-        "of each release, then the guest suite in that kernel under qemu (TCG).",
+        "of each release, then the guest suite in that kernel under qemu (TCG). "
+        "Kernel: the ABI tested (its Debian version).",
         "",
         "| kernel | suite | compiler | DKMS build | signer | features probed | guest tests passed |"
         + "".join(f" {c.removeprefix('test_')} |" for c in host_cols),
         "|---|---|---|---|---|---|---|" + "---|" * len(host_cols),
     ]
+    moved_on = []
     for kver in kvers:
         st = status(kver) or {}
         fresh = st.get("source_hash") == source_hash()
@@ -354,10 +414,20 @@ def results(junits: Optional[list[Path]] = None) -> str:
         if st and not fresh:
             dkms += " (stale)"
         features = ", ".join(f.removeprefix("TCPSECRETS_HAVE_") for f in st.get("features", []))
+        suite = st.get("suite") or suite_of(kver) or "?"
+        current = published(suite)
+        if current is not None and current[0] != kver:
+            moved_on.append(f"{suite}'s current kernel is {current[0]} ({current[1]}), not {kver}")
+        version = f" ({st['debian_version']})" if st.get("debian_version") else ""
         lines.append(
-            f"| {kver} | {st.get('suite') or suite_of(kver) or '?'} | {st.get('compiler', '?')} "
+            f"| {kver}{version} | {suite} | {st.get('compiler', '?')} "
             f"| {dkms} | {st.get('signer') or '—'} | {features or '—'} | {guest_cell} |"
             + "".join(f" {_MARK.get(host[c].get(kver))} |" for c in host_cols))
+    if moved_on:
+        lines += ["", "Newer than the pins, published since tests/kernel/test-kernels was refreshed (not tested "
+                  "by this run; `make matrix-refresh` moves the pins): " + "; ".join(moved_on) + "."]
+    elif all(published(matrix_suite) for matrix_suite, _ in listed()):
+        lines += ["", "Every kernel above is its release's current one, as its archive said at this run."]
     test_ids = sorted({t for g in guests.values() for t in g})
     if test_ids:
         lines += ["", "Guest tests (tests/kernel/guest/), one boot per kernel:", "",
@@ -468,8 +538,8 @@ def run(pytest_args: list[str], kernel_only: bool = False, jobs: int = 2) -> int
         except BuildFailed as e:
             _say(str(e))
             return
-        _say(f"{kver} ({st['suite']}): DKMS build {st['dkms']}, {st['compiler']}, "
-             f"signer {st['signer'] or '-'}")
+        _say(f"{kver} ({st['suite']}, linux-headers {st.get('debian_version') or '?'}): DKMS build "
+             f"{st['dkms']}, {st['compiler']}, signer {st['signer'] or '-'}")
 
     # Each release has its own chroot: two builds at a time.
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -536,19 +606,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     r = sub.add_parser("results", help="write build/matrix/results.md")
     r.add_argument("--junit", type=Path, action="append")
     sub.add_parser("readme", help="copy build/matrix/results.md into README.md")
+    sub.add_parser("refresh", help="move the pins of tests/kernel/test-kernels to each release's current kernel")
     args = parser.parse_args(argv)
     if args.cmd == "readme":
         update_readme()
         return 0
+    if args.cmd == "refresh":
+        moved = refresh_pins()
+        _say(f"{LIST.relative_to(REPO)}: " + ("; ".join(moved) if moved else "every pin is its release's current kernel"))
+        return 0
     if args.cmd == "run":
         return run(args.pytest_args, args.kernel_only, args.jobs)
     if args.cmd == "build":
+        failed = []
         for kver in args.kvers or kernels_in_run():
             st = build(kver) if args.force else ensure_built(kver)
-            _say(f"{kver} ({st['suite']}): DKMS build {st['dkms']}, {st['compiler']}, "
-                 f"signer {st['signer'] or '-'}")
-        # A failed build is reported by the test suite (test_dkms.py), with its log.
-        return 0
+            _say(f"{kver} ({st['suite']}, linux-headers {st.get('debian_version') or '?'}): DKMS build "
+                 f"{st['dkms']}, {st['compiler']}, signer {st['signer'] or '-'}")
+            if st["dkms"] != "ok":
+                _say(f"{kver}: the end of {(out_dir(kver) / 'build.log').relative_to(REPO)}:\n" + build_log_tail(kver, 30))
+                failed.append(kver)
+        return 1 if failed else 0
     print(results(args.junit), end="")
     return 0
 

@@ -38,3 +38,30 @@ def test_readme_table_was_written_by_a_run():
     # By release, not ABI: a kernel Debian replaced since still has its release's row.
     for suite, _ in matrix.listed():
         assert f" | {suite} | " in block, f"{suite} of tests/kernel/test-kernels is not in the README table"
+
+
+def test_refresh_moves_only_the_pins_and_the_date():
+    text = ("# header, kept\n# refreshed: 2026-01-01\n"
+            "bullseye 5.10.0-32-amd64        # 5.10.223-1\n"
+            "bookworm 6.1.0-57-amd64         # 6.1.192-3\n")
+    current = {"bullseye": ("5.10.0-46-amd64", "5.10.262-1"), "bookworm": ("6.1.0-57-amd64", "6.1.192-3")}
+    new, moved = matrix.rewrite_pins(text, current, "2026-12-06")
+    assert new == ("# header, kept\n# refreshed: 2026-12-06\n"
+                   "bullseye 5.10.0-46-amd64        # 5.10.262-1\n"
+                   "bookworm 6.1.0-57-amd64         # 6.1.192-3\n")
+    assert moved == ["bullseye: 5.10.0-32-amd64 -> 5.10.0-46-amd64 (5.10.262-1)"]
+    assert matrix.rewrite_pins(new, current, "2026-12-06") == (new, [])
+
+
+def test_the_pins_file_is_in_the_refreshed_form():
+    """test-kernels as `make matrix-refresh` writes it: a date, and each pin with its Debian version."""
+    text = matrix.LIST.read_text()
+    assert any(line.startswith("# refreshed: 20") for line in text.splitlines())
+    for line in text.splitlines():
+        if line.split("#", 1)[0].split():
+            assert len(line.split("#", 1)[0].split()) == 2 and line.split("#", 1)[1].strip(), line
+    # The pins as the tool writes them: rewriting them with their own values changes nothing but the date.
+    date = next(line for line in text.splitlines() if line.startswith("# refreshed: ")).split(": ", 1)[1]
+    own = {line.split()[0]: (line.split()[1], line.split("#", 1)[1].strip())
+           for line in text.splitlines() if len(line.split("#", 1)[0].split()) == 2}
+    assert matrix.rewrite_pins(text, own, date) == (text, [])
