@@ -77,9 +77,9 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import asyncssh
-from asyncssh.constants import MSG_KEXINIT
+from asyncssh.constants import MSG_KEXINIT, MSG_SERVICE_ACCEPT, MSG_SERVICE_REQUEST
 from asyncssh.kex import get_kex_algs
-from asyncssh.packet import SSHPacket
+from asyncssh.packet import SSHPacket, String
 
 from . import __version__, logs
 from .answers import HostFacts, loggable_command, respond
@@ -269,13 +269,23 @@ def first_kex_guess_is_wrong(client_kexinit: bytes, server_kex_algs: Sequence[by
             or client_host_key[0] != server_host_key_algs[0])
 
 
+USERAUTH_SERVICE = b"ssh-userauth"
+
+
 class KexGuessServerConnection(asyncssh.SSHServerConnection):
-    """asyncssh's server connection with RFC 4253's rule for a wrong first-kex guess.
+    """asyncssh's server connection with two fixes for real clients.
+
+    - RFC 4253's rule for a wrong first-kex guess.  asyncssh buffers
+      further packets until an async handler finishes, so the guessed
+      packet is judged with the corrected flag.
+    - A repeated request for the ``ssh-userauth`` service while
+      authentication is under way is accepted again, as OpenSSH's sshd
+      does.  paramiko sends one before each key it tries; asyncssh took the
+      second as a protocol error and disconnected, so a client offering an
+      unlisted key before its listed one never got in.
 
     Installed on each connection by AgentConnection.connection_made (class
-    switch, as RestrictedChannel.adopt: no state of its own).  asyncssh
-    buffers further packets until an async handler finishes, so the
-    guessed packet is judged with the corrected flag.
+    switch, as RestrictedChannel.adopt: no state of its own).
     """
 
     async def _process_kexinit_rfc(self, pkttype: int, pktid: int, packet: SSHPacket) -> None:
@@ -288,8 +298,17 @@ class KexGuessServerConnection(asyncssh.SSHServerConnection):
         self._ignore_first_kex = first_kex_guess_is_wrong(
             self._client_kexinit, self._kex_algs, self._server_host_key_algs or [])  # type: ignore[attr-defined]
 
+    def _process_service_request_again(self, pkttype: int, pktid: int, packet: SSHPacket) -> None:
+        if (packet.get_remaining_payload() == String(USERAUTH_SERVICE)
+                and self._auth_in_progress and not self._auth_complete):  # type: ignore[attr-defined]
+            self.send_packet(MSG_SERVICE_ACCEPT, String(USERAUTH_SERVICE))
+            return
+        asyncssh.SSHServerConnection._process_service_request(  # type: ignore[attr-defined]
+            self, pkttype, pktid, packet)
+
     _packet_handlers = {**asyncssh.SSHServerConnection._packet_handlers,  # type: ignore[attr-defined]
-                        MSG_KEXINIT: _process_kexinit_rfc}
+                        MSG_KEXINIT: _process_kexinit_rfc,
+                        MSG_SERVICE_REQUEST: _process_service_request_again}
 
 
 class AgentServer:
