@@ -9,10 +9,15 @@ Behaviour:
   (``ssh-rsa``, certificates, security keys, ...) admits nobody and a
   warning names file, line and type.
 - A malformed line is skipped with a warning naming file and line; the
-  other lines still count.
-- Options: ``from="pattern-list"`` is honoured (checked against the
-  connecting address with asyncssh's host-pattern matcher: wildcards,
-  CIDR, ``!`` negation).  ``restrict``, ``no-pty``, ``no-port-forwarding``,
+  other lines still count.  So is a line whose comment holds another key
+  (``... m1ssh-ed25519 AAAA... m2``: a key appended to a file without a
+  final newline): the warning says the two keys merged and how to split them.
+- Options: ``from="pattern-list"`` is honoured: addresses, CIDRs and
+  address wildcards, ``!`` negation, matched as sshd does (frompatterns.py);
+  a list that does not parse strictly (a host name, white space, a CIDR
+  with bits set beyond its prefix, a second ``from=``) makes the line admit
+  nobody, with a warning naming the pattern: an exclusion is never dropped.
+  ``restrict``, ``no-pty``, ``no-port-forwarding``,
   ``no-agent-forwarding``, ``no-X11-forwarding`` and ``no-user-rc`` are
   accepted because this agent already applies them to every key.  Any other
   option (``command=``, ``environment=``, ``permitopen=``, ``pty``, ...)
@@ -49,6 +54,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import stat
 import unicodedata
 from contextlib import contextmanager
@@ -57,8 +63,9 @@ from typing import FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 import asyncssh
 
-from . import logs
+from . import frompatterns, logs
 from .atomic import write_file_atomically
+from .frompatterns import Pattern, names_particular_sources  # noqa: F401  (names_particular_sources: re-exported)
 from .runas import current_user_name, group_name
 
 DEFAULT_KEYS_PATH = "/opt/mitigator_agent/keys"
@@ -94,12 +101,10 @@ class KeyEntry:
     key: asyncssh.SSHKey = field(compare=False)
     instance: str
     options: Tuple[str, ...]
-    # Built from the key and its from= patterns only; asyncssh evaluates
-    # the patterns against the connecting address.
-    from_matcher: asyncssh.SSHAuthorizedKeys = field(compare=False, repr=False)
-    # The from="..." pattern lists as written (admission uses them to tell
-    # MITIGATOR's addresses from strangers).
+    # The from="..." pattern list as written (admission uses it to tell
+    # MITIGATOR's addresses from strangers), and as parsed.
     from_patterns: Tuple[str, ...] = ()
+    from_parsed: Tuple[Pattern, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def fingerprint(self) -> str:
@@ -117,35 +122,9 @@ class KeyEntry:
 
     def admits(self, key: asyncssh.SSHKey, address: str) -> bool:
         """Whether this entry lets ``key`` in from ``address`` (an IP string)."""
-        return self.from_matcher.validate(key, address, address) is not None
-
-
-_WILDCARD_ONLY = frozenset("*?.:")
-
-
-def names_particular_sources(from_patterns: Sequence[str]) -> bool:
-    """Whether from= pattern lists name particular sources rather than everyone.
-
-    The agent gives the sources a key's from= names an admission pool of
-    their own (MITIGATOR's addresses, see ratelimit.Admission); a list
-    that admits anyone must not turn every stranger into one of them.  So
-    an entry names nobody in particular when it has no from= at all, or
-    when one of its positive patterns (not ``!``-negated) matches any
-    address: made of wildcards and separators only (``*``, ``*.*.*.*``,
-    ``*:*``) or a CIDR of prefix length 0 (``0.0.0.0/0``, ``::/0``).
-    """
-    if not from_patterns:
-        return False
-    for pattern_list in from_patterns:
-        for pattern in pattern_list.split(","):
-            pattern = pattern.strip()
-            if not pattern or pattern.startswith("!"):
-                continue
-            if set(pattern) <= _WILDCARD_ONLY:
-                return False
-            if pattern.endswith("/0"):
-                return False
-    return True
+        if not self.same_key(key):
+            return False
+        return not self.from_patterns or frompatterns.admits(self.from_parsed, address)
 
 
 @dataclass(frozen=True)
@@ -246,15 +225,19 @@ def parse_options(text: str) -> List[Tuple[str, Optional[str]]]:
 
 
 def _check_options(options: Sequence[Tuple[str, Optional[str]]]) -> List[str]:
-    """Validate option names and values; return the from= pattern lists."""
-    from_patterns = []
+    """Validate option names and values; return the from= pattern list (one at most)."""
+    from_patterns: List[str] = []
     for name, value in options:
         if name == FROM_OPTION:
-            if not value:
-                raise _LineError('from= needs a quoted pattern list, e.g. from="192.0.2.1"')
-            if '"' in value:
+            if from_patterns:
+                raise _LineError("from= is given twice: write one from= with every pattern")
+            if value and '"' in value:
                 raise _LineError("from= pattern list contains a quote")
-            from_patterns.append(value)
+            try:
+                frompatterns.parse_pattern_list(value or "")
+            except frompatterns.PatternError as exc:
+                raise _LineError(f"from= refused: {exc}; the line admits nobody until it is fixed") from None
+            from_patterns.append(value or "")
         elif name in RESTRICTIONS_ALWAYS_APPLIED:
             if value is not None:
                 raise _LineError(f"option {name!r} takes no value")
@@ -332,19 +315,25 @@ def parse_line(line: str, line_number: int) -> Optional[KeyEntry]:
         raise _LineError(f"key data is {key.algorithm.decode('ascii')}, not {ADMITTED_KEY_TYPE}")
     options = parse_options(options_text)
     from_patterns = _check_options(options)
-    matcher_options = ",".join(f'from="{pattern}"' for pattern in from_patterns)
-    try:
-        matcher = asyncssh.import_authorized_keys(f"{matcher_options} {fields[0]} {fields[1]}".strip())
-    except ValueError as exc:
-        raise _LineError(f"bad from= pattern ({exc})") from None
+    comment = fields[2].strip() if len(fields) > 2 else ""
+    merged = _MERGED_KEY.search(comment)
+    if merged:
+        raise _LineError(f"two keys merged on one line: its comment holds another key at"
+                         f" '{merged.group(1)} {merged.group(2)[:8]}...' (a key appended to a file without"
+                         " a final newline?): put that key on a line of its own")
     return KeyEntry(
         line_number=line_number,
         key=key,
-        instance=fields[2].strip() if len(fields) > 2 else "",
+        instance=comment,
         options=tuple(name if value is None else f'{name}="{value}"' for name, value in options),
-        from_matcher=matcher,
         from_patterns=tuple(from_patterns),
+        from_parsed=frompatterns.parse_pattern_list(from_patterns[0]) if from_patterns else (),
     )
+
+
+# Another key in a line's comment: a key type OpenSSH writes, then what its base64 starts with
+# ("AAAA": a 4-byte length of a key type name), anywhere (also glued to the comment before it).
+_MERGED_KEY = re.compile(r"((?:ssh-|ecdsa-|sk-)[a-z0-9@.-]+)\s+(AAAA[A-Za-z0-9+/=]*)")
 
 
 def parse_keys(text: str, source: str) -> ParsedKeys:

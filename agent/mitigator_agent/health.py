@@ -6,7 +6,8 @@ groups when run as root), so a keys file only root can read shows as
 admitting nobody, exactly as the running agent sees it.  Each finding that
 is not ``ok`` carries the command that fixes it.
 
-Findings (``name``): ``keys``, ``keys-warning``, ``host-key``, ``module``,
+Findings (``name``): ``keys``, ``keys-line`` (a line that admits nobody),
+``keys-warning``, ``host-key``, ``module``,
 ``device``, ``tcp-syncookies``, ``netns``, ``dnat``, ``clock``,
 ``ntp-offset``, ``listening``, ``service``, ``last-poll``.  Their
 ``status``: ``ok``; ``fail`` (something MITIGATOR relies on is broken:
@@ -78,7 +79,7 @@ REPORT_SCHEMA: Dict[str, Any] = {
                 "required": ["name", "status", "text", "fix", "facts"],
                 "additionalProperties": False,
                 "properties": {
-                    "name": {"enum": ["keys", "keys-warning", "host-key", "module", "device", "tcp-syncookies",
+                    "name": {"enum": ["keys", "keys-line", "keys-warning", "host-key", "module", "device", "tcp-syncookies",
                                       "netns", "dnat", "clock", "ntp-offset", "listening", "service",
                                       "last-poll", "user"]},
                     "status": {"enum": [OK, FAIL, WARN, INFO]},
@@ -231,8 +232,9 @@ def _keys_items(view: Dict[str, Any], subject: Subject, group: str) -> List[Item
                           refusal_remedy(keys["refusal"], path, subject.user, group),
                           facts={"path": path, "admitted": 0, "reason": keys["refusal"]},
                           label="keys", summary=f"none admitted: {keys['refusal']}"))
+    # A line that admits nobody locks out whoever it was written for: a failure, not a remark.
     for warning in keys["warnings"]:
-        items.append(Item("keys-warning", WARN, f"keys file: {warning}",
+        items.append(Item("keys-line", FAIL, f"keys file: {warning}",
                           "fix the line (mitigator-agent keys add replaces a key's line) or remove it",
                           facts={"path": path}, label="keys"))
     for instance, lines in duplicate_instances(admitted).items():

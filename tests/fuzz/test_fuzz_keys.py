@@ -89,6 +89,11 @@ def outcome(line: str) -> Optional[KeyEntry]:
         raise
 
 
+def unmapped(text: str) -> ipaddress._BaseAddress:
+    address = ipaddress.ip_address(text)
+    return getattr(address, "ipv4_mapped", None) or address
+
+
 def is_address(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -182,10 +187,9 @@ def test_from_patterns_never_err_at_match_time_and_negations_hold(patterns, addr
 def test_a_from_naming_one_address_admits_it_and_no_other(address, other):
     entry = parse_line(f'from="{address}" {KEY_FIELDS[0]} m', 1)
     assert entry is not None
-    # "::" is all separators, so it counts as naming nobody: harmless, no client connects from it.
-    assert entry.names_sources or address == "::"
+    assert entry.names_sources
     assert entry.admits(entry.key, address)
-    if ipaddress.ip_address(other) != ipaddress.ip_address(address):
+    if unmapped(other) != unmapped(address):  # an IPv4-mapped IPv6 address is its IPv4 address
         assert not entry.admits(entry.key, other)
     assert not entry.admits(ED25519[1], address)  # another key is never admitted by this line
 

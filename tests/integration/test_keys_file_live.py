@@ -105,3 +105,31 @@ def test_a_keys_file_that_is_a_symlink_admits_nobody_as_o_nofollow_refuses_it(st
     link.unlink()
     real.rename(link)
     assert agent.ssh(client_key, "get").returncode == 0
+
+
+def test_a_from_that_does_not_parse_locks_the_line_out_and_keeps_its_exclusion(start_agent, client_key,
+                                                                                second_key):
+    """The exclusion a lenient matcher dropped (127.0.0.1/8 is no network): the line admits nobody."""
+    agent = start_agent(f'from="!127.0.0.1/8,127.0.0.0/8" {client_key.public_line}\n{second_key.public_line}\n',
+                        listen=("0.0.0.0",))
+    agent.wait_for(r"keys-file-warning problem=\".*:1: from= refused: '127.0.0.1/8' has address bits set beyond"
+                   r" its prefix: write 127.0.0.0/8; the line admits nobody until it is fixed; line skipped\"")
+    assert agent.ssh(client_key, "get", options=["-b", "127.0.0.34"]).returncode == 255
+    assert agent.ssh(second_key, "get", options=["-b", "127.0.0.34"]).returncode == 0
+    listed = keys_cmd("list", "--keys", str(agent.keys_path))
+    assert listed.returncode == 0 and "from= refused: '127.0.0.1/8'" in listed.stderr
+    for bad in ('from="10.0.0.0/33"', 'from="a, b"', 'from="!127.0.0.1/8,127.0.0.0/8"'):
+        refused = keys_cmd("add", "--keys", str(agent.keys_path), f"{bad} {client_key.public_line}")
+        assert refused.returncode == 1 and refused.stderr.startswith("refused: from= refused: "), refused
+
+
+def test_a_key_appended_to_a_file_without_a_final_newline_is_named_not_lost(start_agent, client_key,
+                                                                            second_key):
+    """The README's `echo KEY >> keys` on a file whose last line has no newline."""
+    agent = start_agent(client_key.public_line)  # no final newline
+    with open(agent.keys_path, "a") as keys:
+        keys.write(second_key.public_line + "\n")
+    assert agent.ssh(second_key, "get").returncode == 255
+    agent.wait_for(r"keys-file-warning problem=\".*:1: two keys merged on one line")
+    listed = keys_cmd("list", "--keys", str(agent.keys_path))
+    assert "two keys merged on one line" in listed.stderr and "put that key on a line of its own" in listed.stderr

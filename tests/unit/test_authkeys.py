@@ -110,9 +110,58 @@ def test_uppercase_from_is_still_enforced():
     assert not entry.admits(ED1_OFFERED, "127.0.0.1")
 
 
-def test_two_from_options_must_both_match():
-    entry = parse(f'from="10.0.0.0/8",from="10.1.0.0/16" {public(ED1)}').entries[0]
-    assert entry.admits(ED1_OFFERED, "10.1.0.1") and not entry.admits(ED1_OFFERED, "10.2.0.1")
+def test_two_from_options_admit_nobody_as_in_sshd():
+    """sshd refuses such a line ('multiple "from" clauses'): which one was meant is not known."""
+    parsed = parse(f'from="10.0.0.0/8",from="10.1.0.0/16" {public(ED1)}')
+    assert parsed.entries == ()
+    assert parsed.warnings == ("KEYS:1: from= is given twice: write one from= with every pattern; line skipped",)
+
+
+@pytest.mark.parametrize("patterns, why", [
+    # The exclusion a lenient matcher dropped: 127.0.0.1/8 is no network, so the "!" pattern went.
+    ("!127.0.0.1/8,127.0.0.0/8", "'127.0.0.1/8' has address bits set beyond its prefix: write 127.0.0.0/8"),
+    ("10.0.0.0/33", "'10.0.0.0/33' is not a CIDR (address/prefix length)"),
+    ("a, b", 'from="a, b" has white space: separate its patterns with commas only'),
+    ("mitigator.example.com", "'mitigator.example.com' is not an address (host names are not looked up:"
+                              " give addresses, CIDRs or address wildcards)"),
+    ("*.example.com", "'*.example.com' is not an address pattern (host names are not looked up:"
+                      " give addresses, CIDRs or address wildcards)"),
+    ("192.0.2.1,", "an empty pattern"),
+    ("!", "an empty pattern after '!'"),
+    ("", 'from= needs a quoted pattern list, e.g. from="192.0.2.1"'),
+])
+def test_a_from_that_does_not_parse_admits_nobody_and_says_why(patterns, why):
+    parsed = parse(f'from="{patterns}" {public(ED1)} m1\n{public(ED2)} m2\n')
+    assert [e.instance for e in parsed.entries] == ["m2"]  # the other lines still count
+    assert parsed.warnings == (f"KEYS:1: from= refused: {why}; the line admits nobody until it is fixed;"
+                               " line skipped",)
+
+
+def test_negations_hold_for_every_form():
+    entry = parse(f'from="!127.0.0.0/24,!127.0.1.*,!::ffff:127.0.2.1,127.0.0.0/8" {public(ED1)}').entries[0]
+    for refused in ("127.0.0.34", "127.0.1.9", "127.0.2.1", "::ffff:127.0.0.34", "10.0.0.1", "::1"):
+        assert not entry.admits(ED1_OFFERED, refused), refused
+    for admitted in ("127.0.3.1", "::ffff:127.0.3.1", "127.255.0.1"):
+        assert entry.admits(ED1_OFFERED, admitted), admitted
+
+
+def test_ipv6_patterns_match_the_address_not_its_spelling():
+    entry = parse(f'from="2001:DB8::/32,!2001:db8:0:0::66" {public(ED1)}').entries[0]
+    assert entry.admits(ED1_OFFERED, "2001:db8::5") and entry.admits(ED1_OFFERED, "2001:0db8:0::7")
+    assert not entry.admits(ED1_OFFERED, "2001:db8::66") and not entry.admits(ED1_OFFERED, "2001:db9::1")
+    wildcard = parse(f'from="2001:db8::*" {public(ED1)}').entries[0]
+    assert wildcard.admits(ED1_OFFERED, "2001:DB8:0::1f") and not wildcard.admits(ED1_OFFERED, "2001:db9::1")
+
+
+@pytest.mark.parametrize("glue", ["", " "])
+def test_a_key_appended_without_a_newline_is_reported_as_two_merged_keys(glue):
+    line = f"{public(ED1)} m1{glue}{public(ED2)} m2"
+    parsed = parse(line + "\n")
+    assert parsed.entries == ()
+    [warning] = parsed.warnings
+    assert warning.startswith("KEYS:1: two keys merged on one line: its comment holds another key at"
+                              " 'ssh-ed25519 AAAAC3Nz...' (a key appended to a file without a final newline?):"
+                              " put that key on a line of its own")
 
 
 # --- strict modes ---------------------------------------------------------
