@@ -150,6 +150,7 @@ class Match:
 
     entry: Optional[KeyEntry]
     reason: str  # why the key was refused; empty when admitted
+    file_refused: bool = False  # refused because the keys file admits nobody, not because of the key
 
 
 class _LineError(Exception):
@@ -522,7 +523,7 @@ class KeysFile:
         """Find the entry admitting ``key`` from ``address``; else say why not."""
         state = self.state()
         if state.refusal is not None:
-            return Match(None, state.refusal)
+            return Match(None, state.refusal, file_refused=True)
         algorithm = key.algorithm.decode("ascii", "replace")
         if algorithm != ADMITTED_KEY_TYPE:
             return Match(None, f"key type {algorithm} refused: only {ADMITTED_KEY_TYPE} keys are admitted")

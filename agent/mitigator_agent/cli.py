@@ -72,6 +72,14 @@ def _runtime_dir_option(function: Callable) -> Callable:
                         help="Where the agent keeps the last poll per instance (no secrets).")(function)
 
 
+def _reservation_options(function: Callable) -> Callable:
+    """serve's --state-dir and --allow, for status and check: which keys' sources are reserved."""
+    function = click.option("--allow", multiple=True, metavar="CIDR", callback=_check_networks,
+                            help="serve's --allow: MITIGATOR's networks, reserved before anyone polls.")(function)
+    return click.option("--state-dir", default=DEFAULTS.state_dir, show_default=True, metavar="DIR",
+                        help="serve's state directory, where it keeps the sources MITIGATOR polled from.")(function)
+
+
 def _json_option(function: Callable) -> Callable:
     return click.option("--json", "as_json", is_flag=True,
                         help="Print one JSON object (schema: see the man page, JSON OUTPUT).")(function)
@@ -191,11 +199,12 @@ def main(ctx: click.Context, uninstall: bool, purge: bool) -> None:
               help="Key instance (the keys file line's comment) allowed to `set` (repeatable)."
                    " None: set is disabled.")
 @click.option("--state-dir", default=DEFAULTS.state_dir, show_default=True, metavar="DIR",
-              help="Directory for the last accepted anycast set (replayed into a reloaded module).")
+              help="Directory for the last accepted anycast set (replayed into a reloaded module) and the"
+                   " sources MITIGATOR polled from (admitted ahead of strangers).")
 @_runtime_dir_option
 @click.option("--allow", multiple=True, metavar="CIDR", callback=_check_networks,
               help="MITIGATOR's addresses (repeatable): admission of their own, like sources the keys"
-                   " file's from= names.")
+                   " file's from= names and sources that polled before.")
 @click.option("--max-unauthenticated-allowed", type=click.IntRange(min=1),
               default=DEFAULTS.max_unauthenticated_allowed, show_default=True,
               help="Connections allowed at once before authentication from --allow and from= sources"
@@ -532,17 +541,19 @@ def _print_report(items: Sequence[health.Item], command: str, user: str, as_json
               help="The agent's port (for listen addresses without one).")
 @_listen_option("Address(es) the agent listens on (default: 127.0.0.1).")
 @_runtime_dir_option
+@_reservation_options
 @user_option
 @_json_option
 def status(keys_path: str, host_key_path: str, device: str, port: int, listen: Tuple[str, ...],
-           runtime_dir: str, service_user: str, as_json: bool) -> None:
+           runtime_dir: str, state_dir: str, allow: Tuple[str, ...], service_user: str, as_json: bool) -> None:
     """What the agent sees, judged as the service's user; exit 1 when something is wrong.
 
     Host key fingerprint (MITIGATOR pins it), keys admitted, module and
     device, tcp_syncookies, clock (the host's time service), listening,
     the service's state and the last poll of each instance.
     """
-    subject = health.Subject(keys_path, host_key_path, device, service_user, port, listen, runtime_dir)
+    subject = health.Subject(keys_path, host_key_path, device, service_user, port, listen, runtime_dir,
+                             state_dir, allow)
     _print_report(health.judge(subject, command="status", probe_timeout=3.0, measure_ntp=False),
                   "status", service_user, as_json)
 
@@ -557,6 +568,7 @@ def status(keys_path: str, host_key_path: str, device: str, port: int, listen: T
               help="The agent's port (for listen addresses without one).")
 @_listen_option("Address(es) the agent listens on (default: probe 127.0.0.1).")
 @_runtime_dir_option
+@_reservation_options
 @click.option("--ntp-server", "ntp_servers", multiple=True, metavar="HOST[:PORT]", callback=_check_ntp_servers,
               help="NTP server to measure the offset against (repeatable). Default: ask the host's time"
                    f" service; {DEFAULT_NTP_SERVERS[0]} when none runs.")
@@ -566,13 +578,15 @@ def status(keys_path: str, host_key_path: str, device: str, port: int, listen: T
               help="Network timeout, seconds.")
 @_json_option
 def check(keys_path: str, host_key_path: str, device: str, service_user: str, port: int, listen: Tuple[str, ...],
-          runtime_dir: str, ntp_servers: Tuple[str, ...], max_offset: float, timeout: float, as_json: bool) -> None:
+          runtime_dir: str, state_dir: str, allow: Tuple[str, ...], ntp_servers: Tuple[str, ...], max_offset: float,
+          timeout: float, as_json: bool) -> None:
     """Check everything MITIGATOR relies on, as the service's user; exit 1 if anything failed.
 
     One line per item: `ok` or `FAIL` with the reason and the command that
     fixes it (`warn`: worth knowing, does not fail).
     """
-    subject = health.Subject(keys_path, host_key_path, device, service_user, port, listen, runtime_dir)
+    subject = health.Subject(keys_path, host_key_path, device, service_user, port, listen, runtime_dir,
+                             state_dir, allow)
     _print_report(health.judge(subject, command="check", probe_timeout=timeout, ntp_servers=ntp_servers,
                                max_offset=max_offset), "check", service_user, as_json)
 

@@ -45,6 +45,7 @@ from .clock import (DEFAULT_NTP_SERVERS, ClockState, NtpUnavailable, TimeService
                     kernel_clock_state, measure_ntp_offset)
 from .hostkey import HostKeyError, fingerprint_line, load_host_key
 from .runas import account, call_as, can_become, current_user_name, group_name
+from .knownsources import KnownSourcesError, read_known_sources
 from .runstate import RuntimeStateError, read_polls
 from .server import CHECK_PROBE_VERSION, DEFAULT_PORT, format_address, split_listen_address
 from .snapshot import DeviceMissing, Snapshot, SnapshotError, read_snapshot
@@ -152,6 +153,8 @@ class Subject:
     port: int = DEFAULT_PORT
     listen: Tuple[str, ...] = ()
     runtime_dir: str = ""
+    state_dir: str = ""                # where serve keeps the known sources ("": not judged)
+    allow: Tuple[str, ...] = ()        # serve's allow list: MITIGATOR's networks, reserved
 
 
 def quiet_logger() -> logging.Logger:
@@ -186,9 +189,24 @@ def keys_view(keys_path: str) -> Dict[str, Any]:
             "refusal": state.refusal, "warnings": list(state.warnings)}
 
 
+def _known_view(subject: Subject) -> Dict[str, Any]:
+    """The keys whose sources are reserved before anyone polls (from=), and the known sources."""
+    state = KeysFile(subject.keys_path, logger=quiet_logger()).state()
+    view: Dict[str, Any] = {"named_by_from": [e.fingerprint for e in state.entries if e.names_sources],
+                            "known": [], "error": None}
+    if subject.state_dir:
+        try:
+            view["known"] = [{"address": s.address, "key": s.key, "last": s.last}
+                             for s in read_known_sources(subject.state_dir)]
+        except KnownSourcesError as exc:
+            view["error"] = str(exc)
+    return view
+
+
 def _as_user_view(subject: Subject) -> Dict[str, Any]:
     """Keys, host key and device as the current process sees them (run as the service's user)."""
     keys = keys_view(subject.keys_path)
+    keys["sources"] = _known_view(subject)
     host_key: Dict[str, Any] = {"line": None, "missing": False, "error": None, "creatable": False}
     try:
         host_key["line"] = fingerprint_line(load_host_key(subject.host_key_path))
@@ -240,6 +258,38 @@ def _keys_items(view: Dict[str, Any], subject: Subject, group: str) -> List[Item
     for instance, lines in duplicate_instances(admitted).items():
         items.append(Item("keys-warning", WARN, f"keys file: {duplicate_words(instance, lines)}", DUPLICATE_FIX,
                           facts={"path": path, "instance": instance, "lines": lines}, label="keys"))
+    items.extend(_reservation_items(keys, subject))
+    return items
+
+
+def _reservation_items(keys: Dict[str, Any], subject: Subject) -> List[Item]:
+    """A warning per key whose sources nothing reserves yet: no from=, no allow, never polled.
+
+    Until such a key has polled once (its source is then known, knownsources.py), it competes
+    with every stranger for the admission slots, and a flood of strangers can keep it out.
+    """
+    sources = keys.get("sources") or {}
+    if not subject.state_dir or subject.allow or keys["refusal"] is not None:
+        return []
+    items = []
+    if sources.get("error"):
+        items.append(Item("keys-warning", WARN, f"known sources: {sources['error']}",
+                          f"remove {os.path.join(subject.state_dir, 'known-sources.json')}; the agent writes it anew",
+                          facts={"state_dir": subject.state_dir}, label="keys"))
+    known = {item["key"] for item in sources.get("known", [])}
+    for entry in keys["admitted"]:
+        if entry["fingerprint"] in sources.get("named_by_from", []) or entry["fingerprint"] in known:
+            continue
+        name = entry["instance"] or "-"
+        items.append(Item(
+            "keys-warning", WARN,
+            f"key {name} ({entry['fingerprint']}) has no reserved source yet: until it has polled once,"
+            f" strangers flooding port {subject.port} can keep it out",
+            f"let MITIGATOR poll once (its source is then remembered), or name its addresses:"
+            f" mitigator-agent keys add 'from=\"ADDRESS\" ssh-ed25519 ... {name}'"
+            f" (or allow = [\"CIDR\"] in the config)",
+            facts={"path": subject.keys_path, "fingerprint": entry["fingerprint"], "instance": entry["instance"]},
+            label="keys"))
     return items
 
 

@@ -1,7 +1,7 @@
 """Admission before authentication: per-source rate limits, pools, penalties.
 
 - SourceRateLimiter: a token bucket per source.
-- source_bucket: strangers are counted per IPv4 address and per IPv6 /64.
+- source_bucket: strangers are counted per IPv4 address and per IPv6 /48.
 - PenaltyBox: sources whose connections time out or fail authentication
   are refused for a growing time (as OpenSSH's PerSourcePenalties).
 - Admission: allowed sources (MITIGATOR's) get slots strangers cannot
@@ -81,17 +81,21 @@ class SourceRateLimiter:
 
 # --- admission before authentication ----------------------------------------------
 
-IPV6_SOURCE_PREFIX = 64  # one IPv6 host usually owns a whole /64
+# One IPv6 host owns a /64 and one site (one attacker's allocation) a /48: its 65,536 /64s count as one.
+IPV6_SOURCE_PREFIX = 48
 
 
 def source_bucket(address: str) -> str:
-    """The unit strangers are counted in: an IPv4 address, or an IPv6 /64.
+    """The unit strangers are counted in: an IPv4 address, or an IPv6 /48.
 
     ``192.0.2.7`` stays ``192.0.2.7``; ``2001:db8:1:2::99`` becomes
-    ``2001:db8:1:2::/64`` (every address of one /64 shares one count, one
-    rate bucket and one penalty, since one host can use all of them);
-    IPv4-mapped IPv6 counts as its IPv4 address.  Anything that is not an
-    IP address (a Unix socket peer) is its own bucket.
+    ``2001:db8:1::/48`` (every address of one /48 shares one count, one
+    rate bucket and one penalty: a host can use all of its /64, and
+    whoever holds a /48 all of its 65,536 /64s); IPv4-mapped IPv6 counts
+    as its IPv4 address.  Anything that is not an IP address (a Unix
+    socket peer) is its own bucket.  MITIGATOR's own sources are not
+    strangers (allowed, named by from=, or known: knownsources.py), so a
+    flood from its neighbours' addresses cannot hold it back.
     """
     try:
         ip = ipaddress.ip_address(address)
@@ -218,10 +222,11 @@ class Admission:
     """Who may hold a connection that has not authenticated yet.
 
     Two pools.  Allowed sources (``is_allowed``: the keys file's from=
-    patterns or the explicit allow list) have ``allowed_slots`` of their
+    patterns, the explicit allow list, and the sources that polled before
+    with a listed key) have ``allowed_slots`` of their
     own, which strangers can never take, and are never penalised.
     Strangers share ``stranger_slots``, at most ``per_source`` of them per
-    bucket (IPv4 address or IPv6 /64, see source_bucket), pass a token
+    bucket (IPv4 address or IPv6 /48, see source_bucket), pass a token
     bucket per source bucket (``rate``/``burst``) and are refused while
     penalised (PenaltyBox).  ``admit`` returns a Ticket or the reason for
     refusal; every Ticket must be given back with ``release``.  The rate

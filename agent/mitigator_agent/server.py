@@ -31,10 +31,11 @@ Behaviour:
   port/agent/X11 forwarding are refused and logged.  Env requests (stock
   OpenSSH clients send ``LANG``) are ignored, logged at debug level only.
 - Admission before authentication (ratelimit.Admission): sources the keys
-  file names in from= patterns, and those in ``allow`` (CIDRs), have
+  file names in from= patterns, those in ``allow`` (CIDRs), and those that
+  authenticated before with a listed key (knownsources.py), have
   ``max_unauthenticated_allowed`` slots strangers cannot take; strangers
   share ``max_unauthenticated``, at most ``max_unauthenticated_per_source``
-  per IPv4 address or IPv6 /64, pass a token bucket per such source
+  per IPv4 address or IPv6 /48, pass a token bucket per such source
   (``rate``/``burst``) and are refused for a growing time after their
   connections time out or fail authentication (penalties, as OpenSSH's
   PerSourcePenalties).  With ``strict_allow`` a connection from anyone else
@@ -87,6 +88,7 @@ from .anycast import DEFAULT_STATE_DIR, Anycast
 from .authkeys import DEFAULT_KEYS_PATH, KeyEntry, KeysFile
 from .clock import kernel_clock_synced, libc
 from .hostkey import DEFAULT_HOST_KEY_PATH
+from .knownsources import KnownSources
 from .ratelimit import Admission, Ticket, source_bucket
 from .runstate import DEFAULT_RUNTIME_DIR, PollRecorder
 from .snapshot import DEFAULT_DEVICE
@@ -125,7 +127,7 @@ class ServerSettings:
     device: str = DEFAULT_DEVICE
     login_timeout: float = 10.0
     max_unauthenticated: int = 16             # strangers, all together
-    max_unauthenticated_per_source: int = 4   # strangers, per IPv4 address or IPv6 /64
+    max_unauthenticated_per_source: int = 4   # strangers, per IPv4 address or IPv6 /48
     max_unauthenticated_allowed: int = 16     # allowed sources' own pool
     rate: float = 2.0  # connections per second per source address, sustained
     burst: int = 20    # connections a source may open at once
@@ -326,7 +328,9 @@ class AgentServer:
                                    self.is_allowed)
         self.refusals = logs.RefusalAggregator()
         self.polls = PollRecorder(settings.runtime_dir, self.log)
-        self._allowed_entries: Tuple[KeyEntry, ...] = ()
+        self._listed: Tuple[KeyEntry, ...] = ()  # the keys file's entries, as admission last read them
+        self._listed_usable = False              # False while the keys file admits nobody
+        self.known_sources = KnownSources(settings.state_dir, self.log)
         self._allowed_checked = float("-inf")
         self._allowed_identity: Optional[Tuple[int, int, int, int, int]] = None
         self._acceptors: List[asyncssh.SSHAcceptor] = []
@@ -346,14 +350,19 @@ class AgentServer:
     # --- admission ---------------------------------------------------------
 
     def is_allowed(self, address: str) -> bool:
-        """Whether ``address`` is one of MITIGATOR's: in ``allow``, or named by a key's from=.
+        """Whether ``address`` is one of MITIGATOR's, for admission before authentication.
 
-        Only keys whose from= names particular sources count
-        (authkeys.names_particular_sources: a key without from=, or with a
-        pattern such as ``*``, admits everyone and names nobody).  For this
-        the keys file is re-read only when its stat identity changed or
-        ALLOWED_CACHE_SECONDS passed, so a flood of connections does not
-        re-read it for each; authentication itself always reads it fresh.
+        It is when it is in ``allow``; when a key's from= names it (only
+        keys whose from= names particular sources count,
+        frompatterns.names_particular_sources: a key without from=, or with
+        a pattern such as ``*``, names nobody); or when it is a known source
+        (knownsources.py): it authenticated before with a key that is still
+        listed and still admits it.  While the keys file admits nobody (its
+        mode, say), every known source stays one: the file's fault must not
+        turn MITIGATOR into a stranger.  For this the keys file is re-read
+        only when its stat identity changed or ALLOWED_CACHE_SECONDS passed,
+        so a flood of connections does not re-read it for each;
+        authentication itself always reads it fresh.
         """
         try:
             ip = ipaddress.ip_address(address)
@@ -365,9 +374,16 @@ class AgentServer:
         identity = self._keys_identity()
         if identity != self._allowed_identity or now - self._allowed_checked >= ALLOWED_CACHE_SECONDS:
             state = self.keys.state()
-            self._allowed_entries = tuple(entry for entry in state.entries if entry.names_sources)
+            self._listed, self._listed_usable = state.entries, state.refusal is None
             self._allowed_checked, self._allowed_identity = now, identity
-        return any(entry.admits(entry.key, address) for entry in self._allowed_entries)
+        if any(entry.names_sources and entry.admits(entry.key, address) for entry in self._listed):
+            return True
+        known_keys = self.known_sources.keys_of(address)
+        if not known_keys:
+            return False
+        if not self._listed_usable:
+            return True
+        return any(entry.fingerprint in known_keys and entry.admits(entry.key, address) for entry in self._listed)
 
     def _keys_identity(self) -> Optional[Tuple[int, int, int, int, int]]:
         """What changes whenever the keys file is replaced or written (ctime included)."""
@@ -409,6 +425,10 @@ class AgentServer:
             new = dataclasses.replace(new, **{name: getattr(self.settings, name) for name in restart})
         networks = self._networks(new.allow)
         keys = KeysFile(new.keys_path) if new.keys_path != self.settings.keys_path else self.keys
+        known_sources = self.known_sources
+        if new.state_dir != self.settings.state_dir:
+            known_sources = KnownSources(new.state_dir, self.log)
+            known_sources.load()  # logs its problems instead of raising
         anycast = self.anycast
         if (new.anycast_instances, new.state_dir, new.device) != (
                 self.settings.anycast_instances, self.settings.state_dir, self.settings.device):
@@ -420,6 +440,7 @@ class AgentServer:
         self.admission.allowed_slots = new.max_unauthenticated_allowed
         self.admission.limiter.rate, self.admission.limiter.burst = new.rate, new.burst
         self.keys = keys
+        self.known_sources = known_sources
         if anycast is not self.anycast:
             self.anycast = anycast
             anycast.startup()  # logs its problems instead of raising, as at start
@@ -479,6 +500,7 @@ class AgentServer:
     async def start(self) -> List[Tuple[str, int]]:
         """Listen on every configured address; return the bound (host, port) pairs."""
         self.keys.state()  # report keys-file problems at start, not at the first poll
+        self.known_sources.load()
         self.anycast.startup()  # a stored set goes back into the module before anyone is answered
         if self.settings.strict_allow and not self.settings.allow:
             self.log.warning(logs.event("strict-allow", note="no --allow given: only sources named by"
@@ -510,6 +532,7 @@ class AgentServer:
             self._flusher = None
         for summary in self.refusals.flush(force=True):
             self.log.warning(logs.event("refused", summary=summary))
+        self.known_sources.flush()
         for acceptor in self._acceptors:
             acceptor.close()
         for acceptor in self._acceptors:
@@ -532,6 +555,7 @@ class AgentConnection(asyncssh.SSHServer):
         self._ticket: Optional[Ticket] = None
         self._authenticated = False
         self._auth_failures = 0
+        self._file_refusals = 0  # of those, refused because the keys file admits nobody
         self._login_refused = False  # the refusal was logged when it happened
         self._open_sessions = 0
         self._polls = 0
@@ -585,11 +609,15 @@ class AgentConnection(asyncssh.SSHServer):
             detail = str(exc) if exc else None
             if detail == "Login timeout expired":
                 offence = "grace_exceeded"
-            elif self._auth_failures:
+            elif self._auth_failures > self._file_refusals:
                 offence = "authfail"
+            elif self._auth_failures:
+                # Every key it offered was refused because the keys file admits nobody: the file's
+                # fault (logged as keys-file-admits-nobody), not this source's.
+                offence = ""
             else:
                 offence = "noauth"
-            left, activated = self.server.admission.penalise(self._ticket, offence)
+            left, activated = self.server.admission.penalise(self._ticket, offence) if offence else (0.0, False)
             if not self._login_refused:
                 self.refuse("login", reason="closed before authenticating", detail=detail)
             if activated:
@@ -629,6 +657,7 @@ class AgentConnection(asyncssh.SSHServer):
             self._candidate = match.entry
             return True
         self._auth_failures += 1
+        self._file_refusals += int(match.file_refused)
         self.refuse("publickey", offered=key.get_fingerprint("sha256"), reason=match.reason)
         if self._auth_failures >= self.server.settings.max_auth_attempts and self._conn:
             self.refuse("login", reason=f"{self._auth_failures} keys refused, disconnecting")
@@ -642,6 +671,8 @@ class AgentConnection(asyncssh.SSHServer):
         self.entry = self._candidate
         if self._ticket is not None:
             self.server.admission.release(self._ticket)
+        if self.entry is not None:
+            self.server.known_sources.remember(self.address, self.entry.fingerprint, self.entry.instance)
 
     # --- channels ----------------------------------------------------------
 

@@ -51,7 +51,7 @@ def test_a_peer_address_always_has_a_bucket_and_the_bucket_holds_it(address):
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is None:
         event("IPv6")
         network = ipaddress.ip_network(bucket)
-        assert network.prefixlen == 64 and ip in network and plain == str(ip)
+        assert network.prefixlen == 48 and ip in network and plain == str(ip)
     else:
         event("IPv4")
         expected = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else ip

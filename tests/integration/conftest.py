@@ -137,9 +137,10 @@ class AgentProcess:
         self.host_key_path = workdir / "host.ed25519"
         self.device_path = workdir / "snapshot"
         self.runtime_dir = workdir / "run"
-        self.config_path = workdir / "isolated.toml"  # empty: the machine's own config is never read
+        # The machine's own config is never read; the state (known sources, anycast) stays in workdir.
+        self.config_path = workdir / "isolated.toml"
         if not self.config_path.exists():
-            self.config_path.write_text("")
+            self.config_path.write_text(f'state-dir = "{workdir / "state"}"\n')
             self.config_path.chmod(0o644)
         self.lines: List[str] = []
         self._changed = threading.Condition()

@@ -35,6 +35,7 @@ def config_for(agent: AgentProcess) -> Path:
     path = agent.workdir / "admin.toml"
     path.write_text(f'keys = "{agent.keys_path}"\nhost-key = "{agent.host_key_path}"\n'
                     f'device = "{agent.device_path}"\nruntime-dir = "{agent.runtime_dir}"\n'
+                    f'state-dir = "{agent.workdir / "state"}"\n'
                     f'listen = ["127.0.0.1:{agent.port("127.0.0.1")}", "[::1]:{agent.port("::1")}"]\nuser = "{ME}"\n')
     path.chmod(0o644)
     return path

@@ -7,6 +7,7 @@ so a client bound to 127.0.0.2 is another source than one on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 from contextlib import ExitStack
@@ -142,3 +143,38 @@ def test_allow_refuses_what_is_not_a_particular_network(workdir, value, reason):
     result = subprocess.run([AGENT, "serve", "--allow", value, "--keys", str(workdir / "keys")],
                             capture_output=True, text=True, timeout=WAIT_SECONDS)
     assert result.returncode == 2 and "--allow" in result.stderr and f"'{value}' {reason}" in result.stderr
+
+
+def test_a_source_that_polled_is_still_reserved_after_a_restart(start_agent, client_key, workdir):
+    """known-sources.json (state dir, 0600) carries MITIGATOR's sources over a restart of the agent."""
+    keys = client_key.public_line + "\n"
+    first = start_agent(keys, "--max-unauthenticated", "1", "--login-timeout", "3600")
+    assert first.ssh(client_key, "get").returncode == 0
+    first.wait_for(r"source-remembered src=127\.0\.0\.1 ")
+    first.stop()
+    known = workdir / "state" / "known-sources.json"
+    assert oct(known.stat().st_mode & 0o777) == "0o600"
+    assert [(s["address"], s["key"], s["instance"]) for s in json.loads(known.read_text())["sources"]] == [
+        ("127.0.0.1", client_key.fingerprint, "mitigator1")]
+    again = start_agent(None, "--max-unauthenticated", "1", "--login-timeout", "3600")
+    with socket.create_connection(("::1", again.port("::1")), timeout=WAIT_SECONDS) as stranger:
+        assert stranger.recv(256).startswith(b"SSH-2.0-")  # holds the only stranger slot
+        assert again.ssh(client_key, "get").returncode == 0  # 127.0.0.1: known, its own pool
+        refused = again.ssh(client_key, "get", options=["-b", "127.0.0.2"])  # the same key, a new source
+        assert refused.returncode == 255
+        again.wait_for(r'refused src=127\.0\.0\.2:\d+ request=connection reason="too many unauthenticated'
+                       r' connections \(1\)"')
+    assert again.count(r"source-remembered src=127\.0\.0\.1 ") == 0  # known already: nothing new to say
+
+
+def test_a_removed_key_takes_its_sources_reservation_with_it(start_agent, client_key, second_key):
+    agent = start_agent(client_key.public_line + "\n" + second_key.public_line + "\n",
+                        "--max-unauthenticated", "1", "--login-timeout", "3600")
+    assert agent.ssh(client_key, "get").returncode == 0
+    agent.wait_for(r"source-remembered src=127\.0\.0\.1 ")
+    agent.keys_path.write_text(second_key.public_line + "\n")  # mitigator1's key removed
+    with socket.create_connection(("::1", agent.port("::1")), timeout=WAIT_SECONDS) as stranger:
+        assert stranger.recv(256).startswith(b"SSH-2.0-")
+        # 127.0.0.1 polled with a key that is gone: a stranger again, and the stranger slot is taken.
+        assert agent.ssh(second_key, "get").returncode == 255
+    assert agent.ssh(second_key, "get").returncode == 0

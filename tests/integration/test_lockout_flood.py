@@ -1,24 +1,28 @@
-"""MITIGATOR keeps polling through a connection flood that never authenticates (issue 9, lock-out).
+"""MITIGATOR keeps polling through a connection flood that never authenticates (issues 9 and 19, lock-out).
 
-The issue's attack: idle connections from a few sources held every login
-slot and 15 of 15 `ssh ... get` failed.  Here 50 IPv4 sources (127.0.0.10
-to .59) each hold an idle connection and a slow banner, reopening them as
-the agent closes them, and one IPv6 host cycles through many addresses of
-its /64 (fd00:db8:9:1::/64), while MITIGATOR's key, from= its two loopback
-addresses, polls with OpenSSH.  Every poll must succeed; only outcomes are
-asserted, never how long anything took.  (The same flood against the same
-key without from=, a stranger among strangers, let 1 poll of 30 through.)
+The issue's attack: idle connections from many sources hold every login slot.  Here 50 IPv4
+sources (127.0.0.10 to .59) each hold an idle connection and a slow banner, reopening them as the
+agent closes them, and one IPv6 site cycles through addresses of 256 /64s of its /48
+(fd00:db8:9::/48), while MITIGATOR's key polls with OpenSSH.  Only outcomes are asserted, never
+how long anything took.
 
-The agent, the flood and the polls run in a private network namespace:
-there the /64's addresses can be added (on the namespace's loopback: a
-dummy interface needs a kernel module some hosts lack) without touching
-the host.  Needs root, as the integration suite runs.
+- With from= naming MITIGATOR's two loopback addresses: every poll succeeds.
+- Set up as the README says (the key appended, no from=, no --allow), once MITIGATOR has polled:
+  every poll succeeds (its sources are known, knownsources.py).  Before issue 19, 53 of 80 such
+  polls failed.
+- The same flood starting before MITIGATOR's first poll: its sources are strangers among
+  strangers until one poll gets through; measured, and each source must get in in the end.
+
+The agent, the flood and the polls run in a private network namespace: there the /48's addresses
+can be added (on the namespace's loopback: a dummy interface needs a kernel module some hosts
+lack) without touching the host.  Needs root, as the integration suite runs.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -38,7 +42,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or IP is None,
 
 FLOODER = Path(__file__).with_name("flood.py")
 IPV4_SOURCES = [f"127.0.0.{n}" for n in range(10, 60)]
-IPV6_SOURCES = [f"fd00:db8:9:1::{n:x}" for n in range(1, 257)]
+IPV6_SOURCES = [f"fd00:db8:9:{n:x}::1" for n in range(1, 257)]  # 256 /64s of one /48
 POLLS = 30
 POLL_GAP_SECONDS = 0.5  # spacing between polls; nothing is asserted about time
 LOGIN_TIMEOUT = "4"     # short, so the flood's connections time out and get penalised during the test
@@ -46,7 +50,7 @@ LOGIN_TIMEOUT = "4"     # short, so the flood's connections time out and get pen
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    """A private network namespace: loopback up, the IPv6 flooder's /64 on it."""
+    """A private network namespace: loopback up, the IPv6 flooder's addresses on it."""
     name = f"mitigator-flood-{os.getpid()}"
     subprocess.run([IP, "netns", "add", name], check=True, capture_output=True, timeout=WAIT_SECONDS)
     try:
@@ -88,35 +92,87 @@ class Flooder:
         return json.loads(out)
 
 
-def test_mitigator_polls_without_a_failure_through_a_flood_from_50_sources_and_a_cycling_64(
-        netns, start_agent, client_key):
-    agent = start_agent(f'from="127.0.0.1,::1" {client_key.public_line}\n', "--login-timeout", LOGIN_TIMEOUT,
-                        command_prefix=in_netns(netns, []))
-    counts: Dict[str, Dict[str, int]] = {}
-    results: List[subprocess.CompletedProcess] = []
-    with ExitStack() as stack:
-        # The IPv6 host first: all its addresses count as one source, so
-        # the per-source cap (4) is what refuses it.
-        ipv6 = Flooder(netns, "::1", agent.port("::1"), "--cycling", IPV6_SOURCES)
-        stack.callback(lambda: counts.update(ipv6=ipv6.stop()))
-        agent.wait_for(r'request=connection reason="too many unauthenticated connections'
-                       r' from fd00:db8:9:1::/64 \(4\)"')
-        ipv4 = Flooder(netns, "127.0.0.1", agent.port("127.0.0.1"), "--per-source", IPV4_SOURCES)
-        stack.callback(lambda: counts.update(ipv4=ipv4.stop()))
-        # Then every stranger slot is held before the first poll.
-        agent.wait_for(r'request=connection reason="too many unauthenticated connections \(16\)"')
-        for n in range(POLLS):
-            results.append(poll(agent, client_key, netns, ("127.0.0.1", "::1")[n % 2]))
-            time.sleep(POLL_GAP_SECONDS)
-        # The flood went on all along: its sources got penalised, all of the /64 as one.
-        agent.wait_for(r"source-penalised src=fd00:db8:9:1::/64 offence=grace-exceeded ")
-        agent.wait_for(r"source-penalised src=127\.0\.0\.\d+ offence=grace-exceeded ")
-        assert ipv6.process.poll() is None and ipv4.process.poll() is None
+def flood(stack: ExitStack, agent: AgentProcess, netns: str, counts: Dict[str, Dict[str, int]]) -> None:
+    """Start the flood and wait until it holds every stranger slot; stopped (counts kept) by ``stack``."""
+    # The IPv6 site first: all its addresses count as one source, so the per-source cap (4) refuses it.
+    ipv6 = Flooder(netns, "::1", agent.port("::1"), "--cycling", IPV6_SOURCES)
+    stack.callback(lambda: counts.update(ipv6=ipv6.stop()))
+    agent.wait_for(r'request=connection reason="too many unauthenticated connections from fd00:db8:9::/48 \(4\)"')
+    ipv4 = Flooder(netns, "127.0.0.1", agent.port("127.0.0.1"), "--per-source", IPV4_SOURCES)
+    stack.callback(lambda: counts.update(ipv4=ipv4.stop()))
+    agent.wait_for(r'request=connection reason="too many unauthenticated connections \(16\)"')
+
+
+def polls_through_the_flood(agent: AgentProcess, key: ClientKey, netns: str) -> List[subprocess.CompletedProcess]:
+    """POLLS polls, alternating 127.0.0.1 and ::1, while the flood goes on; then its penalties are checked."""
+    results = []
+    for n in range(POLLS):
+        results.append(poll(agent, key, netns, ("127.0.0.1", "::1")[n % 2]))
+        time.sleep(POLL_GAP_SECONDS)
+    # The flood went on all along: its sources got penalised, all of the /48 as one.
+    agent.wait_for(r"source-penalised src=fd00:db8:9::/48 offence=grace-exceeded ")
+    agent.wait_for(r"source-penalised src=127\.0\.0\.\d+ offence=grace-exceeded ")
+    return results
+
+
+def assert_every_poll_answered(results: List[subprocess.CompletedProcess], counts: Dict[str, Dict[str, int]],
+                               agent: AgentProcess, label: str) -> None:
     failed = [(r.returncode, r.stderr.decode(errors="replace").strip()) for r in results if r.returncode != 0]
-    print(f"flood: {counts}; polls: {len(results) - len(failed)} of {len(results)} ok")
+    print(f"{label}: flood {counts}; polls: {len(results) - len(failed)} of {len(results)} ok")
     assert failed == [], failed
     assert all(r.stdout.startswith(b"uname: Linux\n") for r in results)
     # Many more connections than the agent has slots, most of them refused.
     assert counts["ipv4"]["connects"] > 10 * 16 and counts["ipv4"]["dropped"] > 0, counts
     assert counts["ipv6"]["dropped"] > 0, counts
+
+
+def test_mitigator_polls_without_a_failure_through_a_flood_from_50_sources_and_a_48(netns, start_agent, client_key):
+    agent = start_agent(f'from="127.0.0.1,::1" {client_key.public_line}\n', "--login-timeout", LOGIN_TIMEOUT,
+                        command_prefix=in_netns(netns, []))
+    counts: Dict[str, Dict[str, int]] = {}
+    with ExitStack() as stack:
+        flood(stack, agent, netns, counts)
+        results = polls_through_the_flood(agent, client_key, netns)
+    assert_every_poll_answered(results, counts, agent, "from=")
     assert agent.count(rf"poll src=\S+ user={SSH_USER} instance=mitigator1 .*command=get status=0 ") == POLLS
+
+
+def test_the_readme_setup_loses_no_poll_once_mitigator_has_polled(netns, start_agent, client_key):
+    """The key as the README adds it: no from=, no --allow. The sources it polled from are reserved."""
+    agent = start_agent(f"{client_key.public_line}\n", "--login-timeout", LOGIN_TIMEOUT,
+                        command_prefix=in_netns(netns, []))
+    for host in ("127.0.0.1", "::1"):  # MITIGATOR's first polls, before any flood
+        assert poll(agent, client_key, netns, host).returncode == 0
+        agent.wait_for(rf"source-remembered src={re.escape(host)} key={re.escape(client_key.fingerprint)}"
+                       " instance=mitigator1 ")
+    counts: Dict[str, Dict[str, int]] = {}
+    with ExitStack() as stack:
+        flood(stack, agent, netns, counts)
+        results = polls_through_the_flood(agent, client_key, netns)
+    assert_every_poll_answered(results, counts, agent, "README setup, after a first poll")
+    assert agent.count(rf"poll src=\S+ user={SSH_USER} instance=mitigator1 .*command=get status=0 ") == POLLS + 2
+
+
+def test_the_readme_setup_under_a_flood_from_before_the_first_poll_gets_in_and_then_stays(
+        netns, start_agent, client_key):
+    """Measured: MITIGATOR starts polling into a flood that already holds every slot.
+
+    Until one poll of a source gets through, that source is a stranger among strangers; the
+    flood's penalties keep giving slots back, and once in, the source is reserved.  Each source
+    must get in within the polls made, and every poll after its first success must succeed.
+    """
+    agent = start_agent(f"{client_key.public_line}\n", "--login-timeout", LOGIN_TIMEOUT,
+                        command_prefix=in_netns(netns, []))
+    counts: Dict[str, Dict[str, int]] = {}
+    outcomes: Dict[str, List[int]] = {"127.0.0.1": [], "::1": []}
+    with ExitStack() as stack:
+        flood(stack, agent, netns, counts)
+        for n in range(2 * POLLS):
+            host = ("127.0.0.1", "::1")[n % 2]
+            outcomes[host].append(poll(agent, client_key, netns, host).returncode)
+            time.sleep(POLL_GAP_SECONDS)
+    for host, codes in outcomes.items():
+        print(f"flood before the first poll, {host}: {codes.count(0)} of {len(codes)} polls ok,"
+              f" the first success at poll {codes.index(0) + 1 if 0 in codes else None}; flood {counts}")
+        assert 0 in codes, f"{host} never got in: {codes}"
+        assert set(codes[codes.index(0):]) == {0}, f"{host} lost polls after it was known: {codes}"

@@ -1,7 +1,7 @@
 """Admission before authentication (issue 9, "Admission that MITIGATOR always gets").
 
 Driven by a fake clock: the pools, the per-source count (IPv4 address, IPv6
-/64), penalties that grow with repeated offences, and which from= patterns
+/48), penalties that grow with repeated offences, and which from= patterns
 name MITIGATOR's sources.
 """
 
@@ -42,14 +42,15 @@ def admission(clock: FakeClock, stranger_slots: int = 4, per_source: int = 2, al
 
 @pytest.mark.parametrize("address, bucket", [
     ("192.0.2.7", "192.0.2.7"),
-    ("2001:db8:1:2::99", "2001:db8:1:2::/64"),
-    ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
-    ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+    ("2001:db8:1:2::99", "2001:db8:1::/48"),
+    ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1::/48"),
+    ("2001:db8:1:ffff::1", "2001:db8:1::/48"),   # another /64 of the same /48: the same stranger
+    ("2001:db8:2::1", "2001:db8:2::/48"),
     ("::ffff:192.0.2.7", "192.0.2.7"),
-    ("::1", "::/64"),
+    ("::1", "::/48"),
     ("not an address", "not an address"),
 ])
-def test_strangers_are_counted_per_ipv4_address_and_per_ipv6_64(address, bucket):
+def test_strangers_are_counted_per_ipv4_address_and_per_ipv6_48(address, bucket):
     assert source_bucket(address) == bucket
 
 
@@ -64,12 +65,12 @@ def test_strangers_filling_their_pool_never_take_mitigators_slots():
     assert gate.counts() == (4, 1)
 
 
-def test_one_ipv6_host_cycling_addresses_of_its_64_gets_only_the_per_source_cap():
+def test_one_ipv6_site_cycling_addresses_of_its_48_gets_only_the_per_source_cap():
     gate = admission(FakeClock())
     assert isinstance(gate.admit("2001:db8::1"), Ticket)
-    assert isinstance(gate.admit("2001:db8::2"), Ticket)
-    assert gate.admit("2001:db8::3") == "too many unauthenticated connections from 2001:db8::/64 (2)"
-    assert isinstance(gate.admit("2001:db8:0:1::1"), Ticket)  # the next /64 is another source
+    assert isinstance(gate.admit("2001:db8:0:1::2"), Ticket)  # another /64 of the same /48
+    assert gate.admit("2001:db8:0:ffff::3") == "too many unauthenticated connections from 2001:db8::/48 (2)"
+    assert isinstance(gate.admit("2001:db8:1::1"), Ticket)  # the next /48 is another source
 
 
 def test_released_tickets_free_their_slots():
@@ -128,8 +129,8 @@ def test_a_penalised_64_is_refused_and_mitigator_is_never_penalised():
         assert isinstance(ticket, Ticket)
         gate.release(ticket)
         gate.penalise(ticket, "authfail")
-    refusal = gate.admit("2001:db8::99")
-    assert isinstance(refusal, str) and refusal.startswith("source 2001:db8::/64 penalised for ")
+    refusal = gate.admit("2001:db8:0:99::1")
+    assert isinstance(refusal, str) and refusal.startswith("source 2001:db8::/48 penalised for ")
     mitigator = gate.admit(MITIGATOR)
     assert isinstance(mitigator, Ticket)
     assert gate.penalise(mitigator, "grace_exceeded") == (0.0, False)
@@ -158,10 +159,10 @@ def test_only_from_patterns_that_name_particular_sources_make_them_mitigators(pa
 # --- bounded tables: a flood from very many sources --------------------------------
 
 def flood_address(n: int) -> str:
-    """The n-th of a flood's sources: IPv4 addresses and IPv6 /64s, all distinct."""
+    """The n-th of a flood's sources: IPv4 addresses and IPv6 /48s, all distinct."""
     if n % 2:
         return f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
-    return f"2001:db8:{n >> 16:x}:{n & 0xffff:x}::1"
+    return f"2001:{n >> 16 & 0xffff:x}:{n & 0xffff:x}::1"
 
 
 def test_a_flood_from_a_million_sources_keeps_the_rate_and_penalty_tables_at_their_cap():
@@ -183,7 +184,7 @@ def test_admission_keeps_its_tables_at_the_cap_it_is_given():
     clock = FakeClock()
     gate = Admission(stranger_slots=16, per_source=4, allowed_slots=16, rate=2.0, burst=20,
                      is_allowed=lambda address: False, clock=clock, max_sources=1000)
-    for n in range(20_000):  # IPv4 addresses and IPv6 /64s, through admission as the server does it
+    for n in range(20_000):  # IPv4 addresses and IPv6 /48s, through admission as the server does it
         ticket = gate.admit(flood_address(n))
         assert isinstance(ticket, Ticket)
         gate.release(ticket)

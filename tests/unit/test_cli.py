@@ -19,13 +19,16 @@ import pytest
 from click.testing import CliRunner
 
 from mitigator_agent import cli, health
+from mitigator_agent.health import quiet_logger
 from mitigator_agent.hostkey import fingerprint_line, load_or_create_host_key
+from mitigator_agent.knownsources import KnownSources
 from mitigator_agent.snapshot import encode
 from test_answers import SNAP
 from test_clock import FakeNtpServer
 
 ED1 = asyncssh.generate_private_key("ssh-ed25519", comment="mitigator1")
 ED2 = asyncssh.generate_private_key("ssh-ed25519", comment="mitigator2")
+ED3 = asyncssh.generate_private_key("ssh-ed25519", comment="mitigator3")
 RSA = asyncssh.generate_private_key("ssh-rsa", key_size=1024, comment="old")
 
 
@@ -206,16 +209,25 @@ def ntp_server() -> Iterator[FakeNtpServer]:
 
 def paths(files: Path, **overrides: str) -> list:
     chosen = {"keys": str(files / "keys"), "host-key": str(files / "host.ed25519"),
-              "device": str(files / "snapshot"), "runtime-dir": str(files / "run"), **overrides}
+              "device": str(files / "snapshot"), "runtime-dir": str(files / "run"),
+              "state-dir": str(files / "state"), **overrides}
     return [arg for name, value in chosen.items() for arg in (f"--{name}", value)]
 
 
 MODULE = "ABI 2, HZ 250, isn_algorithm seq_and_ts_off, cookie_clock wall, set_generation 3, tcp_syncookies 2"
 
 
+def polled_before(files: Path, key=ED1, address: str = "192.0.2.1") -> None:
+    """The agent saw ``key`` authenticate from ``address``: its source is known (reserved)."""
+    known = KnownSources(str(files / "state"), quiet_logger())
+    known.load()
+    known.remember(address, key.get_fingerprint("sha256"), "mitigator1")
+
+
 def test_status_everything_present(files, ssh_banner_port):
     host_key, _ = load_or_create_host_key(str(files / "host.ed25519"))
     (files / "keys").write_text(public(ED1) + "\n")
+    polled_before(files)
     result = invoke("status", *paths(files), "--port", str(ssh_banner_port))
     lines = result.stdout.splitlines()
     assert lines[:5] == [
@@ -253,6 +265,7 @@ def test_status_nothing_there_yet(files):
 def test_check_all_items(files, ntp_server, ssh_banner_port):
     host_key, _ = load_or_create_host_key(str(files / "host.ed25519"))
     (files / "keys").write_text(public(ED1) + "\n")
+    polled_before(files)
     result = invoke("check", *paths(files), "--port", str(ssh_banner_port), "--ntp-server", ntp_server.address)
     lines = result.stdout.splitlines()
     assert lines[:5] == [
@@ -371,3 +384,22 @@ def test_check_judges_device_and_keys_as_the_service_user(shared_dir, ntp_server
     lines = invoke(*args).stdout.splitlines()
     assert f"ok   keys file {keys} admits 1 key (mitigator1)" in lines
     assert f"ok   device {device} readable by nobody" in lines
+
+
+def unreserved_warnings(files: Path, *args: str) -> list:
+    result = invoke("check", *paths(files), "--port", "1", "--ntp-server", "127.0.0.1:9", "--timeout", "0.1", *args)
+    return [line for line in result.stdout.splitlines() if "has no reserved source yet" in line]
+
+
+def test_check_warns_about_a_key_whose_sources_nothing_reserves_yet(files):
+    """The README's setup (no from=, no allow) before MITIGATOR's first poll: a flood could keep it out."""
+    (files / "keys").write_text(f'{public(ED1)}\n{public(ED2)}\nfrom="192.0.2.7" {public(ED3)}\n')
+    polled_before(files, ED2)
+    assert unreserved_warnings(files) == [
+        f"warn key mitigator1 ({ED1.get_fingerprint('sha256')}) has no reserved source yet: until it has polled"
+        " once, strangers flooding port 1 can keep it out: let MITIGATOR poll once (its source is then remembered),"
+        " or name its addresses: mitigator-agent keys add 'from=\"ADDRESS\" ssh-ed25519 ... mitigator1'"
+        " (or allow = [\"CIDR\"] in the config)"]
+    assert unreserved_warnings(files, "--allow", "192.0.2.0/24") == []  # allow reserves MITIGATOR's networks
+    polled_before(files, ED1, "2001:db8::7")
+    assert unreserved_warnings(files) == []
