@@ -94,6 +94,7 @@ packages=(
     build-essential kmod dkms openssl xz-utils
     qemu-system-x86 qemu-utils busybox-static
     openssh-client dropbear-bin putty-tools iproute2 procps util-linux
+    golang-go golang-golang-x-crypto-dev
     debootstrap debian-archive-keyring binutils e2fsprogs
 )
 # The Debian packages' build dependencies (make deb, tests/packaging).
