@@ -269,12 +269,15 @@ def _log_what_will_not_work(log: logging.Logger, settings: ServerSettings, servi
 
 
 @main.command("host-key")
+@config_option
 @_host_key_option
 def host_key_command(host_key_path: str) -> None:
     """Print the host key's fingerprint (MITIGATOR pins it); create the key first if there is none.
 
-    Run as the agent's user, so the key is theirs (mode 0600), exactly as
-    ``serve`` would create it. An existing key is never replaced.
+    The key is the one ``serve`` uses: ``--host-key``, else the config
+    file's ``host-key``, else the default. Run as the agent's user, so the
+    key is theirs (mode 0600), exactly as ``serve`` would create it. An
+    existing key is never replaced.
     """
     try:
         key, created = load_or_create_host_key(host_key_path)

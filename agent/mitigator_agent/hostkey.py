@@ -1,6 +1,7 @@
 """The agent's SSH host key.
 
-MITIGATOR pins the host key, so it is created once (ed25519, mode 0600,
+MITIGATOR pins the host key, so it is created once (ed25519, the only type
+served: a key of another type is refused, never served; mode 0600,
 written atomically so a crash never leaves a truncated key) and never
 regenerated: an existing key that cannot be read, or that group/others can
 access, stops the agent with a clear error instead of being replaced.
@@ -57,6 +58,13 @@ def load_host_key(path: str) -> asyncssh.SSHKey:
         raise HostKeyError(f"host key {path} is not a usable private key ({exc});"
                            " it is not replaced because MITIGATOR pins it") from None
     key.set_filename(None)  # else asyncssh reports the path as the comment of a key without one
+    algorithm = key.algorithm.decode("ascii", "replace")
+    if algorithm != HOST_KEY_TYPE:
+        # Only ed25519 is offered (server.SIGNATURE_ALGS): serving another key would be a quiet
+        # downgrade, and MITIGATOR pins what it first saw.
+        raise HostKeyError(f"host key {path} is {algorithm}, not {HOST_KEY_TYPE}: the agent serves ed25519 host keys"
+                           f" only; point host-key at an ed25519 key (a new key changes the fingerprint MITIGATOR"
+                           " pins)")
     return key
 
 

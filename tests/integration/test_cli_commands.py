@@ -217,3 +217,30 @@ def test_help_flags(flag):
 def test_version_flags(flag):
     result = run_agent(flag)
     assert (result.returncode, result.stdout) == (0, f"mitigator-agent, version {__version__}\n")
+
+
+def test_host_key_command_shows_the_key_the_config_names(start_agent, client_key, workdir):
+    """The fingerprint an admin hands MITIGATOR is the one serve uses, not the default path's."""
+    agent = start_agent(client_key.public_line + "\n")
+    config = workdir / "serve.toml"
+    config.write_text(f'host-key = "{agent.host_key_path}"\n')
+    config.chmod(0o644)
+    result = run_agent("host-key", "--config", str(config))
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.split()[1] == host_fingerprint(agent)
+    # The command line still wins over the file.
+    other = run_agent("host-key", "--config", str(config), "--host-key", str(workdir / "other.ed25519"))
+    assert other.returncode == 0 and other.stdout.split()[1] != host_fingerprint(agent)
+
+
+@pytest.mark.parametrize("key_type", ["rsa", "ecdsa"])
+def test_a_host_key_that_is_not_ed25519_is_refused_never_served(workdir, key_type):
+    host_key = workdir / f"host.{key_type}"
+    subprocess.run(["ssh-keygen", "-q", "-t", key_type, "-N", "", "-f", str(host_key)], check=True)
+    for command in (["host-key", "--host-key", str(host_key)],
+                    ["serve", "--port", "0", "--listen", "127.0.0.1", "--host-key", str(host_key),
+                     "--keys", str(workdir / "keys")]):
+        result = run_agent(*command)
+        assert result.returncode != 0
+        assert f"host key {host_key} is {'ssh-rsa' if key_type == 'rsa' else 'ecdsa-sha2-nistp256'}," \
+               f" not ssh-ed25519: the agent serves ed25519 host keys only" in result.stderr, result.stderr
