@@ -361,20 +361,48 @@ def default_allowed_owners() -> FrozenSet[int]:
     return frozenset({0, os.geteuid()})
 
 
+class PathProblem(str):
+    """Why a file (or a directory above it) may not be trusted: the sentence, and the facts behind it.
+
+    It is the sentence (a str, so it reads and logs as before) and also carries what it is about,
+    so the fix is chosen from the facts, never parsed back out of the words: ``kind`` is
+    ``owner`` (owned by someone else), ``writable`` (group/others may write) or ``not-regular``;
+    ``what`` is ``file`` or ``directory``; ``path`` the one at fault.
+    """
+
+    kind: str
+    what: str
+    path: str
+
+    def __new__(cls, sentence: str, kind: str, what: str, path: str) -> "PathProblem":
+        problem = super().__new__(cls, sentence)
+        problem.kind, problem.what, problem.path = kind, what, path
+        return problem
+
+    def remedy(self) -> str:
+        """The command that makes this path acceptable (a directory keeps its search bit)."""
+        if self.kind == "owner":
+            return f"run chown root {self.path}"
+        if self.kind == "writable":
+            return f"run chmod go-w {self.path}"
+        return f"make {self.path} a regular file"
+
+
 def _owner_or_mode_problem(label: str, what: str, name: str, st: os.stat_result,
-                           allowed_owners: FrozenSet[int]) -> Optional[str]:
+                           allowed_owners: FrozenSet[int]) -> Optional[PathProblem]:
     if st.st_uid not in allowed_owners:
         owners = ", ".join(str(uid) for uid in sorted(allowed_owners))
-        return f"{label} {what} {name} is owned by uid {st.st_uid}, not by uid {owners}"
+        return PathProblem(f"{label} {what} {name} is owned by uid {st.st_uid}, not by uid {owners}",
+                           "owner", what, name)
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return (f"{label} {what} {name} is writable by group or others"
-                f" (mode {stat.S_IMODE(st.st_mode):04o})")
+        return PathProblem(f"{label} {what} {name} is writable by group or others"
+                           f" (mode {stat.S_IMODE(st.st_mode):04o})", "writable", what, name)
     return None
 
 
 def strict_modes_problem(
     path: str, file_stat: os.stat_result, allowed_owners: FrozenSet[int], label: str = "keys"
-) -> Optional[str]:
+) -> Optional[PathProblem]:
     """Why the file may not be trusted (file and its own directory only), or None.
 
     ``file_stat`` is the fstat of the opened file, so the checked file is
@@ -383,7 +411,7 @@ def strict_modes_problem(
     checks every directory up to ``/``.
     """
     if not stat.S_ISREG(file_stat.st_mode):
-        return f"{path} is not a regular file"
+        return PathProblem(f"{path} is not a regular file", "not-regular", "file", path)
     directory = os.path.dirname(os.path.abspath(path))
     for what, name, st in (("file", path, file_stat), ("directory", directory, os.stat(directory))):
         problem = _owner_or_mode_problem(label, what, name, st, allowed_owners)
@@ -394,7 +422,7 @@ def strict_modes_problem(
 
 def secure_path_problem(
     path: str, file_stat: os.stat_result, allowed_owners: FrozenSet[int], label: str = "keys"
-) -> Optional[str]:
+) -> Optional[PathProblem]:
     """sshd's StrictModes (``safe_path``) for an opened file, or None when it is safe.
 
     ``file_stat`` is the fstat of the descriptor that is read (opened with
@@ -407,7 +435,7 @@ def secure_path_problem(
     device and inode), so a rename between open and check is noticed.
     """
     if not stat.S_ISREG(file_stat.st_mode):
-        return f"{path} is not a regular file"
+        return PathProblem(f"{path} is not a regular file", "not-regular", "file", path)
     problem = _owner_or_mode_problem(label, "file", path, file_stat, allowed_owners)
     if problem is not None:
         return problem
@@ -537,15 +565,19 @@ class KeysFile:
 
 
 def refusal_remedy(refusal: str, path: str, user: str, group: str) -> str:
-    """The command that fixes a KeysState refusal for the agent running as ``user`` (primary ``group``)."""
+    """The command that fixes a KeysState refusal for the agent running as ``user`` (primary ``group``).
+
+    A StrictModes refusal is a PathProblem and carries its own fix; ``keys add`` names the file
+    it would edit unless that is the default one.
+    """
+    if isinstance(refusal, PathProblem):
+        return refusal.remedy()
     if "does not exist" in refusal or "holds no usable key" in refusal:
-        return "run mitigator-agent keys add 'ssh-ed25519 AAAA... mitigator1' with the key from MITIGATOR's admin"
+        where = "" if path == DEFAULT_KEYS_PATH else f" --keys {path}"
+        return (f"run mitigator-agent keys add{where} 'ssh-ed25519 AAAA... mitigator1' with the key from"
+                " MITIGATOR's admin")
     if "cannot be opened" in refusal or "cannot be read" in refusal:
         return f"run chgrp {group} {path} && chmod 640 {path} (and let {user} into its directories)"
-    if " is owned by uid " in refusal:
-        return f"run chown root {refusal.split(' is owned by uid ')[0].split()[-1]}"
-    if " is writable by group or others" in refusal:
-        return f"run chmod go-w {refusal.split(' is writable by group or others')[0].split()[-1]}"
     if "symbolic link" in refusal:
         return f"replace the link {path} by the file itself"
     if "is not a regular file" in refusal:

@@ -173,7 +173,7 @@ def load_defaults(path: str, command: click.Command, required: bool,
             problem = secure_path_problem(path, os.fstat(handle.fileno()), default_allowed_owners(),
                                           label="config")
             if problem:
-                raise ConfigError(f"{problem}; fix the owner or mode (chown root, chmod 644)")
+                raise ConfigError(f"{problem}: {problem.remedy()}")
             raw = handle.read()
     except FileNotFoundError:
         if required:

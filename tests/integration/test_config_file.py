@@ -124,7 +124,23 @@ def test_a_config_others_could_edit_is_refused(workdir, configured):
     result = subprocess.run([AGENT, "serve", "--config", str(configured)], capture_output=True, text=True,
                             timeout=WAIT_SECONDS)
     assert result.returncode == 2
-    assert "is writable by group or others (mode 0664)" in result.stderr
+    assert result.stderr == (f"Error: config file {configured} is writable by group or others (mode 0664):"
+                             f" run chmod go-w {configured}\n")
+
+
+def test_a_config_in_a_directory_others_could_edit_gets_a_fix_that_keeps_the_directory_searchable(workdir):
+    directory = workdir / "etc"
+    directory.mkdir()
+    config = directory / "agent.toml"
+    config.write_text("port = 7100\n")
+    config.chmod(0o644)
+    directory.chmod(0o775)
+    result = subprocess.run([AGENT, "status", "--config", str(config)], capture_output=True, text=True,
+                            timeout=WAIT_SECONDS)
+    assert result.returncode == 2
+    # chmod go-w, never `chmod 644`: that would take the directory's search bit away.
+    assert result.stderr == (f"Error: config directory {directory} is writable by group or others (mode 0775):"
+                             f" run chmod go-w {directory}\n")
 
 
 def test_a_named_config_must_exist(workdir):

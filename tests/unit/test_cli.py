@@ -255,7 +255,7 @@ def test_status_nothing_there_yet(files):
         f"host key: {host_key} missing: run mitigator-agent host-key --host-key {host_key}"
         " and give MITIGATOR the fingerprint it prints",
         f"keys: none admitted: keys file {files / 'keys'} does not exist: run mitigator-agent keys add"
-        " 'ssh-ed25519 AAAA... mitigator1' with the key from MITIGATOR's admin",
+        f" --keys {files / 'keys'} 'ssh-ed25519 AAAA... mitigator1' with the key from MITIGATOR's admin",
         f"module: not loaded (no {files / 'absent'}): run modprobe tcpsecrets (if modprobe does not find it:"
         " dkms autoinstall -k $(uname -r), which needs linux-headers-$(uname -r))",
     ]
