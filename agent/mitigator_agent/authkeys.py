@@ -654,7 +654,9 @@ def add_key(path: str, line: str) -> Tuple[KeyEntry, str]:
     line holding the same key is dropped (REPLACED: the file then says what
     was asked last, never the old, possibly wider, options).  The new text
     is parsed again before it is written: it must hold the key exactly
-    once, as given, and lose no other entry.  Runs under :func:`edit_lock`.
+    once, as given, and lose no other entry.  A key given without an
+    instance name keeps the name its line has: dropping it would drop the
+    key's anycast permission without a word.  Runs under :func:`edit_lock`.
     """
     line = line[:-1] if line.endswith("\n") else line
     line = line[:-1] if line.endswith("\r") else line
@@ -672,6 +674,10 @@ def add_key(path: str, line: str) -> Tuple[KeyEntry, str]:
         lines = split_lines(text)
         before = parse_keys(text, path)
         present = [e for e in before.entries if e.same_key(entry.key)]
+        if present and not entry.instance and present[0].instance:
+            # Re-added without a name: it keeps the one it has (its anycast permission hangs on it).
+            line = f"{line} {present[0].instance}"
+            entry = parse_line(line, 1) or entry
         if (len(present) == 1 and present[0].options == entry.options
                 and present[0].instance == entry.instance):
             return present[0], UNCHANGED

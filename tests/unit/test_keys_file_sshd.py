@@ -123,6 +123,17 @@ def test_keys_add_of_a_present_key_with_new_from_replaces_its_options_instead_of
     assert keys.match(K1_OFFERED, "192.0.2.1").entry is not None
 
 
+def test_keys_add_of_a_present_key_without_a_name_keeps_its_name(keys_path):
+    """The name carries the key's anycast permission: re-adding the bare key must not drop it."""
+    entry, outcome = add_key(str(keys_path), public(K1))
+    assert (outcome, entry.instance) == (UNCHANGED, "m1")
+    entry, outcome = add_key(str(keys_path), f'from="192.0.2.1" {public(K1)}')
+    assert (outcome, entry.instance) == (REPLACED, "m1")
+    assert keys_path.read_text() == f'from="192.0.2.1" {public(K1, "m1")}\n'
+    entry, outcome = add_key(str(keys_path), f'from="192.0.2.1" {public(K1, "renamed")}')  # a new name wins
+    assert (outcome, entry.instance) == (REPLACED, "renamed")
+
+
 def test_keys_add_replacement_drops_every_other_line_of_the_same_key(keys_path):
     keys_path.write_text(f"# c\n{public(K1, 'm1')}\n{public(K2, 'm2')}\n{public(K1, 'again')}\n")
     entry, outcome = add_key(str(keys_path), f"restrict {public(K1, 'm1')}")
