@@ -39,7 +39,7 @@ from .authkeys import (ADMITTED_KEY_TYPE, DEFAULT_KEYS_PATH, REPLACED, KeysFileE
 from .clock import DEFAULT_NTP_SERVERS, parse_ntp_server
 from .config import config_option, user_option
 from .hostkey import DEFAULT_HOST_KEY_PATH, HostKeyError, fingerprint_line, load_or_create_host_key
-from .poll import PollError, normalise_fingerprint, poll as poll_agent
+from .poll import PollError, normalise_fingerprint, parse_target, poll as poll_agent
 from .runas import UserUnknown, account, call_as, current_user_name, group_name
 from .runstate import DEFAULT_RUNTIME_DIR
 from .server import (DEFAULT_PORT, ListenError, ServerSettings, disable_core_dumps, run_until_signalled,
@@ -596,22 +596,34 @@ def check(keys_path: str, host_key_path: str, device: str, service_user: str, po
 
 @main.command()
 @click.argument("host")
-@click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True,
-              help="The agent's port.")
+@click.option("--port", type=click.IntRange(1, 65535), default=None,
+              help=f"The agent's port [default: {DEFAULT_PORT}, or the one HOST:PORT names].")
 @click.option("--key", "key_path", required=True, metavar="FILE",
               help="Private ed25519 key of the polling instance (mode 0600, as ssh requires).")
 @click.option("--user", default=SSH_USER, show_default=True, help="SSH user name (logged by the agent, not checked).")
-@click.option("--known-hosts", type=click.Path(exists=True, dir_okay=False), default=None, metavar="FILE",
-              help="known_hosts file to verify the agent's host key with.")
+@click.option("--known-hosts", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="known_hosts file to verify the agent's host key with [default: ~/.ssh/known_hosts].")
 @click.option("--host-fingerprint", default=None, metavar="SHA256:...", callback=_check_fingerprint,
               help="Expected host key fingerprint, as `host-key` prints it (pinning, as MITIGATOR does).")
+@click.option("--accept-new", is_flag=True,
+              help="Trust the host key of an agent known_hosts does not know yet, and add it there"
+                   " (ssh's StrictHostKeyChecking=accept-new); a changed key is refused all the same.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
               help="Seconds to wait for the connection and for the answer.")
-def poll(host: str, port: int, key_path: str, user: str, known_hosts: Optional[str],
-         host_fingerprint: Optional[str], timeout: float) -> None:
-    """Poll HOST like a MITIGATOR instance: `get json`, validated, printed."""
+def poll(host: str, port: Optional[int], key_path: str, user: str, known_hosts: Optional[str],
+         host_fingerprint: Optional[str], accept_new: bool, timeout: float) -> None:
+    """Poll HOST like a MITIGATOR instance: `get json`, validated, printed.
+
+    HOST is a name or an address, [IPv6], HOST:PORT or [IPv6]:PORT. The agent's host key must
+    verify (--host-fingerprint, else known_hosts) before anything is run.
+    """
     try:
-        result = asyncio.run(poll_agent(host, port, user, key_path, known_hosts, host_fingerprint, timeout))
+        host, port = parse_target(host, port, DEFAULT_PORT)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="HOST") from None
+    try:
+        result = asyncio.run(poll_agent(host, port, user, key_path, known_hosts, host_fingerprint, timeout,
+                                        accept_new))
     except PollError as exc:
         click.echo(f"poll: {exc}", err=True)
         sys.exit(1)

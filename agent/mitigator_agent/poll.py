@@ -5,6 +5,14 @@ validated.  Every failure is one line in the words OpenSSH uses for the
 same mistake (``connect to host H port P: Connection refused``,
 ``Could not resolve hostname H: ...``, ``Load key "K": invalid format``,
 ``Permissions 0644 for 'K' are too open.``), followed by what to do.
+
+The agent's host key is verified before anything is run, as ``ssh`` in
+batch mode does: against a pinned fingerprint (``--host-fingerprint``), else
+against a known_hosts file (``--known-hosts``, else ``~/.ssh/known_hosts``).
+A host the file does not know is refused unless ``--accept-new`` is given,
+which adds its key to the file (as ``ssh -o StrictHostKeyChecking=accept-new``);
+a key other than the one the file holds is refused as *changed*, always.
+HOST is a name or an address, ``[IPv6]``, ``HOST:PORT`` or ``[IPv6]:PORT``.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import os
 import socket
 import stat
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import asyncssh
 
@@ -86,6 +94,81 @@ def load_client_key(path: str) -> asyncssh.SSHKey:
         raise PollError(f'Load key "{path}": invalid format') from None
 
 
+def parse_target(text: str, port: Optional[int], default_port: int) -> Tuple[str, int]:
+    """(host, port) from ``HOST``, ``[IPv6]``, ``HOST:PORT`` or ``[IPv6]:PORT`` and the --port given.
+
+    A bare IPv6 address (two colons or more) has no port in it.  Raises ValueError when the text
+    is none of these forms, or names another port than --port.
+    """
+    named: Optional[str] = None
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0 or text[close + 1:] not in ("",) and not text[close + 1:].startswith(":"):
+            raise ValueError(f"{text!r}: write [IPv6] or [IPv6]:PORT")
+        host, rest = text[1:close], text[close + 1:]
+        named = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, named = text.split(":")
+    else:
+        host = text
+    if not host:
+        raise ValueError(f"{text!r} names no host")
+    if named is not None:
+        if not named.isdigit() or not 1 <= int(named) <= 65535:
+            raise ValueError(f"{text!r}: the port must be a number from 1 to 65535")
+        if port is not None and port != int(named):
+            raise ValueError(f"{text!r} names port {named}, --port {port}: give one")
+        return host, int(named)
+    return host, port if port is not None else default_port
+
+
+def known_hosts_name(host: str, port: int) -> str:
+    """How known_hosts names HOST at PORT: ``HOST`` for port 22, else ``[HOST]:PORT`` (as ssh writes it)."""
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+def default_known_hosts() -> str:
+    return os.path.join(os.path.expanduser("~"), ".ssh", "known_hosts")
+
+
+def verify_host_key(server_key: asyncssh.SSHKey, host: str, addr: str, port: int, known_hosts: str,
+                    accept_new: bool) -> List[str]:
+    """Check the agent's host key against ``known_hosts``; the warnings to print (PollError if refused)."""
+    seen = server_key.get_fingerprint("sha256")
+    try:
+        table = asyncssh.read_known_hosts(known_hosts) if os.path.exists(known_hosts) else None
+    except (OSError, ValueError) as exc:
+        raise PollError(f"known_hosts {known_hosts} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+    trusted, revoked = [], []
+    if table is not None:
+        result = table.match(host, addr, port)
+        trusted, revoked = list(result[0]), list(result[2])
+    if any(key.public_data == server_key.public_data for key in revoked):
+        raise PollError(f"Host key verification failed: {host} port {port} has host key {seen}, which {known_hosts}"
+                        " marks as revoked")
+    if any(key.public_data == server_key.public_data for key in trusted):
+        return []
+    if trusted:
+        expected = ", ".join(sorted({key.get_fingerprint("sha256") for key in trusted}))
+        raise PollError(f"Host key verification failed: the host key of {host} port {port} has CHANGED: it is {seen},"
+                        f" {known_hosts} has {expected}; if the agent's key was replaced on purpose, remove the old"
+                        f" entry (ssh-keygen -R '{known_hosts_name(host, port)}' -f {known_hosts}); else someone may be"
+                        " in between")
+    if not accept_new:
+        raise PollError(f"Host key verification failed: no host key of {host} port {port} is known in {known_hosts};"
+                        f" it has {seen}: pin it with --host-fingerprint (compare with what `mitigator-agent host-key`"
+                        " prints on the agent), or take it on first use with --accept-new")
+    line = f"{known_hosts_name(host, port)} {server_key.export_public_key('openssh').decode().split()[0]}" \
+           f" {server_key.export_public_key('openssh').decode().split()[1]}\n"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(known_hosts)), mode=0o700, exist_ok=True)
+        with open(known_hosts, "a") as handle:
+            handle.write(line)
+    except OSError as exc:
+        raise PollError(f"cannot add the host key to {known_hosts}: {exc.strerror or exc}") from None
+    return [f"Warning: Permanently added '{known_hosts_name(host, port)}' ({seen}) to {known_hosts}"]
+
+
 def _connect_error(host: str, port: int, exc: BaseException, timeout: float) -> str:
     where = f"connect to host {host} port {port}"
     if isinstance(exc, socket.gaierror):
@@ -100,31 +183,42 @@ def _connect_error(host: str, port: int, exc: BaseException, timeout: float) -> 
 
 
 async def poll(host: str, port: int, user: str, key_path: str, known_hosts: Optional[str],
-               host_fingerprint: Optional[str], timeout: float) -> PollResult:
-    """Run ``get json`` like MITIGATOR; raises PollError with ssh-like words."""
+               host_fingerprint: Optional[str], timeout: float, accept_new: bool = False) -> PollResult:
+    """Run ``get json`` like MITIGATOR; raises PollError with ssh-like words.
+
+    The host key is checked (see the module) before the command is sent: a key that does not
+    verify never gets a command, and nothing it says is printed.
+    """
     client_key = load_client_key(key_path)
     try:
+        # Verified below, in words of our own, before anything is run: asyncssh's own check can
+        # only say "not verifiable", never which of not known, changed or revoked it is.
         conn = await asyncio.wait_for(asyncssh.connect(
-            host, port, username=user, client_keys=[client_key], known_hosts=known_hosts,
+            host, port, username=user, client_keys=[client_key], known_hosts=None,
             agent_path=None, config=None, preferred_auth="publickey"), timeout)
     except asyncssh.PermissionDenied:
         raise PollError(f"{user}@{host}: Permission denied (publickey): the agent does not admit"
                         f" {client_key.get_fingerprint('sha256')}; add its public key on the agent:"
                         " mitigator-agent keys add 'ssh-ed25519 ... NAME'") from None
-    except asyncssh.HostKeyNotVerifiable:
-        raise PollError(f"Host key verification failed: the key of {host} is not in {known_hosts};"
-                        " add it, or pin it with --host-fingerprint") from None
     except asyncssh.DisconnectError as exc:
         raise PollError(f"{host} port {port}: {exc.reason}") from None
     except (OSError, asyncio.TimeoutError) as exc:
         raise PollError(_connect_error(host, port, exc, timeout)) from None
     async with conn:
         server_key = conn.get_server_host_key()
-        seen = server_key.get_fingerprint("sha256") if server_key else "?"
-        if host_fingerprint is not None and seen != host_fingerprint:
-            raise PollError(f"Host key verification failed: {host} port {port} has host key {seen}, expected"
-                            f" {host_fingerprint}; compare with what `mitigator-agent host-key` prints on the agent")
-        problems = [] if known_hosts or host_fingerprint else [f"warning: host key {seen} not verified"]
+        if server_key is None:
+            raise PollError(f"Host key verification failed: {host} port {port} showed no host key")
+        seen = server_key.get_fingerprint("sha256")
+        if host_fingerprint is not None:
+            if seen != host_fingerprint:
+                raise PollError(f"Host key verification failed: {host} port {port} has host key {seen}, expected"
+                                f" {host_fingerprint}; compare with what `mitigator-agent host-key` prints on the"
+                                " agent")
+            problems: List[str] = []
+        else:
+            peer = conn.get_extra_info("peername")
+            problems = verify_host_key(server_key, host, peer[0] if peer else host, port,
+                                       known_hosts or default_known_hosts(), accept_new)
         try:
             result = await asyncio.wait_for(conn.run(GET_JSON_COMMAND), timeout)
         except asyncio.TimeoutError:

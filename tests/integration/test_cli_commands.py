@@ -7,10 +7,11 @@ import os
 import pwd
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from conftest import AgentProcess, run_agent
+from conftest import AGENT, WAIT_SECONDS, AgentProcess, run_agent
 from mitigator_agent import __version__
 from mitigator_agent.answers import HostFacts, json_answer
 from mitigator_agent.clock import kernel_clock_synced
@@ -40,10 +41,75 @@ def test_poll_with_known_hosts_file(agent, client_key):
     assert result.returncode == 0 and result.stderr == ""
 
 
-def test_poll_without_pinning_warns(agent, client_key):
-    result = run_agent("poll", "127.0.0.1", "--port", str(agent.port("127.0.0.1")), "--key", str(client_key.path))
-    assert result.returncode == 0
-    assert result.stderr == f"warning: host key {host_fingerprint(agent)} not verified\n"
+def poll_as(home: Path, *args: str) -> subprocess.CompletedProcess:
+    """`mitigator-agent poll ARGS` with HOME=home: its default known_hosts is home/.ssh/known_hosts."""
+    return subprocess.run([AGENT, "poll", *args], capture_output=True, text=True, timeout=WAIT_SECONDS,
+                          env={**os.environ, "HOME": str(home)})
+
+
+def test_poll_refuses_a_host_key_nothing_verifies_and_accept_new_adds_it(agent, client_key, workdir):
+    """As ssh in batch mode: no unverified key is trusted; --accept-new is StrictHostKeyChecking=accept-new."""
+    port = agent.port("127.0.0.1")
+    known_hosts = workdir / ".ssh" / "known_hosts"
+    refused = poll_as(workdir, "127.0.0.1", "--port", str(port), "--key", str(client_key.path))
+    assert (refused.returncode, refused.stdout) == (1, "")
+    assert refused.stderr == (f"poll: Host key verification failed: no host key of 127.0.0.1 port {port} is known in"
+                              f" {known_hosts}; it has {host_fingerprint(agent)}: pin it with --host-fingerprint"
+                              " (compare with what `mitigator-agent host-key` prints on the agent), or take it on"
+                              " first use with --accept-new\n")
+    assert not known_hosts.exists()
+    added = poll_as(workdir, f"127.0.0.1:{port}", "--key", str(client_key.path), "--accept-new")
+    assert added.returncode == 0, added.stderr
+    assert added.stderr == (f"Warning: Permanently added '[127.0.0.1]:{port}' ({host_fingerprint(agent)})"
+                            f" to {known_hosts}\n")
+    assert json.loads(added.stdout)["net_secret"]
+    # Now known: ssh itself agrees with the line written.
+    check = subprocess.run(["ssh-keygen", "-F", f"[127.0.0.1]:{port}", "-f", str(known_hosts)],
+                           capture_output=True, text=True)
+    assert check.returncode == 0 and host_fingerprint(agent) in subprocess.run(
+        ["ssh-keygen", "-lf", str(known_hosts)], capture_output=True, text=True).stdout
+    again = poll_as(workdir, f"127.0.0.1:{port}", "--key", str(client_key.path))
+    assert (again.returncode, again.stderr) == (0, "")
+
+
+def test_poll_says_changed_for_a_changed_host_key_even_with_accept_new(agent, client_key, workdir):
+    port = agent.port("127.0.0.1")
+    known_hosts = workdir / "known_hosts"
+    other = subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(workdir / "old-host")], check=True)
+    assert other.returncode == 0
+    old_line = (workdir / "old-host.pub").read_text().split()
+    known_hosts.write_text(f"[127.0.0.1]:{port} {old_line[0]} {old_line[1]}\n")
+    old_fingerprint = subprocess.run(["ssh-keygen", "-lf", str(workdir / "old-host.pub")], capture_output=True,
+                                     text=True, check=True).stdout.split()[1]
+    for extra in ([], ["--accept-new"]):
+        result = poll_as(workdir, "127.0.0.1", "--port", str(port), "--key", str(client_key.path),
+                         "--known-hosts", str(known_hosts), *extra)
+        assert (result.returncode, result.stdout) == (1, "")
+        assert result.stderr == (f"poll: Host key verification failed: the host key of 127.0.0.1 port {port} has"
+                                 f" CHANGED: it is {host_fingerprint(agent)}, {known_hosts} has {old_fingerprint};"
+                                 " if the agent's key was replaced on purpose, remove the old entry (ssh-keygen -R"
+                                 f" '[127.0.0.1]:{port}' -f {known_hosts}); else someone may be in between\n")
+    assert known_hosts.read_text().count("\n") == 1  # nothing added
+
+
+@pytest.mark.parametrize("target", ["[::1]", "[::1]:{port}", "::1"])
+def test_poll_reads_bracketed_ipv6_and_host_port(agent, client_key, target):
+    port = agent.port("::1")
+    args = [target.format(port=port)] + ([] if "{port}" in target else ["--port", str(port)])
+    result = run_agent("poll", *args, "--key", str(client_key.path), "--host-fingerprint", host_fingerprint(agent))
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    assert json.loads(result.stdout)["net_secret"]
+
+
+@pytest.mark.parametrize("target, why", [
+    ("127.0.0.1:99999", "'127.0.0.1:99999': the port must be a number from 1 to 65535"),
+    ("127.0.0.1:22", "'127.0.0.1:22' names port 22, --port 7100: give one"),
+    ("[::1", "'[::1': write [IPv6] or [IPv6]:PORT"),
+])
+def test_poll_refuses_a_target_it_cannot_read(client_key, target, why):
+    extra = ["--port", "7100"] if target.endswith(":22") else []
+    result = run_agent("poll", target, *extra, "--key", str(client_key.path))
+    assert result.returncode == 2 and f"Invalid value for HOST: {why}" in result.stderr
 
 
 def test_poll_failures_exit_1_with_the_reason(agent, client_key, second_key):
@@ -55,14 +121,16 @@ def test_poll_failures_exit_1_with_the_reason(agent, client_key, second_key):
                                 f" {host_fingerprint(agent)}, expected SHA256:{'A' * 43}; compare with what"
                                 " `mitigator-agent host-key` prints on the agent\n")
 
-    not_admitted = run_agent("poll", "127.0.0.1", "--port", port, "--key", str(second_key.path))
+    not_admitted = run_agent("poll", "127.0.0.1", "--port", port, "--key", str(second_key.path),
+                             "--known-hosts", str(agent.known_hosts))
     assert not_admitted.returncode == 1
     assert not_admitted.stderr == (f"poll: mitigator_agent@127.0.0.1: Permission denied (publickey): the agent does not"
                                    f" admit {second_key.fingerprint}; add its public key on the agent:"
                                    " mitigator-agent keys add 'ssh-ed25519 ... NAME'\n")
 
     agent.device_path.unlink()
-    no_module = run_agent("poll", "127.0.0.1", "--port", port, "--key", str(client_key.path))
+    no_module = run_agent("poll", "127.0.0.1", "--port", port, "--key", str(client_key.path),
+                          "--known-hosts", str(agent.known_hosts))
     assert no_module.returncode == 1
     assert "agent answered exit status 2: tcpsecrets module not loaded" in no_module.stderr
 
