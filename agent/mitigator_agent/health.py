@@ -595,8 +595,20 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 86400:.0f} days ago"
 
 
-def last_poll_items(instances: Sequence[str], runtime_dir: str, now: Optional[float] = None) -> List[Item]:
-    """The last poll of each admitted instance (and of any other the agent recorded)."""
+# MITIGATOR polls every few seconds while it protects the server: this long without a poll means it
+# no longer does (its configuration, the network or the firewall in between).
+STALE_POLL_SECONDS = 900
+
+
+def last_poll_items(instances: Sequence[str], runtime_dir: str, now: Optional[float] = None,
+                    agent_answers: bool = True) -> List[Item]:
+    """The last poll of each instance the keys file admits now, dated.
+
+    Instances whose key was removed since are not shown (they cannot poll any more).  A poll
+    older than STALE_POLL_SECONDS is a warning; while the agent does not answer on its port
+    (``agent_answers`` False) a recorded poll is history, not a sign of health: it is shown as
+    such, never as ``ok``.
+    """
     now = time.time() if now is None else now
     try:
         polls = read_polls(runtime_dir)
@@ -604,22 +616,34 @@ def last_poll_items(instances: Sequence[str], runtime_dir: str, now: Optional[fl
         return [Item("last-poll", WARN, f"last polls unknown: {exc}", "restart the agent: it rewrites the file",
                      label="last poll")]
     items = []
-    names = list(dict.fromkeys([*instances, *sorted(polls)]))
-    for name in names:
+    for name in dict.fromkeys(instances):
         record = polls.get(name)
         if record is None:
             items.append(Item("last-poll", INFO, f"last poll by {name}: none recorded",
                               facts={"instance": name, "time": None}, label="last poll",
                               summary=f"{name}: none recorded"))
             continue
+        age = now - record.time
         stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record.time))
-        words = (f"{name} from {record.source} at {stamp} ({_ago(now - record.time)}):"
+        words = (f"{name} from {record.source} at {stamp} ({_ago(age)}):"
                  f" {record.command}, exit status {record.status}, {record.result}")
-        items.append(Item("last-poll", OK if record.status == 0 else WARN, f"last poll by {words}",
-                          None if record.status == 0 else "see the agent's log for that poll (journalctl -u mitigator-agent)",
-                          facts={"instance": name, "source": record.source, "key": record.key, "time": record.time,
-                                 "command": record.command, "status": record.status, "result": record.result},
-                          label="last poll", summary=words))
+        facts = {"instance": name, "source": record.source, "key": record.key, "time": record.time,
+                 "command": record.command, "status": record.status, "result": record.result,
+                 "age_s": round(age, 1)}
+        if not agent_answers:
+            status, fix = INFO, None
+            words += ", before the agent stopped answering"
+        elif record.status != 0:
+            status, fix = WARN, "see the agent's log for that poll (journalctl -u mitigator-agent)"
+        elif age > STALE_POLL_SECONDS:
+            status = WARN
+            words += f"; no poll for longer than {STALE_POLL_SECONDS // 60} min"
+            fix = ("check that MITIGATOR still lists this agent and reaches its port (firewall, listen address);"
+                   " its own log says why it stopped")
+        else:
+            status, fix = OK, None
+        items.append(Item("last-poll", status, f"last poll by {words}", fix, facts=facts, label="last poll",
+                          summary=words))
     return items
 
 
@@ -649,11 +673,13 @@ def judge(subject: Subject, *, command: str, probe_timeout: float = 3.0, ntp_ser
     service = service_item()
     service_fix = (f"run systemctl start {SERVICE}; why it stopped: journalctl -u {SERVICE} -n 20"
                    if systemd_running() else "start the agent: mitigator-agent serve")
-    items.extend(listening_items(subject, probe_timeout, service_fix))
+    listening = listening_items(subject, probe_timeout, service_fix)
+    items.extend(listening)
     items.append(service)
     if subject.runtime_dir:
         instances = [entry["instance"] or "-" for entry in view["keys"]["admitted"]]
-        items.extend(last_poll_items(instances, subject.runtime_dir))
+        items.extend(last_poll_items(instances, subject.runtime_dir,
+                                     agent_answers=not any(item.status == FAIL for item in listening)))
     return items
 
 

@@ -134,8 +134,10 @@ def test_serve_says_at_start_what_will_not_work_and_keeps_serving(start_agent, c
 
 def test_keys_that_admit_nobody_are_reported_at_start(start_agent, workdir):
     agent = start_agent(None)  # no keys file at all
-    agent.wait_for(f'^WARNING keys-file-admits-nobody reason="keys file {re.escape(str(workdir / "keys"))}'
-                   ' does not exist" fix="run mitigator-agent keys add \'ssh-ed25519 AAAA... mitigator1\' with the key'
+    keys = re.escape(str(workdir / "keys"))
+    # The fix names the file the agent reads (not the default one), so the admin edits the right file.
+    agent.wait_for(f'^WARNING keys-file-admits-nobody reason="keys file {keys} does not exist"'
+                   f' fix="run mitigator-agent keys add --keys {keys} \'ssh-ed25519 AAAA... mitigator1\' with the key'
                    ' from MITIGATOR\'s admin"$')
 
 
