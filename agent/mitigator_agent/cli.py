@@ -185,6 +185,8 @@ def main(ctx: click.Context, uninstall: bool, purge: bool) -> None:
 @_device_option
 @click.option("--login-timeout", type=click.FloatRange(min=0.1), default=DEFAULTS.login_timeout,
               show_default=True, help="Seconds a client has to authenticate.")
+@click.option("--idle-timeout", type=click.FloatRange(min=0), default=DEFAULTS.idle_timeout, show_default=True,
+              help="Seconds an authenticated connection may stay open with no session (0: forever).")
 @click.option("--max-unauthenticated", type=click.IntRange(min=1), default=DEFAULTS.max_unauthenticated,
               show_default=True, help="Connections allowed at once before authentication.")
 @click.option("--max-unauthenticated-per-source", type=click.IntRange(min=1),
@@ -214,7 +216,7 @@ def main(ctx: click.Context, uninstall: bool, purge: bool) -> None:
 @user_option
 @click.option("--verbose", is_flag=True, help="Also log debug events (check probes, ignored env requests).")
 def serve(listen: Tuple[str, ...], port: int, keys_path: str, host_key_path: str, device: str,
-          login_timeout: float, max_unauthenticated: int, max_unauthenticated_per_source: int,
+          login_timeout: float, idle_timeout: float, max_unauthenticated: int, max_unauthenticated_per_source: int,
           rate: float, burst: int, anycast_instances: Tuple[str, ...], state_dir: str, runtime_dir: str,
           allow: Tuple[str, ...], max_unauthenticated_allowed: int, strict_allow: bool,
           service_user: str, verbose: bool) -> None:
@@ -226,7 +228,7 @@ def serve(listen: Tuple[str, ...], port: int, keys_path: str, host_key_path: str
     if core_dump_problem:
         log.warning(logs.event("core-dumps-not-disabled", reason=core_dump_problem))
     settings = ServerSettings(port=port, listen=listen, keys_path=keys_path, host_key_path=host_key_path,
-                              device=device, login_timeout=login_timeout,
+                              device=device, login_timeout=login_timeout, idle_timeout=idle_timeout,
                               max_unauthenticated=max_unauthenticated,
                               max_unauthenticated_per_source=max_unauthenticated_per_source,
                               rate=rate, burst=burst, anycast_instances=anycast_instances,

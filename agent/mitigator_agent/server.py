@@ -41,7 +41,8 @@ Behaviour:
   PerSourcePenalties).  With ``strict_allow`` a connection from anyone else
   is dropped before the SSH banner.  ``login_timeout`` seconds to
   authenticate; at most ``max_sessions`` sessions open at once per
-  connection.
+  connection; an authenticated connection with no session open for
+  ``idle_timeout`` seconds is closed (``ssh -N``, a forgotten master).
 - Daemon: SIGTERM/SIGINT stop; SIGHUP re-reads the keys file and the
   config file (values given on the command line keep winning) and logs
   ``reloaded``; core dumps are off (RLIMIT_CORE 0, PR_SET_DUMPABLE 0) before
@@ -126,6 +127,7 @@ class ServerSettings:
     host_key_path: str = DEFAULT_HOST_KEY_PATH
     device: str = DEFAULT_DEVICE
     login_timeout: float = 10.0
+    idle_timeout: float = 300.0  # an authenticated connection with no session open this long is closed; 0: never
     max_unauthenticated: int = 16             # strangers, all together
     max_unauthenticated_per_source: int = 4   # strangers, per IPv4 address or IPv6 /48
     max_unauthenticated_allowed: int = 16     # allowed sources' own pool
@@ -559,6 +561,7 @@ class AgentConnection(asyncssh.SSHServer):
         self._login_refused = False  # the refusal was logged when it happened
         self._open_sessions = 0
         self._polls = 0
+        self._idle_timer: Optional[asyncio.TimerHandle] = None
 
     # --- logging -----------------------------------------------------------
 
@@ -599,6 +602,7 @@ class AgentConnection(asyncssh.SSHServer):
         self._ticket = ticket
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._stop_idle_timer()
         if self._ticket is None:
             return
         if not self._authenticated:
@@ -673,6 +677,26 @@ class AgentConnection(asyncssh.SSHServer):
             self.server.admission.release(self._ticket)
         if self.entry is not None:
             self.server.known_sources.remember(self.address, self.entry.fingerprint, self.entry.instance)
+        self._start_idle_timer()
+
+    # --- idle authenticated connections ------------------------------------
+
+    def _start_idle_timer(self) -> None:
+        """Close the connection if no session is opened within ``idle_timeout`` (``ssh -N``, a stale master)."""
+        timeout = self.server.settings.idle_timeout
+        if timeout > 0:
+            self._idle_timer = asyncio.get_running_loop().call_later(timeout, self._close_idle, timeout)
+
+    def _stop_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _close_idle(self, timeout: float) -> None:
+        self._idle_timer = None
+        if self._conn is not None and self._open_sessions == 0:
+            self.log_event(logging.INFO, "closed", reason=f"idle for {timeout:g} s with no session open")
+            self._conn.disconnect(asyncssh.DISC_BY_APPLICATION, "idle timeout")
 
     # --- channels ----------------------------------------------------------
 
@@ -682,6 +706,7 @@ class AgentConnection(asyncssh.SSHServer):
             return False
         assert self._conn is not None
         self._open_sessions += 1
+        self._stop_idle_timer()
         channel = RestrictedChannel.adopt(self._conn.create_server_channel(), self)
         return channel, AgentSession(self)
 
@@ -689,6 +714,9 @@ class AgentConnection(asyncssh.SSHServer):
         """Bookkeeping when a session channel goes away."""
         self._open_sessions -= 1
         self._polls += int(polled)
+        if self._open_sessions == 0 and self._authenticated:
+            self._stop_idle_timer()
+            self._start_idle_timer()
 
     def connection_requested(self, dest_host: str, dest_port: int,
                              orig_host: str, orig_port: int) -> bool:

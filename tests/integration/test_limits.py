@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 from contextlib import ExitStack
 
 from conftest import WAIT_SECONDS
@@ -75,3 +76,29 @@ def test_login_grace_timeout_closes_idle_connection(start_agent, client_key):
     agent.wait_for(r'refused src=\[::1\]:\d+ request=login reason="closed before authenticating"'
                    r' detail="Login timeout expired"')
     assert agent.ssh(client_key, "get", host="::1").returncode == 0
+
+
+def test_an_authenticated_connection_with_no_session_is_closed_after_the_idle_timeout(start_agent, client_key):
+    """`ssh -N` (or a forgotten master connection) does not hold a connection open forever."""
+    agent = start_agent(client_key.public_line + "\n", "--idle-timeout", "1")
+    held = subprocess.run([*agent.ssh_command(client_key), "-N", "mitigator_agent@127.0.0.1"],
+                          capture_output=True, timeout=WAIT_SECONDS)  # returns only because the agent hung up
+    assert held.returncode == 255
+    agent.wait_for(r'closed src=127\.0\.0\.1:\d+ user=mitigator_agent instance=mitigator1 key=\S+'
+                   r' reason="idle for 1 s with no session open"')
+    # A connection that runs a command is not idle: a poll right away is answered.
+    assert agent.asyncssh_run(client_key, "get").exit_status == 0
+
+
+def test_idle_timeout_0_never_closes(start_agent, client_key):
+    agent = start_agent(client_key.public_line + "\n", "--idle-timeout", "0")
+    with subprocess.Popen([*agent.ssh_command(client_key), "-N", "mitigator_agent@127.0.0.1"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as held:
+        agent.wait_for(r"source-remembered src=127\.0\.0\.1 ")
+        try:
+            held.wait(3)
+        except subprocess.TimeoutExpired:
+            pass
+        assert held.poll() is None  # still connected
+        held.terminate()
+    assert agent.count("idle for") == 0
