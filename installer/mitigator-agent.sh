@@ -3,7 +3,8 @@
 # kernel module (DKMS) and the mitigator-agent service on a Debian or Ubuntu server.
 #
 #   wget -O- https://example.org/mitigator-agent | sh      install or update (as root)
-#   sh mitigator-agent -d [--purge]                         uninstall (--purge: keys, host key, user too)
+#   sh mitigator-agent -d [--purge [--yes]]                 uninstall (--purge: keys, host key, user too;
+#                                                           at a terminal it asks first unless --yes)
 #
 # `make dist` appends the payload (module source, agent and its wheels) to this file as dist/mitigator-agent;
 # the installed copy (/usr/lib/mitigator-agent/install.sh) carries none and only uninstalls.
@@ -70,12 +71,14 @@ pause_at() {
 
 usage() {
 	cat <<EOF
-Usage: sh $PROG [-d [--purge]] [-h]
+Usage: sh $PROG [-d [--purge [--yes]]] [-h]
 
   (no option)  install, or update an existing install (keys and host key are kept)
   -d           uninstall: service, module (all DKMS versions), agent and system settings;
                keeps $KEYS_FILE and the host key ($HOST_KEY)
-  -d --purge   uninstall and also remove the keys, the host key and the $SERVICE_USER user
+  -d --purge   uninstall and also remove the keys, the host key and the $SERVICE_USER user;
+               at a terminal it asks first (the host key MITIGATOR pins is gone for good)
+  --yes        with -d --purge: do not ask (scripts)
   -h           this help
 
 Runs as root on Debian 11/12/13 or Ubuntu 22.04/24.04 (x86_64). Log: $LOG_FILE
@@ -591,9 +594,27 @@ remove_everything() {
 	REMOVED=$removed
 }
 
+# -d --purge at a terminal: the keys and the host key MITIGATOR pins go for good, so ask first.
+# Without a terminal (a script, ssh with a command) or with --yes: no question.
+confirm_purge() {
+	[ -t 0 ] || return 0
+	fingerprint=
+	if [ -f "$HOST_KEY" ] && command -v ssh-keygen >/dev/null 2>&1; then
+		fingerprint=$(ssh-keygen -l -f "$HOST_KEY" 2>/dev/null | cut -d' ' -f2)
+	fi
+	say "[!] --purge removes for good: $KEYS_FILE, the host key $HOST_KEY${fingerprint:+ ($fingerprint)} and the"
+	say "    $SERVICE_USER user. MITIGATOR pins that host key: a new install gets a new one, which MITIGATOR"
+	say "    refuses until its admin is given the new fingerprint."
+	printf 'Type purge to go on (anything else removes nothing): ' >&2
+	answer=
+	read -r answer || answer=
+	[ "$answer" = purge ] || die "nothing removed (answered '$answer')"
+}
+
 do_uninstall() {
 	require_root "-d${1:+ $1}"
 	check_no_package_install
+	[ "$1" != --purge ] || [ "${2:-}" = yes ] || confirm_purge
 	umask 022
 	(umask 077 && : >>"$LOG_FILE") 2>/dev/null && chmod 0600 "$LOG_FILE"
 	say "[i] $PROG uninstall${1:+ ($1)}, $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
@@ -622,10 +643,17 @@ main() {
 	case "${1:-}" in
 	-h | --help) usage ;;
 	-d | --uninstall)
-		case "${2:-}" in
-		"" | --purge) do_uninstall "${2:-}" ;;
-		*) usage >&2; exit 2 ;;
-		esac ;;
+		shift
+		purge= yes=
+		for arg in "$@"; do
+			case $arg in
+			--purge) purge=--purge ;;
+			--yes) yes=yes ;;
+			*) usage >&2; exit 2 ;;
+			esac
+		done
+		[ -n "$purge" ] || [ -z "$yes" ] || { usage >&2; exit 2; }
+		do_uninstall "$purge" "$yes" ;;
 	"")
 		require_root
 		unpack_payload

@@ -144,13 +144,17 @@ def _check_fingerprint(ctx: click.Context, param: click.Parameter, value: Option
 INSTALL_SCRIPT = "/usr/lib/mitigator-agent/install.sh"  # kept by the install script, for -d
 
 
-def _uninstall(purge: bool) -> None:
-    """Run the install script's own uninstall (the copy kept at install time); never returns."""
+def _uninstall(purge: bool, yes: bool) -> None:
+    """Run the install script's own uninstall (the copy kept at install time); never returns.
+
+    At a terminal the script asks before --purge removes the host key MITIGATOR pins; --yes
+    skips the question.
+    """
     if not os.path.exists(INSTALL_SCRIPT):
         click.echo(f"mitigator-agent: {INSTALL_SCRIPT} is missing, so the install script did not install this"
                    " agent: remove the Debian package with apt remove mitigator-agent", err=True)
         sys.exit(1)
-    argv = ["sh", INSTALL_SCRIPT, "-d"] + (["--purge"] if purge else [])
+    argv = ["sh", INSTALL_SCRIPT, "-d"] + (["--purge"] if purge else []) + (["--yes"] if yes else [])
     os.execvp("sh", argv)
 
 
@@ -159,16 +163,20 @@ def _uninstall(purge: bool) -> None:
 @click.option("-d", "--uninstall", is_flag=True,
               help="Uninstall (as root): the service, the module, the agent and the system settings;"
                    " the keys file and the host key stay.")
-@click.option("--purge", is_flag=True, help="With -d: also remove the keys file, the host key and the user.")
+@click.option("--purge", is_flag=True, help="With -d: also remove the keys file, the host key and the user"
+                                           " (at a terminal it asks first).")
+@click.option("--yes", is_flag=True, help="With -d --purge: do not ask (scripts).")
 @click.pass_context
-def main(ctx: click.Context, uninstall: bool, purge: bool) -> None:
+def main(ctx: click.Context, uninstall: bool, purge: bool, yes: bool) -> None:
     """Serve this server's TCP SYN-cookie/ISN secrets to MITIGATOR over SSH."""
     if purge and not uninstall:
         raise click.UsageError("--purge goes with -d")
+    if yes and not purge:
+        raise click.UsageError("--yes goes with -d --purge")
     if uninstall:
         if ctx.invoked_subcommand is not None:
             raise click.UsageError("-d takes no command")
-        _uninstall(purge)
+        _uninstall(purge, yes)
     if ctx.invoked_subcommand is None:
         click.echo(ctx.get_help())
 

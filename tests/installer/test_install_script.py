@@ -356,7 +356,16 @@ def test_uninstall_keeps_keys_then_purge_leaves_nothing(system, pristine):
     unexpected = [line for line in left if "mitigator_agent" not in line and not any(f" {db}" in line for db in accounts)]
     assert left and unexpected == [], "\n".join(unexpected)
 
-    result = system.run(f"sh {SCRIPT} -d --purge", timeout=INSTALL_TIMEOUT)
+    # At a terminal --purge asks first (the host key MITIGATOR pins goes for good): any answer but
+    # "purge" removes nothing. (script(1) gives the command a terminal; "no" is typed into it.)
+    asked = system.run(f"printf 'no\\n' | script -qec 'sh {SCRIPT} -d --purge' /dev/null", check=False,
+                       timeout=INSTALL_TIMEOUT)
+    record("uninstall --purge at a terminal, answered no", asked)
+    assert asked.returncode == 1, asked.stdout + asked.stderr
+    assert "Type purge to go on" in asked.stdout and "nothing removed (answered 'no')" in asked.stdout
+    assert {path: system.get(path) for path in kept} == kept
+
+    result = system.run(f"sh {SCRIPT} -d --purge", timeout=INSTALL_TIMEOUT)  # no terminal: no question
     record("uninstall --purge", result)
     assert last_line(result) == "mitigator-agent is uninstalled."
     assert diff_states(pristine, system.state()) == []
