@@ -178,3 +178,17 @@ def test_a_removed_key_takes_its_sources_reservation_with_it(start_agent, client
         # 127.0.0.1 polled with a key that is gone: a stranger again, and the stranger slot is taken.
         assert agent.ssh(second_key, "get").returncode == 255
     assert agent.ssh(second_key, "get").returncode == 0
+
+
+def test_a_keys_file_the_agent_refuses_costs_the_polling_source_no_penalty(start_agent, client_key):
+    """The file's fault (here: others may write it), not MITIGATOR's: its polls fail, it is not penalised."""
+    agent = start_agent(client_key.public_line + "\n")
+    agent.keys_path.chmod(0o666)
+    for _ in range(6):  # 6 x 5 s of authfail would refuse the source for 15 s
+        assert agent.ssh(client_key, "get").returncode == 255
+    agent.wait_for(r'keys-file-admits-nobody reason="keys file \S+ is writable by group or others \(mode 0666\)"'
+                   r' fix="run chmod go-w \S+"')
+    assert agent.count("keys-file-admits-nobody") == 1  # one clear line, not one per poll
+    agent.keys_path.chmod(0o644)
+    assert agent.ssh(client_key, "get").returncode == 0  # fixed: in at once, nothing owed
+    assert agent.count("source-penalised") == 0
