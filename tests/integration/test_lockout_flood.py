@@ -153,26 +153,43 @@ def test_the_readme_setup_loses_no_poll_once_mitigator_has_polled(netns, start_a
     assert agent.count(rf"poll src=\S+ user={SSH_USER} instance=mitigator1 .*command=get status=0 ") == POLLS + 2
 
 
+# Polls a source may need, with the flood already holding every slot, before the flood's own penalties
+# make room: measured 7 to 28 polls (0.5 s apart, alternating two sources) on an idle machine; a
+# bound well above that, so that a loaded machine only makes the test slower.
+FIRST_POLL_BOUND = 240
+POLLS_AFTER_FIRST = 10
+
+
 def test_the_readme_setup_under_a_flood_from_before_the_first_poll_gets_in_and_then_stays(
         netns, start_agent, client_key):
     """Measured: MITIGATOR starts polling into a flood that already holds every slot.
 
     Until one poll of a source gets through, that source is a stranger among strangers; the
     flood's penalties keep giving slots back, and once in, the source is reserved.  Each source
-    must get in within the polls made, and every poll after its first success must succeed.
+    must get in, and every one of its next POLLS_AFTER_FIRST polls must succeed.
     """
     agent = start_agent(f"{client_key.public_line}\n", "--login-timeout", LOGIN_TIMEOUT,
                         command_prefix=in_netns(netns, []))
     counts: Dict[str, Dict[str, int]] = {}
     outcomes: Dict[str, List[int]] = {"127.0.0.1": [], "::1": []}
+    started = time.monotonic()
+    first_ok: Dict[str, float] = {}
     with ExitStack() as stack:
         flood(stack, agent, netns, counts)
-        for n in range(2 * POLLS):
+        for n in range(FIRST_POLL_BOUND):
             host = ("127.0.0.1", "::1")[n % 2]
-            outcomes[host].append(poll(agent, client_key, netns, host).returncode)
+            codes = outcomes[host]
+            if 0 in codes and len(codes) - codes.index(0) > POLLS_AFTER_FIRST:
+                if all(0 in c and len(c) - c.index(0) > POLLS_AFTER_FIRST for c in outcomes.values()):
+                    break
+                continue
+            codes.append(poll(agent, client_key, netns, host).returncode)
+            if codes[-1] == 0 and host not in first_ok:
+                first_ok[host] = time.monotonic() - started
             time.sleep(POLL_GAP_SECONDS)
     for host, codes in outcomes.items():
-        print(f"flood before the first poll, {host}: {codes.count(0)} of {len(codes)} polls ok,"
-              f" the first success at poll {codes.index(0) + 1 if 0 in codes else None}; flood {counts}")
+        print(f"flood before the first poll, {host}: first success at poll {codes.index(0) + 1 if 0 in codes else None}"
+              f" ({first_ok.get(host, float('nan')):.0f} s into the flood), {codes.count(0)} of {len(codes)} ok;"
+              f" flood {counts}")
         assert 0 in codes, f"{host} never got in: {codes}"
         assert set(codes[codes.index(0):]) == {0}, f"{host} lost polls after it was known: {codes}"
