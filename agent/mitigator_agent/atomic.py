@@ -7,9 +7,10 @@ one of the two, plus at most a stray temporary file.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 
 def _fsync_directory(directory: str) -> None:
@@ -69,3 +70,14 @@ def write_file_atomically(
         except FileNotFoundError:
             pass
         raise
+
+
+def write_soon(delay: float, write: Callable[[], None]) -> Optional[asyncio.TimerHandle]:
+    """Call ``write`` ``delay`` seconds from now inside a running event loop (a burst of changes
+    then costs one write), or at once outside one; the timer handle, or None when it ran already."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        write()
+        return None
+    return loop.call_later(delay, write)

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from . import logs
-from .atomic import write_file_atomically
+from .atomic import write_file_atomically, write_soon
 from .authkeys import default_allowed_owners, strict_modes_problem
 
 FILE_NAME = "known-sources.json"
@@ -171,14 +171,8 @@ class KnownSources:
         self._schedule_write()
 
     def _schedule_write(self) -> None:
-        if self._write_pending is not None:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._write()
-            return
-        self._write_pending = loop.call_later(WRITE_DELAY, self._write)
+        if self._write_pending is None:
+            self._write_pending = write_soon(WRITE_DELAY, self._write)
 
     def flush(self) -> None:
         """Write now what is waiting to be written (the agent stops); never raises."""

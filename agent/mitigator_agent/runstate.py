@@ -23,7 +23,6 @@ Schema (``version`` 1)::
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Optional
 
 from . import logs
-from .atomic import write_file_atomically
+from .atomic import write_file_atomically, write_soon
 
 DEFAULT_RUNTIME_DIR = "/run/mitigator-agent"
 POLLS_FILE = "last-polls.json"
@@ -92,13 +91,7 @@ class PollRecorder:
         self._records[instance] = PollRecord(source, key, self._clock(), command, status, result)
         if self._write_pending:
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._write()
-            return
-        self._write_pending = True
-        loop.call_later(WRITE_DELAY, self._write)
+        self._write_pending = write_soon(WRITE_DELAY, self._write) is not None
 
     def _write(self) -> None:
         self._write_pending = False

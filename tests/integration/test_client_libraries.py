@@ -68,6 +68,16 @@ def pinned_host_key(agent: AgentProcess) -> bytes:
     return base64.b64decode((Path(str(agent.host_key_path) + ".pub")).read_text().split()[1])
 
 
+def drain(read: Callable[[], Tuple[int, bytes]]) -> bytes:
+    """Everything a binding's blocking ``read() -> (size, data)`` gives until it reports the end."""
+    data = b""
+    while True:
+        size, chunk = read()
+        if size <= 0:
+            return data
+        data += chunk
+
+
 def libssh2_run(agent: AgentProcess, key: ClientKey, command: str) -> Outcome:
     with socket.create_connection(("127.0.0.1", agent.port("127.0.0.1")), timeout=WAIT_SECONDS) as sock:
         session = Libssh2Session()
@@ -78,17 +88,7 @@ def libssh2_run(agent: AgentProcess, key: ClientKey, command: str) -> Outcome:
         session.userauth_publickey_fromfile(SSH_USER, str(key.path))
         channel = session.open_session()
         channel.execute(command)
-        out, err = b"", b""
-        while True:
-            size, data = channel.read()
-            if size <= 0:
-                break
-            out += data
-        while True:
-            size, data = channel.read_stderr()
-            if size <= 0:
-                break
-            err += data
+        out, err = drain(channel.read), drain(channel.read_stderr)
         channel.wait_eof()
         channel.close()
         channel.wait_closed()
@@ -111,17 +111,7 @@ def libssh_run(agent: AgentProcess, key: ClientKey, command: str) -> Outcome:
         channel = session.channel_new()
         channel.open_session()
         channel.request_exec(command)
-        out, err = b"", b""
-        while True:
-            size, data = channel.read()
-            if size <= 0:
-                break
-            out += data
-        while True:
-            size, data = channel.read(is_stderr=True)
-            if size <= 0:
-                break
-            err += data
+        out, err = drain(channel.read), drain(lambda: channel.read(is_stderr=True))
         channel.send_eof()
         status = channel.get_exit_status()
         channel.close()
