@@ -1,9 +1,10 @@
-"""The SSH client libraries a MITIGATOR build can use, each driven for real: `get`, then an anycast `set`.
+"""The SSH clients a MITIGATOR build can use, each driven for real: `get`, then an anycast `set`.
 
-MITIGATOR's SSH client is not ours to choose.  Besides OpenSSH, Dropbear, PuTTY and paramiko
-(test_interop.py, test_paramiko.py), these complete a `get` and a `set` against the running agent,
-with the host key pinned as MITIGATOR pins it:
+MITIGATOR's SSH client is not ours to choose.  Each of these completes a `get` and a `set` against
+the running agent, with the host key pinned as MITIGATOR pins it (more about each of the first
+four in test_interop.py and test_paramiko.py):
 
+- OpenSSH's ssh, Dropbear's dbclient (Debian 12: 2022.83), PuTTY's plink (0.78), paramiko;
 - Go's golang.org/x/crypto/ssh: Debian 12's golang-go (1.19) and golang-golang-x-crypto-dev
   (0.4.0), clients/go_poll.go built offline here, from Debian's sources only;
 - libssh, through PyPI's ssh-python (its own libssh);
@@ -19,8 +20,10 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, List, Tuple
 
+import asyncssh
+import paramiko
 import pytest
 from ssh import options as libssh_options
 from ssh.key import import_privkey_file
@@ -120,17 +123,80 @@ def libssh_run(agent: AgentProcess, key: ClientKey, command: str) -> Outcome:
         session.disconnect()
 
 
+def openssh_run(agent: AgentProcess, key: ClientKey, command: str) -> Outcome:
+    result = agent.ssh(key, command)
+    return result.returncode, result.stdout, result.stderr
+
+
+def _batch(argv: List[str], home: Path) -> Outcome:
+    """A client in batch mode, HOME of its own, no terminal (a question fails at once), never left behind."""
+    home.mkdir(exist_ok=True)
+    with subprocess.Popen(argv, env={**os.environ, "HOME": str(home)}, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True) as client:
+        try:
+            out, err = client.communicate(timeout=WAIT_SECONDS)
+        finally:
+            if client.returncode is None:
+                client.kill()
+                client.communicate()
+    return client.returncode, out, err
+
+
+def dropbear_run(agent: AgentProcess, key: ClientKey, command: str) -> Outcome:
+    home = agent.workdir / "dropbear-home"
+    (home / ".ssh").mkdir(parents=True, exist_ok=True)
+    algorithm, data = Path(str(agent.host_key_path) + ".pub").read_text().split()[:2]
+    (home / ".ssh" / "known_hosts").write_text(f"127.0.0.1 {algorithm} {data}\n")  # dbclient pins by host name
+    identity = key.path.with_suffix(".dropbear")
+    if not identity.exists():
+        subprocess.run([shutil.which("dropbearconvert") or "dropbearconvert", "openssh", "dropbear", str(key.path),
+                        str(identity)], check=True, capture_output=True, timeout=WAIT_SECONDS)
+    return _batch([shutil.which("dbclient") or "dbclient", "-p", str(agent.port("127.0.0.1")), "-i", str(identity),
+                   f"{SSH_USER}@127.0.0.1", command], home)
+
+
+def plink_run(agent: AgentProcess, key: ClientKey, command: str) -> Outcome:
+    ppk = key.path.with_suffix(".ppk")
+    if not ppk.exists():
+        subprocess.run([shutil.which("puttygen") or "puttygen", str(key.path), "-O", "private", "-o", str(ppk)],
+                       check=True, capture_output=True, timeout=WAIT_SECONDS)
+    pin = asyncssh.read_public_key(str(agent.host_key_path) + ".pub").get_fingerprint("sha256")
+    return _batch([shutil.which("plink") or "plink", "-ssh", "-batch", "-noagent", "-P", str(agent.port("127.0.0.1")),
+                   "-l", SSH_USER, "-i", str(ppk), "-hostkey", pin, "127.0.0.1", command], agent.workdir / "plink-home")
+
+
+def paramiko_run(agent: AgentProcess, key: ClientKey, command: str) -> Outcome:
+    client = paramiko.SSHClient()
+    client.get_host_keys().add(f"[127.0.0.1]:{agent.port('127.0.0.1')}", "ssh-ed25519",
+                               paramiko.Ed25519Key.from_private_key_file(str(agent.host_key_path)))
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    try:
+        client.connect("127.0.0.1", port=agent.port("127.0.0.1"), username=SSH_USER, key_filename=str(key.path),
+                       allow_agent=False, look_for_keys=False, timeout=WAIT_SECONDS, auth_timeout=WAIT_SECONDS,
+                       banner_timeout=WAIT_SECONDS)
+        _, stdout, stderr = client.exec_command(command, timeout=WAIT_SECONDS)
+        out, err = stdout.read(), stderr.read()
+        return stdout.channel.recv_exit_status(), out, err
+    finally:
+        client.close()
+
+
 @pytest.fixture
 def anycast_agent(start_agent: Callable[..., AgentProcess], client_key: ClientKey, workdir: Path) -> AgentProcess:
     return start_agent(client_key.public_line + "\n", "--anycast-instance", "mitigator1",
                        "--state-dir", str(workdir / "state"))
 
 
-@pytest.fixture(params=["go-x-crypto", "libssh", "libssh2"])
+DRIVERS: Dict[str, Callable[[AgentProcess, ClientKey, str], Outcome]] = {
+    "openssh": openssh_run, "dropbear": dropbear_run, "putty-plink": plink_run, "paramiko": paramiko_run,
+    "libssh": libssh_run, "libssh2": libssh2_run}
+
+
+@pytest.fixture(params=[*DRIVERS, "go-x-crypto"])
 def client(request: pytest.FixtureRequest) -> Callable[[AgentProcess, ClientKey, str], Outcome]:
     if request.param == "go-x-crypto":
         return go_run(request.getfixturevalue("go_poll"))
-    return {"libssh": libssh_run, "libssh2": libssh2_run}[request.param]
+    return DRIVERS[request.param]
 
 
 def test_get_and_set(client, anycast_agent: AgentProcess, client_key: ClientKey, snapshot) -> None:
