@@ -8,13 +8,17 @@ Commands (the SSH exec string; surrounding whitespace is ignored):
     tcpsecrets-era consumer lands on the counters the kernel now uses (see
     :func:`legacy_text`).
 ``get``
-    Exactly the 11 ``key: value`` lines of isn_sync (protocol level 26.04),
-    the contract MITIGATOR v23.08+ implements (see :func:`get_fields`).
+    Exactly the ``key: value`` lines of isn_sync at the protocol level the
+    agent serves (``serve --protocol``): 26.04's 11 lines by default, or
+    those of an earlier release for the MITIGATOR versions that expect them
+    (see :data:`PROTOCOL_FIELDS` and :func:`get_fields`).
 ``get json``
     One JSON object with everything, ours included (see :func:`json_answer`).
 ``set;NET;SYNCOOKIE;SYNCOOKIE6;TS;ECN;SACK;TIMESTAMPS;WSCALE``
     Anycast: apply and store these secrets and sysctls; off unless the
-    administrator allows the polling key's instance (see anycast.py).
+    administrator allows the polling key's instance (see anycast.py).  The
+    7-value layout of releases before 26.04 (no SYNCOOKIE6) is accepted at
+    every protocol level; it leaves the IPv6 key as it is.
 anything else
     One line on stderr.
 
@@ -65,8 +69,21 @@ SET_COMMAND = "set"
 MAX_COMMAND_CHARS = 256  # longer than any command; the full `set;...` line is ~210
 JSON_SCHEMA_VERSION = 2
 # The isn_sync release whose contract (get format, kernel behaviour) this
-# agent implements, answered as `version`; not this agent's own version.
+# agent implements by default, answered as `version`; not this agent's own version.
 PROTOCOL_LEVEL = "26.04"
+_SYSCTLS = ("tcp_ecn", "tcp_sack", "tcp_timestamps", "tcp_window_scaling")
+# The `get` lines of each isn_sync release, in its order (its `server` script, tags v23.08 to v26.04):
+# 23.08 answers 8 lines; 24.10 and 25.02 add `version`; 25.06 adds `time`; 26.04 adds
+# `syncookie6_secret`.  `serve --protocol LEVEL` answers as LEVEL did; `version` is LEVEL itself.
+PROTOCOL_FIELDS: Dict[str, Tuple[str, ...]] = {
+    "23.08": ("uname", "net_secret", "syncookie_secret", "ts_secret", *_SYSCTLS),
+    "24.10": ("uname", "version", "net_secret", "syncookie_secret", "ts_secret", *_SYSCTLS),
+    "25.02": ("uname", "version", "net_secret", "syncookie_secret", "ts_secret", *_SYSCTLS),
+    "25.06": ("uname", "version", "time", "net_secret", "syncookie_secret", "ts_secret", *_SYSCTLS),
+    "26.04": ("uname", "version", "time", "net_secret", "syncookie_secret", "syncookie6_secret", "ts_secret",
+              *_SYSCTLS),
+}
+PROTOCOL_LEVELS = tuple(PROTOCOL_FIELDS)
 
 NOT_LOADED_MESSAGE = "tcpsecrets module not loaded"
 SET_DISABLED_MESSAGE = "anycast set is not enabled on this agent"
@@ -138,34 +155,36 @@ def legacy_text(snap: Snapshot) -> str:
     return "".join(f"{name} {value}\n" for name, value in lines)
 
 
-def get_fields(snap: Snapshot, facts: HostFacts) -> List[Tuple[str, Union[str, int]]]:
-    """The ``get`` answer's fields: exactly isn_sync 26.04's 11, in its order.
+def get_fields(snap: Snapshot, facts: HostFacts, level: str = PROTOCOL_LEVEL) -> List[Tuple[str, Union[str, int]]]:
+    """The ``get`` answer's fields: exactly isn_sync ``level``'s, in its order (PROTOCOL_FIELDS).
 
-    ``uname`` the OS name (``Linux``), ``version`` PROTOCOL_LEVEL
+    At 26.04, 11: ``uname`` the OS name (``Linux``), ``version`` the level
     (``26.04``), ``time`` the snapshot's wall clock in Unix seconds, the
     four secrets as lowercase hex of their bytes in kernel memory order
     (net 16, syncookie 2 x 16, syncookie6 2 x 16, ts 16 bytes), then the
     sysctls tcp_ecn, tcp_sack, tcp_timestamps, tcp_window_scaling as
-    decimal numbers.  Nothing else: everything of ours is in ``get json``.
+    decimal numbers.  An earlier level answers a subset, in the same
+    order.  Nothing else: everything of ours is in ``get json``.
     """
-    return [
-        ("uname", facts.os_name),
-        ("version", PROTOCOL_LEVEL),
-        ("time", snap.realtime_ns // 10**9),
-        ("net_secret", snap.net_secret.hex()),
-        ("syncookie_secret", snap.syncookie_secret.hex()),
-        ("syncookie6_secret", snap.syncookie6_secret.hex()),
-        ("ts_secret", snap.ts_secret.hex()),
-        ("tcp_ecn", snap.tcp_ecn),
-        ("tcp_sack", snap.tcp_sack),
-        ("tcp_timestamps", snap.tcp_timestamps),
-        ("tcp_window_scaling", snap.tcp_window_scaling),
-    ]
+    values: Dict[str, Union[str, int]] = {
+        "uname": facts.os_name,
+        "version": level,
+        "time": snap.realtime_ns // 10**9,
+        "net_secret": snap.net_secret.hex(),
+        "syncookie_secret": snap.syncookie_secret.hex(),
+        "syncookie6_secret": snap.syncookie6_secret.hex(),
+        "ts_secret": snap.ts_secret.hex(),
+        "tcp_ecn": snap.tcp_ecn,
+        "tcp_sack": snap.tcp_sack,
+        "tcp_timestamps": snap.tcp_timestamps,
+        "tcp_window_scaling": snap.tcp_window_scaling,
+    }
+    return [(name, values[name]) for name in PROTOCOL_FIELDS[level]]
 
 
-def get_text(snap: Snapshot, facts: HostFacts) -> str:
+def get_text(snap: Snapshot, facts: HostFacts, level: str = PROTOCOL_LEVEL) -> str:
     """The ``get`` answer: one ``key: value`` line per field."""
-    return "".join(f"{name}: {value}\n" for name, value in get_fields(snap, facts))
+    return "".join(f"{name}: {value}\n" for name, value in get_fields(snap, facts, level))
 
 
 # The `get json` schema: key -> kind of value (see _JSON_KIND_CHECKS).
@@ -215,7 +234,7 @@ SECRETS_PRESENT_KEYS = ("syncookie_secret", "syncookie6_secret", "net_secret", "
 COOKIE_CLOCKS = ("wall", "jiffies")
 
 
-def json_answer(snap: Snapshot, facts: HostFacts) -> Dict[str, Any]:
+def json_answer(snap: Snapshot, facts: HostFacts, level: str = PROTOCOL_LEVEL) -> Dict[str, Any]:
     """The ``get json`` object (schema_version 2; every key always present).
 
     - ``schema_version``: 2
@@ -259,7 +278,7 @@ def json_answer(snap: Snapshot, facts: HostFacts) -> Dict[str, Any]:
     return {
         "schema_version": JSON_SCHEMA_VERSION,
         "uname": facts.os_name,
-        "version": PROTOCOL_LEVEL,
+        "version": level,
         "kernel_release": facts.kernel_release,
         "agent_version": facts.agent_version,
         "time": snap.realtime_ns // 10**9,
@@ -400,13 +419,15 @@ def _set(command: str, anycast: Optional[Anycast], instance: Optional[str]) -> A
         return _usage_error(f"anycast set is not allowed for this key (instance {instance or '-'})",
                             result="anycast set not allowed for this instance")
     try:
-        values = parse_set_command(command)
+        request = parse_set_command(command)
     except SetUsageError as exc:
         return _usage_error(str(exc))
     try:
-        anycast.apply(values)
+        anycast.apply(request)
     except DeviceMissing:
         return _error(NOT_LOADED_MESSAGE, EXIT_NO_DEVICE)
+    except SnapshotError as exc:  # reading the IPv6 key a 7-value set keeps
+        return _error(f"bad snapshot from {anycast.device}: {exc}", EXIT_BAD_SNAPSHOT)
     except (SetError, StoreError) as exc:
         return _error(f"anycast set failed: {exc}", EXIT_ANYCAST)
     return Answer(SET_APPLIED + "\n", "", EXIT_OK, "anycast set applied and stored")
@@ -445,13 +466,15 @@ def loggable_command(command: Optional[str]) -> str:
 
 
 def respond(command: Optional[str], device: str, facts: Callable[[], HostFacts],
-            anycast: Optional[Anycast] = None, instance: Optional[str] = None) -> Answer:
+            anycast: Optional[Anycast] = None, instance: Optional[str] = None,
+            level: str = PROTOCOL_LEVEL) -> Answer:
     """Answer one SSH request.
 
     ``command`` is the exec string (None for a session without a command);
     ``device`` the snapshot source; ``facts`` is called only when an answer
     needs them; ``anycast`` the anycast settings (None: anycast off);
-    ``instance`` the authenticated key's instance name (for ``set``).
+    ``instance`` the authenticated key's instance name (for ``set``);
+    ``level`` the isn_sync release whose ``get`` to answer (PROTOCOL_LEVELS).
     """
     checked = _normalise(command)
     if isinstance(checked, Answer):
@@ -459,9 +482,9 @@ def respond(command: Optional[str], device: str, facts: Callable[[], HostFacts],
     if checked is None or checked == LEGACY_COMMAND:
         return _with_snapshot(device, legacy_text, anycast)
     if checked == GET_COMMAND:
-        return _with_snapshot(device, lambda snap: get_text(snap, facts()), anycast)
+        return _with_snapshot(device, lambda snap: get_text(snap, facts(), level), anycast)
     if " ".join(checked.split()) == GET_JSON_COMMAND:
-        return _with_snapshot(device, lambda snap: json.dumps(json_answer(snap, facts())) + "\n", anycast)
+        return _with_snapshot(device, lambda snap: json.dumps(json_answer(snap, facts(), level)) + "\n", anycast)
     verb = checked.split(";", 1)[0].strip()
     if verb == SET_COMMAND:
         return _set(checked, anycast, instance)

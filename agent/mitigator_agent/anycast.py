@@ -9,9 +9,12 @@ Rules this module enforces:
 - Off unless the administrator names the key instances allowed to use it
   (``--anycast-instance NAME``, repeatable; the instance is the trailing
   comment of the key's line in the keys file).  Everyone else is refused.
-- The whole command is validated before anything is written: exactly 8
-  arguments; NET and TS 32 hex digits, SYNCOOKIE and SYNCOOKIE6 64 (either
-  case); ECN 0..2, SACK 0..1, TIMESTAMPS 0..2, WSCALE 0..1 in decimal.
+- The whole command is validated before anything is written: 8 arguments,
+  or 7 in the layout of MITIGATOR versions before isn_sync 26.04
+  (``set;NET;SYNCOOKIE;TS;ECN;SACK;TIMESTAMPS;WSCALE``: no SYNCOOKIE6, and
+  the module's IPv6 key stays as it is); NET and TS 32 hex digits,
+  SYNCOOKIE and SYNCOOKIE6 64 (either case); ECN 0..2, SACK 0..1,
+  TIMESTAMPS 0..2, WSCALE 0..1 in decimal.
 - Applied with one write() to the device (snapshot.write_set): the module
   takes all of it or nothing.  Only then is it stored in
   ``STATE_DIR/anycast-set`` (the struct's 120 bytes, mode 0600, written
@@ -33,11 +36,13 @@ No message or log line here ever carries a secret or a sysctl value.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
 import re
-from typing import Callable, Dict, FrozenSet, Iterable, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, FrozenSet, Iterable, Optional, Union
 
 from . import logs
 from .atomic import write_file_atomically
@@ -64,9 +69,11 @@ STATE_DIR_MODE = 0o700
 
 SET_VERB = "set"
 SET_USAGE = "set;NET;SYNCOOKIE;SYNCOOKIE6;TS;ECN;SACK;TIMESTAMPS;WSCALE"
+SET_USAGE_BEFORE_26_04 = "set;NET;SYNCOOKIE;TS;ECN;SACK;TIMESTAMPS;WSCALE"
 # (argument name in SET_USAGE, SetValues field, bytes)
 SET_SECRETS = (("NET", "net_secret", 16), ("SYNCOOKIE", "syncookie_secret", 32),
                ("SYNCOOKIE6", "syncookie6_secret", 32), ("TS", "ts_secret", 16))
+SYNCOOKIE6 = "syncookie6_secret"
 # (argument name in SET_USAGE, SetValues field)
 SET_NUMBERS = (("ECN", "tcp_ecn"), ("SACK", "tcp_sack"), ("TIMESTAMPS", "tcp_timestamps"),
                ("WSCALE", "tcp_window_scaling"))
@@ -89,8 +96,27 @@ class StoreError(Exception):
     """The set was applied but could not be stored."""
 
 
-def parse_set_command(command: str) -> SetValues:
-    """Turn ``set;NET;SYNCOOKIE;SYNCOOKIE6;TS;ECN;SACK;TIMESTAMPS;WSCALE`` into SetValues.
+@dataclass(frozen=True)
+class SetRequest:
+    """A parsed ``set``: its values, and whether it left the IPv6 key out (the 7-value layout).
+
+    With 7 values ``values.syncookie6_secret`` is empty until :meth:`completed` puts in the
+    module's current IPv6 key: MITIGATOR versions before 26.04 copy the IPv4 key only.
+    """
+
+    values: SetValues
+    keeps_syncookie6: bool = False
+
+    def completed(self, current_syncookie6: bytes) -> SetValues:
+        """The values to write: with the module's own IPv6 key where the command had none."""
+        if not self.keeps_syncookie6:
+            return self.values
+        return dataclasses.replace(self.values, syncookie6_secret=current_syncookie6)
+
+
+def parse_set_command(command: str) -> SetRequest:
+    """Turn ``set;NET;SYNCOOKIE;SYNCOOKIE6;TS;ECN;SACK;TIMESTAMPS;WSCALE`` (or the 7-value layout
+    without SYNCOOKIE6) into a SetRequest.
 
     Raises SetUsageError for the first rule broken (argument count, hex
     length and digits, decimal ranges); nothing is written either way.
@@ -99,10 +125,14 @@ def parse_set_command(command: str) -> SetValues:
     if parts[0] != SET_VERB:
         raise SetUsageError(f"not a set command (usage: {SET_USAGE})")
     arguments = parts[1:]
-    if len(arguments) != len(SET_SECRETS) + len(SET_NUMBERS):
-        raise SetUsageError(f"set takes exactly 8 arguments, got {len(arguments)} (usage: {SET_USAGE})")
-    secrets: Dict[str, bytes] = {}
-    for (name, field_name, size), text in zip(SET_SECRETS, arguments):
+    full = len(SET_SECRETS) + len(SET_NUMBERS)
+    if len(arguments) not in (full, full - 1):
+        raise SetUsageError(f"set takes 8 arguments (7 without SYNCOOKIE6, as before 26.04), got {len(arguments)}"
+                            f" (usage: {SET_USAGE})")
+    keeps_syncookie6 = len(arguments) == full - 1
+    secret_fields = [item for item in SET_SECRETS if not (keeps_syncookie6 and item[1] == SYNCOOKIE6)]
+    secrets: Dict[str, bytes] = {SYNCOOKIE6: b""}
+    for (name, field_name, size), text in zip(secret_fields, arguments):
         if len(text) != 2 * size:
             raise SetUsageError(f"set: {name} must be {2 * size} hex digits, got {len(text)} characters")
         # fullmatch, not bytes.fromhex alone: fromhex would skip blanks
@@ -110,17 +140,17 @@ def parse_set_command(command: str) -> SetValues:
             raise SetUsageError(f"set: {name} must be {2 * size} hex digits (0-9, a-f, A-F)")
         secrets[field_name] = bytes.fromhex(text)
     numbers: Dict[str, int] = {}
-    for (name, field_name), text in zip(SET_NUMBERS, arguments[len(SET_SECRETS):]):
+    for (name, field_name), text in zip(SET_NUMBERS, arguments[len(secret_fields):]):
         low, high = SET_RANGES[field_name]
         if not _DECIMAL.fullmatch(text) or not low <= int(text) <= high:
             raise SetUsageError(f"set: {name} must be a decimal number {low}..{high}")
         numbers[field_name] = int(text)
-    return SetValues(
+    return SetRequest(SetValues(
         net_secret=secrets["net_secret"], syncookie_secret=secrets["syncookie_secret"],
-        syncookie6_secret=secrets["syncookie6_secret"], ts_secret=secrets["ts_secret"],
+        syncookie6_secret=secrets[SYNCOOKIE6], ts_secret=secrets["ts_secret"],
         tcp_ecn=numbers["tcp_ecn"], tcp_sack=numbers["tcp_sack"], tcp_timestamps=numbers["tcp_timestamps"],
         tcp_window_scaling=numbers["tcp_window_scaling"],
-    )
+    ), keeps_syncookie6)
 
 
 class Anycast:
@@ -193,12 +223,17 @@ class Anycast:
 
     # --- applying ----------------------------------------------------------
 
-    def apply(self, values: SetValues) -> None:
-        """Write ``values`` to the device, then store them.
+    def apply(self, request: Union[SetRequest, SetValues]) -> None:
+        """Write the request's values to the device, then store them.
 
+        A 7-value request keeps the module's IPv6 key: it is read from the
+        device just before the write, and the whole set (all 8 values) is
+        written and stored, so a replay restores exactly what the kernel had.
         Raises DeviceMissing or SetError (nothing written, nothing stored)
         or StoreError (in the kernel, not stored).
         """
+        values = request if isinstance(request, SetValues) else request.completed(
+            read_snapshot(self.device).syncookie6_secret if request.keeps_syncookie6 else b"")
         problems = values.problems()
         if problems:  # parse_set_command already refused these; never send them
             raise SetError("; ".join(problems))

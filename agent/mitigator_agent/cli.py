@@ -34,6 +34,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import click
 
 from . import __version__, health, logs
+from .answers import PROTOCOL_LEVELS
 from .authkeys import (ADMITTED_KEY_TYPE, DEFAULT_KEYS_PATH, REPLACED, KeysFileError, add_key,
                        parse_keys, refusal_remedy, remove_keys, split_lines)
 from .clock import DEFAULT_NTP_SERVERS, parse_ntp_server
@@ -204,6 +205,10 @@ def main(ctx: click.Context, uninstall: bool, purge: bool, yes: bool) -> None:
               show_default=True, help="New connections per second per source address (sustained).")
 @click.option("--burst", type=click.IntRange(min=1), default=DEFAULTS.burst, show_default=True,
               help="New connections a source address may open at once.")
+@click.option("--protocol", type=click.Choice(PROTOCOL_LEVELS), default=DEFAULTS.protocol, show_default=True,
+              help="The isn_sync release whose `get` answer to give: the MITIGATOR versions that came with it"
+                   " expect exactly its lines (23.08: 8 lines; 24.10, 25.02: +version; 25.06: +time;"
+                   " 26.04: +syncookie6_secret).")
 @click.option("--anycast-instance", "anycast_instances", multiple=True, metavar="NAME",
               callback=_check_instance_names,
               help="Key instance (the keys file line's comment) allowed to `set` (repeatable)."
@@ -225,7 +230,8 @@ def main(ctx: click.Context, uninstall: bool, purge: bool, yes: bool) -> None:
 @click.option("--verbose", is_flag=True, help="Also log debug events (check probes, ignored env requests).")
 def serve(listen: Tuple[str, ...], port: int, keys_path: str, host_key_path: str, device: str,
           login_timeout: float, idle_timeout: float, max_unauthenticated: int, max_unauthenticated_per_source: int,
-          rate: float, burst: int, anycast_instances: Tuple[str, ...], state_dir: str, runtime_dir: str,
+          rate: float, burst: int, protocol: str, anycast_instances: Tuple[str, ...], state_dir: str,
+          runtime_dir: str,
           allow: Tuple[str, ...], max_unauthenticated_allowed: int, strict_allow: bool,
           service_user: str, verbose: bool) -> None:
     """Run the SSH server (events on stdout, errors on stderr; journald priorities under systemd)."""
@@ -239,7 +245,7 @@ def serve(listen: Tuple[str, ...], port: int, keys_path: str, host_key_path: str
                               device=device, login_timeout=login_timeout, idle_timeout=idle_timeout,
                               max_unauthenticated=max_unauthenticated,
                               max_unauthenticated_per_source=max_unauthenticated_per_source,
-                              rate=rate, burst=burst, anycast_instances=anycast_instances,
+                              rate=rate, burst=burst, protocol=protocol, anycast_instances=anycast_instances,
                               state_dir=state_dir, allow=allow,
                               max_unauthenticated_allowed=max_unauthenticated_allowed,
                               strict_allow=strict_allow, runtime_dir=runtime_dir)
@@ -254,7 +260,7 @@ def serve(listen: Tuple[str, ...], port: int, keys_path: str, host_key_path: str
     if created:
         log.info(logs.event("host-key-created", path=host_key_path))
     log.info(logs.event("starting", version=__version__, host_key=fingerprint_line(host_key),
-                        keys=keys_path, device=device,
+                        keys=keys_path, device=device, protocol=protocol,
                         anycast=",".join(anycast_instances) if anycast_instances else "disabled"))
     _log_what_will_not_work(log, settings, service_user)
     try:

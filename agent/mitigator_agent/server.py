@@ -84,7 +84,7 @@ from asyncssh.kex import get_kex_algs
 from asyncssh.packet import SSHPacket, String
 
 from . import __version__, logs
-from .answers import HostFacts, loggable_command, respond
+from .answers import PROTOCOL_LEVEL, HostFacts, loggable_command, respond
 from .anycast import DEFAULT_STATE_DIR, Anycast
 from .authkeys import DEFAULT_KEYS_PATH, KeyEntry, KeysFile
 from .clock import kernel_clock_synced, libc
@@ -135,6 +135,7 @@ class ServerSettings:
     burst: int = 20    # connections a source may open at once
     max_auth_attempts: int = 6
     max_sessions: int = 4
+    protocol: str = PROTOCOL_LEVEL           # the isn_sync release whose `get` is answered
     anycast_instances: Tuple[str, ...] = ()  # key instances allowed to `set`; empty: set disabled
     state_dir: str = DEFAULT_STATE_DIR       # where the last accepted set is stored
     allow: Tuple[str, ...] = ()              # CIDRs with admission of their own (besides from=)
@@ -829,7 +830,7 @@ class AgentSession(asyncssh.SSHServerSession):
         try:
             entry = self._connection.entry
             answer = respond(self._command, server.settings.device, server.host_facts,
-                             server.anycast, entry.instance if entry else None)
+                             server.anycast, entry.instance if entry else None, server.settings.protocol)
             stdout, stderr, status, result = answer.stdout, answer.stderr, answer.exit_status, answer.result
         except Exception as exc:  # a bug must not take the server down
             stdout, stderr, status = "", "internal error\n", EXIT_INTERNAL_ERROR

@@ -89,7 +89,7 @@ _SECRET_NAMES = "|".join(name for name, _, _ in SET_SECRETS)
 _NUMBER_NAMES = "|".join(name for name, _ in SET_NUMBERS)
 SET_USAGE_MESSAGE = re.compile(
     rf"not a set command {_USAGE}"
-    rf"|set takes exactly 8 arguments, got \d+ {_USAGE}"
+    rf"|set takes 8 arguments \(7 without SYNCOOKIE6, as before 26\.04\), got \d+ {_USAGE}"
     rf"|set: (?:{_SECRET_NAMES}) must be (?:32|64) hex digits(?:, got \d+ characters| \(0-9, a-f, A-F\))"
     rf"|set: (?:{_NUMBER_NAMES}) must be a decimal number \d+\.\.\d+")
 LOGGED = re.compile(r"\(none\)|\(empty\)|(?:[a-z-]{1,16}|\(unprintable verb\))(?:\.\.\.\(\+\d+ chars not logged\))?")
@@ -173,20 +173,25 @@ def test_the_log_shows_a_known_command_or_a_bare_verb_never_arguments(command):
 def test_set_parses_or_names_the_broken_rule_without_repeating_a_value(command):
     command = command or ""
     try:
-        values = parse_set_command(command)
+        request = parse_set_command(command)
     except SetUsageError as exc:
         # One of the rules' own sentences: nothing of the command but a count or a length.
         assert SET_USAGE_MESSAGE.fullmatch(str(exc)), str(exc)
         return
-    event("set parsed")
+    event("set parsed" + (" (7 values)" if request.keeps_syncookie6 else ""))
+    values = request.completed(bytes(32))
     assert values.problems() == []
     assert decode_set(encode_set(values)) == values
 
 
 @given(SET_VALUES)
 def test_set_values_round_trip_through_the_command_and_the_struct(values):
-    assert parse_set_command(set_command(values)) == values
+    assert parse_set_command(set_command(values)).values == values
     assert decode_set(encode_set(values)) == values
+    # The layout before 26.04: the same values but the IPv6 key, which the module keeps.
+    parts = set_command(values).split(";")
+    before = parse_set_command(";".join(parts[:3] + parts[4:]))
+    assert before.keeps_syncookie6 and before.completed(values.syncookie6_secret) == values
 
 
 @given(st.binary(max_size=300))

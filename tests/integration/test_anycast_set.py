@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import stat
 import subprocess
 from pathlib import Path
@@ -94,8 +95,8 @@ def malformed(values: SetValues) -> list:
     net, ts = parts[1], parts[4]
     usage = " (usage: set;NET;SYNCOOKIE;SYNCOOKIE6;TS;ECN;SACK;TIMESTAMPS;WSCALE)"
     return [
-        (";".join(parts[:-1]), "set takes exactly 8 arguments, got 7" + usage),
-        (good + ";0", "set takes exactly 8 arguments, got 9" + usage),
+        (";".join(parts[:-2]), "set takes 8 arguments (7 without SYNCOOKIE6, as before 26.04), got 6" + usage),
+        (good + ";0", "set takes 8 arguments (7 without SYNCOOKIE6, as before 26.04), got 9" + usage),
         (good.replace(net, net[:-1]), "set: NET must be 32 hex digits, got 31 characters"),
         (good.replace(parts[2], parts[2] + "0"), "set: SYNCOOKIE must be 64 hex digits, got 65 characters"),
         (good.replace(parts[3], "z" + parts[3][1:]), "set: SYNCOOKIE6 must be 64 hex digits (0-9, a-f, A-F)"),
@@ -223,3 +224,30 @@ def test_an_empty_instance_name_stops_the_agent(workdir):
     result = subprocess.run([AGENT, "serve", "--anycast-instance", "", "--port", "0"], capture_output=True,
                             text=True, timeout=WAIT_SECONDS, cwd=workdir)
     assert result.returncode == 2 and "an instance name must not be empty" in result.stderr
+
+
+def test_a_7_value_set_from_a_mitigator_before_26_04_keeps_the_ipv6_key(anycast_agent, client_key, snapshot,
+                                                                          state_dir):
+    values = random_values()
+    parts = set_command(values).split(";")
+    result = anycast_agent.ssh(client_key, ";".join(parts[:3] + parts[4:]))  # no SYNCOOKIE6
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"ok\n", b"")
+    kept = dataclasses.replace(values, syncookie6_secret=snapshot.syncookie6_secret)
+    assert decode_set(anycast_agent.device_path.read_bytes()[:120]) == kept
+    assert (state_dir / "anycast-set").read_bytes() == encode_set(kept)
+
+
+@pytest.mark.parametrize("level, lines", [("23.08", 8), ("24.10", 9), ("25.02", 9), ("25.06", 10), ("26.04", 11)])
+def test_serve_protocol_answers_get_as_that_release_did(start_agent, client_key, level, lines, workdir):
+    agent = start_agent(client_key.public_line + "\n", "--protocol", level)
+    agent.wait_for(rf"starting .* protocol={re.escape(level)} ")
+    answer = agent.ssh(client_key, "get").stdout.decode().splitlines()
+    assert len(answer) == lines and answer[0] == "uname: Linux"
+    assert ("version: " + level in answer) == (level != "23.08")
+    assert any(line.startswith("syncookie6_secret: ") for line in answer) == (level == "26.04")
+
+
+def test_serve_protocol_refuses_a_release_it_does_not_know(workdir):
+    result = subprocess.run([AGENT, "serve", "--protocol", "22.02", "--port", "0"], capture_output=True, text=True,
+                            timeout=WAIT_SECONDS, cwd=workdir)
+    assert result.returncode == 2 and "'22.02' is not one of '23.08', '24.10', '25.02', '25.06', '26.04'" in result.stderr

@@ -138,6 +138,34 @@ def test_get_text_is_exactly_the_isn_sync_lines():
     assert answers.PROTOCOL_LEVEL == "26.04"
 
 
+# The `get` lines of each isn_sync release, as ../shared/notes/official-agents.md records them
+# ("get by release": v23.08 8 lines, v24.10-v25.02 9 (+version), v25.06 10 (+time), v26.04 11
+# (+syncookie6_secret)), written out here independently of answers.PROTOCOL_FIELDS.
+SYSCTLS = ["tcp_ecn", "tcp_sack", "tcp_timestamps", "tcp_window_scaling"]
+LINES_BY_RELEASE = {
+    "23.08": ["uname", "net_secret", "syncookie_secret", "ts_secret", *SYSCTLS],
+    "24.10": ["uname", "version", "net_secret", "syncookie_secret", "ts_secret", *SYSCTLS],
+    "25.02": ["uname", "version", "net_secret", "syncookie_secret", "ts_secret", *SYSCTLS],
+    "25.06": ["uname", "version", "time", "net_secret", "syncookie_secret", "ts_secret", *SYSCTLS],
+    "26.04": ["uname", "version", "time", "net_secret", "syncookie_secret", "syncookie6_secret", "ts_secret",
+              *SYSCTLS],
+}
+
+
+@pytest.mark.parametrize("level", LINES_BY_RELEASE)
+def test_get_at_each_protocol_level_is_that_releases_lines(level, device):
+    text = get_text(SNAP, FACTS, level)
+    assert [line.split(": ")[0] for line in text.splitlines()] == LINES_BY_RELEASE[level]
+    full = dict(line.split(": ", 1) for line in GET.splitlines())
+    for line in text.splitlines():
+        name, value = line.split(": ", 1)
+        assert value == (level if name == "version" else full[name])  # the level names itself
+    answer = respond("get", device, lambda: FACTS, level=level)  # what serve --protocol LEVEL answers
+    assert (answer.stdout, answer.exit_status) == (text, 0)
+    assert json.loads(respond("get json", device, lambda: FACTS, level=level).stdout)["version"] == level
+    assert set(answers.PROTOCOL_LEVELS) == set(LINES_BY_RELEASE)
+
+
 def test_get_text_does_not_change_with_our_facts_or_clock_mode():
     other = HostFacts(os_name="Linux", kernel_release="7.2.13+deb14-amd64", agent_version="9.9", clock_synced=None)
     assert get_text(SNAP, other) == get_text(JIFFIES_SNAP, FACTS) == GET

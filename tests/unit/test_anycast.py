@@ -18,7 +18,7 @@ from typing import List, Optional
 import pytest
 
 from mitigator_agent.answers import EXIT_ANYCAST, EXIT_NO_DEVICE, EXIT_OK, EXIT_USAGE, respond
-from mitigator_agent.anycast import Anycast, SetUsageError, parse_set_command
+from mitigator_agent.anycast import Anycast, SetRequest, SetUsageError, parse_set_command
 from mitigator_agent.snapshot import (
     SetRejected,
     SetValues,
@@ -84,16 +84,29 @@ def store(state: Path, data: bytes, mode: int = 0o600) -> Path:
 # --- parsing ---------------------------------------------------------------
 
 def test_parse_accepts_lower_and_upper_case_hex():
-    assert parse_set_command(GOOD) == GOOD_VALUES
-    assert parse_set_command(GOOD.upper().replace("SET;", "set;")) == GOOD_VALUES
+    assert parse_set_command(GOOD) == SetRequest(GOOD_VALUES)
+    assert parse_set_command(GOOD.upper().replace("SET;", "set;")) == SetRequest(GOOD_VALUES)
     mixed = f"set;{'aB' * 16};{SYN};{SYN6};{TS};0;1;0;0"
-    assert parse_set_command(mixed).net_secret == bytes([0xAB] * 16)
+    assert parse_set_command(mixed).values.net_secret == bytes([0xAB] * 16)
+
+
+def test_the_7_value_layout_before_26_04_keeps_the_ipv6_key():
+    """MITIGATOR with isn_sync v23.08 to v25.06 sends no SYNCOOKIE6: the module's own one stays."""
+    request = parse_set_command(f"set;{NET};{SYN};{TS};1;0;2;1")
+    assert request.keeps_syncookie6
+    kept = bytes(range(32))
+    assert request.completed(kept) == dataclasses.replace(GOOD_VALUES, syncookie6_secret=kept)
+    assert parse_set_command(GOOD).completed(kept) == GOOD_VALUES  # 8 values: the command's own key
+
+
+COUNT = "set takes 8 arguments (7 without SYNCOOKIE6, as before 26.04), got"
 
 
 @pytest.mark.parametrize("command, message", [
-    (f"set;{NET};{SYN};{SYN6};{TS};1;0;2", "set takes exactly 8 arguments, got 7"),
-    (GOOD + ";1", "set takes exactly 8 arguments, got 9"),
-    ("set", "set takes exactly 8 arguments, got 0"),
+    (f"set;{NET};{SYN};{SYN6};{TS};1;0", f"{COUNT} 6"),
+    (f"set;{NET};{SYN};{SYN6};{TS};1;0;2", "TS must be 32 hex digits, got 64 characters"),  # read as 7
+    (GOOD + ";1", f"{COUNT} 9"),
+    ("set", f"{COUNT} 0"),
     (GOOD.replace(NET, NET[:-1]), "NET must be 32 hex digits, got 31 characters"),
     (GOOD.replace(NET, NET + "1"), "NET must be 32 hex digits, got 33 characters"),
     (GOOD.replace(SYN, SYN[:-2]), "SYNCOOKIE must be 64 hex digits, got 62 characters"),
@@ -158,6 +171,19 @@ def test_set_applied_then_stored_0600_and_answered(tmp_path, state):
     got = respond("get", str(kernel.path), lambda: FACTS, agent, "mitigator1").stdout
     assert f"net_secret: {NET}\n" in got and "tcp_timestamps: 2\n" in got
     assert kernel.writes == [GOOD_VALUES]  # generation 1: nothing to replay
+
+
+def test_a_7_value_set_keeps_the_modules_ipv6_key_and_stores_all_8(tmp_path, state):
+    """The layout of MITIGATOR before 26.04: the module's IPv6 key is written back unchanged, so the
+    stored set (replayed after a reload) holds what the kernel had."""
+    agent, kernel = make(tmp_path, state)
+    answer = respond(f"set;{NET};{SYN};{TS};1;0;2;1", str(kernel.path), lambda: FACTS, agent, "mitigator1")
+    assert (answer.stdout, answer.stderr, answer.exit_status) == ("ok\n", "", EXIT_OK)
+    expected = dataclasses.replace(GOOD_VALUES, syncookie6_secret=SNAP.syncookie6_secret)
+    assert kernel.writes == [expected]
+    assert decode_set((state / "anycast-set").read_bytes()) == expected
+    got = respond("get", str(kernel.path), lambda: FACTS, agent, "mitigator1").stdout
+    assert f"syncookie6_secret: {SNAP.syncookie6_secret.hex()}\n" in got and f"net_secret: {NET}\n" in got
 
 
 def test_refused_by_the_module_stores_nothing(tmp_path, state):
