@@ -47,7 +47,7 @@ from .hostkey import HostKeyError, fingerprint_line, load_host_key
 from .runas import account, call_as, can_become, current_user_name, group_name
 from .knownsources import KnownSourcesError, read_known_sources
 from .runstate import RuntimeStateError, read_polls
-from .server import CHECK_PROBE_VERSION, DEFAULT_PORT, format_address, split_listen_address
+from .server import CHECK_PROBE_VERSION, DEFAULT_PORT, SERVER_VERSION, format_address, split_listen_address
 from .snapshot import DeviceMissing, Snapshot, SnapshotError, read_snapshot
 
 SYNCOOKIES_PROC = "/proc/sys/net/ipv4/tcp_syncookies"
@@ -524,12 +524,27 @@ def probe_endpoints(subject: Subject) -> List[Tuple[str, int]]:
     return endpoints
 
 
-def probe_ssh_port(host: str, port: int, timeout: float) -> Optional[str]:
-    """None if an SSH server answers at host:port, else why not.
+# The software field of our SSH banner: another server on the port (the official agent's sshd, say)
+# shows another one, and polls reach it, not us.
+AGENT_BANNER = f"SSH-2.0-{SERVER_VERSION}".encode()
 
-    The probe says who it is (CHECK_PROBE_VERSION) before it hangs up, so
-    the agent does not count it as a failed login.
+
+@dataclass(frozen=True)
+class PortProblem:
+    """Why the agent does not answer at an address: ``other`` when another program holds the port."""
+
+    sentence: str
+    other: bool = False
+
+
+def probe_ssh_port(host: str, port: int, timeout: float) -> Optional[PortProblem]:
+    """None if the agent answers at host:port, else why not.
+
+    The agent is told from any other SSH server by its banner.  The probe
+    says who it is (CHECK_PROBE_VERSION) before it hangs up, so the agent
+    does not count it as a failed login.
     """
+    where = format_address(host, port)
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             banner = sock.makefile("rb").readline(256)
@@ -539,12 +554,16 @@ def probe_ssh_port(host: str, port: int, timeout: float) -> Optional[str]:
                 except OSError:
                     pass
     except socket.timeout:
-        return f"nothing answers on {format_address(host, port)} within {timeout:g} s"
+        return PortProblem(f"nothing answers on {where} within {timeout:g} s")
     except OSError as exc:
         reason = (exc.strerror or str(exc)).lower()
-        return f"nothing listening on {format_address(host, port)} ({reason})"
+        return PortProblem(f"nothing listening on {where} ({reason})")
     if not banner.startswith(SSH_BANNER_PREFIX):
-        return f"{format_address(host, port)} does not speak SSH"
+        return PortProblem(f"{where} does not speak SSH: another program holds the port", other=True)
+    if banner.rstrip(b"\r\n") != AGENT_BANNER and not banner.startswith(AGENT_BANNER + b" "):
+        shown = banner.rstrip(b"\r\n").decode("ascii", "backslashreplace")[:80]
+        return PortProblem(f"another SSH server answers on {where} ({shown}), not the agent:"
+                           " MITIGATOR's polls reach it", other=True)
     return None
 
 
@@ -557,8 +576,11 @@ def listening_items(subject: Subject, timeout: float, service_fix: str) -> List[
             items.append(Item("listening", OK, f"agent listening on {where}", facts={"address": where},
                               label="listening", summary=where))
         else:
-            items.append(Item("listening", FAIL, f"agent listening: {problem}", service_fix,
-                              facts={"address": where}, label="listening", summary=problem))
+            fix = (f"find what holds port {port}: ss -ltnp 'sport = :{port}' (the official agent's sshd:"
+                   " install this agent over it with sh mitigator-agent, or stop it)" if problem.other else service_fix)
+            items.append(Item("listening", FAIL, f"agent listening: {problem.sentence}", fix,
+                              facts={"address": where, "other_program": problem.other}, label="listening",
+                              summary=problem.sentence))
     return items
 
 

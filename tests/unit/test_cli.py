@@ -178,7 +178,12 @@ def test_keys_remove_takes_several_selectors_each_its_own(files):
 
 @pytest.fixture
 def ssh_banner_port() -> Iterator[int]:
-    """A listener that greets like an SSH server (as many times as asked)."""
+    """A listener that greets like the agent (as many times as asked)."""
+    yield from greeting_listener(b"SSH-2.0-mitigator_agent\r\n")
+
+
+def greeting_listener(banner: bytes) -> Iterator[int]:
+    """The port of a listener that sends ``banner`` to each connection, then hangs up."""
     server = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 
@@ -190,7 +195,7 @@ def ssh_banner_port() -> Iterator[int]:
             except socket.timeout:
                 continue
             with connection:
-                connection.sendall(b"SSH-2.0-mitigator_agent\r\n")
+                connection.sendall(banner)
 
     thread = threading.Thread(target=greet, daemon=True)
     thread.start()
@@ -403,3 +408,20 @@ def test_check_warns_about_a_key_whose_sources_nothing_reserves_yet(files):
     assert unreserved_warnings(files, "--allow", "192.0.2.0/24") == []  # allow reserves MITIGATOR's networks
     polled_before(files, ED1, "2001:db8::7")
     assert unreserved_warnings(files) == []
+
+
+@pytest.mark.parametrize("banner, words", [
+    (b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n", "another SSH server answers on 127.0.0.1:{port}"
+                                                     " (SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3), not the agent:"
+                                                     " MITIGATOR's polls reach it"),
+    (b"HTTP/1.1 400 Bad Request\r\n", "127.0.0.1:{port} does not speak SSH: another program holds the port"),
+])
+def test_check_tells_the_agent_from_another_program_on_its_port(files, banner, words):
+    """The official agent's sshd on 7100 is not our agent, whatever else looks fine."""
+    (files / "keys").write_text(public(ED1) + "\n")
+    for port in greeting_listener(banner):
+        result = invoke("check", *paths(files), "--port", str(port), "--ntp-server", "127.0.0.1:9", "--timeout", "0.5")
+        assert result.exit_code == 1
+        assert (f"FAIL agent listening: {words.format(port=port)}: find what holds port {port}:"
+                f" ss -ltnp 'sport = :{port}' (the official agent's sshd: install this agent over it with"
+                " sh mitigator-agent, or stop it)") in result.stdout.splitlines()
