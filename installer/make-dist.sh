@@ -40,6 +40,10 @@ cp "$agent_wheel" "$payload/wheels/"
 
 # The lock's wheels for each CPython: pip downloads for another Python than its own but judges the
 # lock's markers against its own, so each Python gets the lock's entries for it (lockfile.py select).
+# One builder at a time fills the cache (make deb shares it): pip writes a wheel in place, and a
+# builder reading it half-written would take it for a wheel that does not match the lock.
+exec 9>"$WHEEL_CACHE.lock"
+flock 9
 for pyver in $PYTHON_VERSIONS; do
 	abi=cp$(echo "$pyver" | cut -d. -f1,2 | tr -d .)
 	"$PYTHON" packaging/lockfile.py select agent/requirements.lock --python "$pyver" >"$work/lock-$pyver.txt"
@@ -52,6 +56,7 @@ for pyver in $PYTHON_VERSIONS; do
 		"$PYTHON" -m pip download -q --no-index --find-links "$WHEEL_CACHE" -d "$payload/wheels" "$@"
 	fi
 done
+flock -u 9
 # What the install script installs, each file checked by hash: the lock, and the agent's own wheel.
 {
 	cat agent/requirements.lock

@@ -112,8 +112,14 @@ pip_download() {  # KIND: the wheels $STAGE_ROOT/KIND.txt pins, checked by hash,
     rm -rf "$stage/wheels/$kind"
     "$PY" "${args[@]}" --no-index --find-links "$cached" >&2
 }
+# One builder at a time fills the cache (make dist shares it): pip writes a wheel in place, and a
+# builder reading it half-written would take it for a wheel that does not match the lock.
+mkdir -p "$CACHE"
+exec 9>"$CACHE/wheels.lock"
+flock 9
 pip_download runtime
 pip_download build
+flock -u 9
 say "wheels: $(cd "$stage/wheels/runtime" && ls | tr '\n' ' ')"
 
 # --- build --------------------------------------------------------------------------
