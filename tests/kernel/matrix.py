@@ -2,13 +2,13 @@
 with DKMS in a chroot of that release, and the table of results.
 
     python -m tests.kernel.matrix run [--kernel-only] [--jobs N] [-- PYTEST_ARGS]
-        DKMS builds, then pytest: the tests marked neither `kernel` nor
-        `system` once; then the `kernel` tests once per kernel, N kernels at
-        a time (default 2), each in its own pytest (build/matrix/KVER/
-        pytest.log), and beside them the `system` tests (a booted Debian
-        image: installer and packages, two runs; build/matrix/system-*/pytest.log; not
-        with --kernel-only); then the results table. Exit status 1 if any
-        pytest failed.
+        DKMS builds, then pytest: the `system` tests (a booted Debian
+        image: installer and packages, two runs; build/matrix/system-*/pytest.log;
+        not with --kernel-only) start first and run beside the rest: the
+        tests marked neither `kernel` nor `system` once, then the `kernel`
+        tests once per kernel, N kernels at a time (default 2), each in its
+        own pytest (build/matrix/KVER/pytest.log); then the results table.
+        Exit status 1 if any pytest failed.
     python -m tests.kernel.matrix build [--force] [KVER...]
         DKMS-build the module for each kernel (builds of the current kmod/ are kept)
     python -m tests.kernel.matrix results [--junit FILE]...
@@ -548,14 +548,6 @@ def run(pytest_args: list[str], kernel_only: bool = False, jobs: int = 2) -> int
 
     failed = False
     pytest = [sys.executable, "-m", "pytest"]
-    if not kernel_only:
-        junit = OUT / "junit-host.xml"
-        junit.unlink(missing_ok=True)
-        _say("the tests that boot no kernel")
-        failed |= subprocess.run(pytest + ["-m", "not kernel and not system", f"--junitxml={junit}",
-                                           *pytest_args], cwd=REPO).returncode != 0
-    else:
-        (OUT / "junit-host.xml").unlink(missing_ok=True)
 
     def kernel_suite(kver: str) -> int:
         return _pytest_job(f"{kver}: kernel tests", out_dir(kver), pytest + ["-m", "kernel", *pytest_args],
@@ -570,12 +562,21 @@ def run(pytest_args: list[str], kernel_only: bool = False, jobs: int = 2) -> int
                                      *pytest_args],
                            {"SYSTEM_TESTS": "required"})
 
-    # The system tests run beside the kernel pool, in two groups of about equal length (each boots
-    # its own guest): much of their time is spent waiting on the guest (apt, SSH round trips,
-    # reboots), which the other guests fill.
+    # The system tests are the longest part of the run: they start first, in two groups of about
+    # equal length (each boots its own guest), and run beside the tests that boot nothing and then
+    # beside the kernel pool; much of their time is spent waiting on the guest (apt, SSH round
+    # trips, reboots), which the others fill.
     with ThreadPoolExecutor(max_workers=len(SYSTEM_GROUPS)) as system_pool:
         system_runs = [] if kernel_only else [system_pool.submit(system_suite, group, selection)
                                               for group, selection in SYSTEM_GROUPS.items()]
+        if not kernel_only:
+            junit = OUT / "junit-host.xml"
+            junit.unlink(missing_ok=True)
+            _say("the tests that boot no kernel")
+            failed |= subprocess.run(pytest + ["-m", "not kernel and not system", f"--junitxml={junit}",
+                                               *pytest_args], cwd=REPO).returncode != 0
+        else:
+            (OUT / "junit-host.xml").unlink(missing_ok=True)
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             codes = list(pool.map(kernel_suite, kvers))
         failed |= any(rc != 0 for rc in codes)
