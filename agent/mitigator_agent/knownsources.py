@@ -126,6 +126,8 @@ class KnownSources:
         self._log = logger or logs.get_logger()
         self._clock = clock
         self._sources: Dict[Tuple[str, str], KnownSource] = {}
+        # address -> its sources: admission asks about every connection, a flood's included
+        self._by_address: Dict[str, List[KnownSource]] = {}
         self._write_pending: Optional[asyncio.TimerHandle] = None
         self._broken = False
 
@@ -141,13 +143,20 @@ class KnownSources:
         now = self._clock()
         fresh = sorted((s for s in sources if now - s.last < MAX_AGE_SECONDS), key=lambda s: s.last)
         self._sources = {(s.address, s.key): s for s in fresh[-MAX_SOURCES:]}
+        self._index()
+
+    def _index(self) -> None:
+        self._by_address = {}
+        for source in self._sources.values():
+            self._by_address.setdefault(source.address, []).append(source)
 
     def keys_of(self, address: str) -> FrozenSet[str]:
         """Fingerprints of the keys that authenticated from ``address`` (not forgotten yet)."""
-        wanted = normalised(address)
+        sources = self._by_address.get(normalised(address) or "")
+        if not sources:
+            return frozenset()
         now = self._clock()
-        return frozenset(s.key for (a, _), s in self._sources.items()
-                         if a == wanted and now - s.last < MAX_AGE_SECONDS)
+        return frozenset(s.key for s in sources if now - s.last < MAX_AGE_SECONDS)
 
     def sources(self) -> List[KnownSource]:
         """Every remembered source, the most recently seen first."""
@@ -168,6 +177,7 @@ class KnownSources:
             while len(self._sources) >= MAX_SOURCES:
                 del self._sources[min(self._sources, key=lambda k: self._sources[k].last)]
         self._sources[(plain, key)] = KnownSource(plain, key, instance, now)
+        self._index()  # a new or refreshed source: at most once an hour per source
         self._schedule_write()
 
     def _schedule_write(self) -> None:
