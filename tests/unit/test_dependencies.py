@@ -31,7 +31,7 @@ def declared_floors() -> Dict[str, Tuple[int, ...]]:
     dependencies = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
     floors = {}
     for requirement in dependencies:
-        found = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*>=\s*([0-9.]+)\s*(;.*)?", requirement)
+        found = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*>=\s*([0-9.]+)\s*(,\s*<\s*[0-9.]+\s*)?(;.*)?", requirement)
         if found:
             floors[found.group(1).lower()] = release(found.group(2))
     return floors
