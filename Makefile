@@ -27,7 +27,7 @@ RUNTIME_LOCK := agent/requirements.lock
 TEST_LOCK    := tests/requirements.lock
 PIP_INSTALL  := -m pip install -q --disable-pip-version-check
 
-.PHONY: all test matrix unit kmod provision venv clean matrix-purge dist demo deb lock test-newest matrix-refresh
+.PHONY: all test matrix unit kmod provision venv clean matrix-purge dist demo deb lock test-newest matrix-refresh test-long
 
 all: kmod
 
@@ -96,6 +96,17 @@ test: venv
 matrix: venv
 	$(MATRIX_RUN) --kernel-only -- $(PYTEST_ARGS); rc=$$?; \
 	$(PY) -m tests.kernel.matrix readme && exit $$rc
+
+# What cannot fit in `make test`'s budget, run before resolving work on kmod/, installer/ or
+# packaging/: the kernel tests on the kernels of tests/kernel/test-kernels-long (each release's
+# point-release kernel, which servers boot until their first security update), provisioned as
+# `make test` provisions its own. The run's dated table replaces the README's test-long table
+# (pass or fail); build/matrix/results-long.md and build/matrix/KVER/ keep the details.
+LONG_KVERS = $$(sed -e 's/\#.*//' tests/kernel/test-kernels-long | awk 'NF == 2 { print $$1 ":" $$2 }')
+test-long: venv
+	kvers="$$(tests/provision-host.sh $(LONG_KVERS))" && \
+	TEST_KVERS="$$kvers" $(PY) -m tests.kernel.matrix run --kernel-only --table long -- $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m tests.kernel.matrix readme --table long && exit $$rc
 
 # Move the pins of tests/kernel/test-kernels to each release's current kernel (its archive's
 # linux-image-amd64), provision them and DKMS-build the module for each: a kernel the module no

@@ -8,14 +8,17 @@ with DKMS in a chroot of that release, and the table of results.
         tests marked neither `kernel` nor `system` once, then the `kernel`
         tests once per kernel, N kernels at a time (default 2), each in its
         own pytest (build/matrix/KVER/pytest.log); then the results table.
-        Exit status 1 if any pytest failed.
+        Exit status 1 if any pytest failed. --table long: the table of
+        `make test-long` (the kernels of tests/kernel/test-kernels-long).
     python -m tests.kernel.matrix build [--force] [KVER...]
         DKMS-build the module for each kernel (builds of the current kmod/ are kept)
     python -m tests.kernel.matrix results [--junit FILE]...
         write build/matrix/results.md
-    python -m tests.kernel.matrix readme
+    python -m tests.kernel.matrix readme [--table long]
         put build/matrix/results.md into README.md, between its
-        kernel-matrix markers (`make matrix` does this after its run)
+        kernel-matrix markers (`make matrix` does this after its run);
+        with --table long, build/matrix/results-long.md between its
+        test-long markers (`make test-long`)
     python -m tests.kernel.matrix refresh
         ask each release's archive for its current kernel and move the pins of
         tests/kernel/test-kernels to it (`make matrix-refresh`, which then
@@ -60,6 +63,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 KMOD = REPO / "kmod"
 LIST = HERE / "test-kernels"
+# The kernels of `make test-long`: servers run them, `make test` does not boot them.
+LONG_LIST = HERE / "test-kernels-long"
 CHROOT_TOOL = HERE / "matrix-chroot.sh"
 OUT = REPO / "build" / "matrix"
 CACHE = Path(os.environ.get("TCPSECRETS_MATRIX_CACHE", "/var/cache/tcpsecrets-matrix"))
@@ -74,15 +79,15 @@ class BuildFailed(Exception):
 
 # --- which kernels ---------------------------------------------------------------
 
-def listed() -> list[tuple[str, str]]:
-    """(suite, kver) of each line of tests/kernel/test-kernels."""
+def listed(path: Path = LIST) -> list[tuple[str, str]]:
+    """(suite, kver) of each line of tests/kernel/test-kernels (or of another list `path`)."""
     kernels = []
-    for line in LIST.read_text().splitlines():
+    for line in path.read_text().splitlines():
         fields = line.split("#", 1)[0].split()
         if len(fields) == 2:
             kernels.append((fields[0], fields[1]))
         elif fields:
-            raise ValueError(f"{LIST}: expected 'SUITE KVER', got {line!r}")
+            raise ValueError(f"{path}: expected 'SUITE KVER', got {line!r}")
     return kernels
 
 
@@ -145,8 +150,8 @@ def host_suite() -> str:
 
 
 def suite_of(kver: str) -> Optional[str]:
-    """The Debian suite `kver` comes from: listed, or whose chroot has its headers."""
-    for suite, listed_kver in listed():
+    """The Debian suite `kver` comes from: listed (in either list), or whose chroot has its headers."""
+    for suite, listed_kver in listed() + listed(LONG_LIST):
         if listed_kver == kver:
             return suite
     chroots = CACHE / "chroot"
@@ -379,7 +384,21 @@ def _host_outcomes(junits: list[Path], kvers: list[str]) -> dict[str, dict[str, 
 _MARK = {"passed": "pass", "failed": "**FAIL**", "skipped": "skip", None: "—"}
 
 
-def results(junits: Optional[list[Path]] = None) -> str:
+# The two tables a run can write: `make matrix`/`make test` (the pins), `make test-long`.
+TABLES = {
+    "matrix": {"file": "results.md", "producer": "`make matrix` (tests/kernel/matrix.py)",
+               "markers": ("<!-- kernel-matrix:begin -->", "<!-- kernel-matrix:end -->")},
+    "long": {"file": "results-long.md", "producer": "`make test-long` (tests/kernel/matrix.py)",
+             "markers": ("<!-- test-long:begin -->", "<!-- test-long:end -->")},
+}
+
+
+def results(junits: Optional[list[Path]] = None, table: str = "matrix") -> str:
+    """Write OUT/<the table's file> from what the run left (junits, guest.json, status.json); its text.
+
+    The "matrix" table also says which releases' current kernels have moved past the pins; the
+    "long" one lists older kernels on purpose and says nothing of the kind.
+    """
     kvers = kernels_in_run()
     if junits is None:
         junits = [OUT / "junit-host.xml"] + [out_dir(k) / "junit.xml" for k in kvers]
@@ -393,8 +412,8 @@ def results(junits: Optional[list[Path]] = None) -> str:
             guests[kver] = {}
     host_cols = sorted(host)
     lines = [
-        "<!-- produced by `make matrix` (tests/kernel/matrix.py); do not edit by hand -->",
-            f"Kernel matrix run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"<!-- produced by {TABLES[table]['producer']}; do not edit by hand -->",
+        f"Kernel matrix run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"kmod/ sources {source_hash()[:12]}: the module built with DKMS in a chroot "
         "of each release, then the guest suite in that kernel under qemu (TCG). "
         "Kernel: the ABI tested (its Debian version).",
@@ -416,7 +435,7 @@ def results(junits: Optional[list[Path]] = None) -> str:
         features = ", ".join(f.removeprefix("TCPSECRETS_HAVE_") for f in st.get("features", []))
         suite = st.get("suite") or suite_of(kver) or "?"
         current = published(suite)
-        if current is not None and current[0] != kver:
+        if table == "matrix" and current is not None and current[0] != kver:
             moved_on.append(f"{suite}'s current kernel is {current[0]} ({current[1]}), not {kver}")
         version = f" ({st['debian_version']})" if st.get("debian_version") else ""
         lines.append(
@@ -426,7 +445,7 @@ def results(junits: Optional[list[Path]] = None) -> str:
     if moved_on:
         lines += ["", "Newer than the pins, published since tests/kernel/test-kernels was refreshed (not tested "
                   "by this run; `make matrix-refresh` moves the pins): " + "; ".join(moved_on) + "."]
-    elif all(published(matrix_suite) for matrix_suite, _ in listed()):
+    elif table == "matrix" and all(published(matrix_suite) for matrix_suite, _ in listed()):
         lines += ["", "Every kernel above is its release's current one, as its archive said at this run."]
     test_ids = sorted({t for g in guests.values() for t in g})
     if test_ids:
@@ -438,41 +457,44 @@ def results(junits: Optional[list[Path]] = None) -> str:
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "results.md").write_text(text)
+    (OUT / TABLES[table]["file"]).write_text(text)
     return text
 
 
 # --- the README's copy ---------------------------------------------------------------
 
 README = REPO / "README.md"
-README_BEGIN = "<!-- kernel-matrix:begin -->"
-README_END = "<!-- kernel-matrix:end -->"
+README_BEGIN, README_END = TABLES["matrix"]["markers"]
 
 
-def splice_readme(table: str, readme: str) -> str:
-    """`readme` with the text between its kernel-matrix markers replaced by `table`.
+def splice_readme(table: str, readme: str, markers: tuple[str, str] = (README_BEGIN, README_END)) -> str:
+    """`readme` with the text between its `markers` (the kernel-matrix ones) replaced by `table`.
 
     Raises ValueError when the markers are missing or out of order: the README
     says where the table goes, this never guesses.
     """
-    begin = readme.find(README_BEGIN)
-    end = readme.find(README_END)
+    begin_mark, end_mark = markers
+    begin = readme.find(begin_mark)
+    end = readme.find(end_mark)
     if begin < 0 or end < begin:
-        raise ValueError(f"README.md lacks {README_BEGIN} ... {README_END}")
-    head = readme[:begin + len(README_BEGIN)]
+        raise ValueError(f"README.md lacks {begin_mark} ... {end_mark}")
+    head = readme[:begin + len(begin_mark)]
     return head + "\n" + table.rstrip("\n") + "\n" + readme[end:]
 
 
-def update_readme() -> None:
-    """Copy build/matrix/results.md (written by the last run) into README.md."""
-    table = (OUT / "results.md").read_text()
+def update_readme(table: str = "matrix") -> None:
+    """Copy the table the last run wrote (build/matrix/results.md, or results-long.md) into README.md."""
+    source = OUT / TABLES[table]["file"]
+    if not source.exists():
+        raise SystemExit(f"matrix: no {source.relative_to(REPO)}: the run ended before its tests "
+                         "(see its output above); README.md is unchanged")
     text = README.read_text()
-    new = splice_readme(table, text)
+    new = splice_readme(source.read_text(), text, TABLES[table]["markers"])
     if new != text:
         tmp = README.with_name(f".README.md.{os.getpid()}")
         tmp.write_text(new)
         os.replace(tmp, README)
-    _say(f"README.md: kernel matrix table updated from {(OUT / 'results.md').relative_to(REPO)}")
+    _say(f"README.md: {table} table updated from {source.relative_to(REPO)}")
 
 
 # --- the whole run ------------------------------------------------------------------
@@ -527,7 +549,7 @@ def _pytest_job(title: str, out: Path, command: list[str], env: dict[str, str]) 
     return rc
 
 
-def run(pytest_args: list[str], kernel_only: bool = False, jobs: int = 2) -> int:
+def run(pytest_args: list[str], kernel_only: bool = False, jobs: int = 2, table: str = "matrix") -> int:
     kvers = kernels_in_run()
     OUT.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -585,8 +607,8 @@ def run(pytest_args: list[str], kernel_only: bool = False, jobs: int = 2) -> int
             failed |= any(rc != 0 for rc in system_codes)
             _say(f"system tests: {'passed' if not any(system_codes) else 'FAILED'}")
 
-    results()
-    _say(f"results: {(OUT / 'results.md').relative_to(REPO)}; "
+    results(table=table)
+    _say(f"results: {(OUT / TABLES[table]['file']).relative_to(REPO)}; "
          f"whole run {time.monotonic() - started:.0f} s")
     for kver, rc in zip(kvers, codes):
         _say(f"{kver}: {'passed' if rc == 0 else 'FAILED'}")
@@ -600,24 +622,28 @@ def main(argv: Optional[list[str]] = None) -> int:
     u.add_argument("--kernel-only", action="store_true", help="only the tests marked kernel")
     u.add_argument("--jobs", type=int, default=int(os.environ.get("MATRIX_JOBS", "2")),
                    help="kernels tested at a time (default: $MATRIX_JOBS or 2)")
+    u.add_argument("--table", choices=sorted(TABLES), default="matrix",
+                   help="which results table the run writes (default: matrix)")
     u.add_argument("pytest_args", nargs="*", help="passed to every pytest (after --)")
     b = sub.add_parser("build", help="DKMS-build the module for each kernel (fresh builds are kept)")
     b.add_argument("kvers", nargs="*")
     b.add_argument("--force", action="store_true")
     r = sub.add_parser("results", help="write build/matrix/results.md")
     r.add_argument("--junit", type=Path, action="append")
-    sub.add_parser("readme", help="copy build/matrix/results.md into README.md")
+    rd = sub.add_parser("readme", help="copy build/matrix/results.md into README.md")
+    rd.add_argument("--table", choices=sorted(TABLES), default="matrix",
+                    help="long: build/matrix/results-long.md, between the test-long markers")
     sub.add_parser("refresh", help="move the pins of tests/kernel/test-kernels to each release's current kernel")
     args = parser.parse_args(argv)
     if args.cmd == "readme":
-        update_readme()
+        update_readme(args.table)
         return 0
     if args.cmd == "refresh":
         moved = refresh_pins()
         _say(f"{LIST.relative_to(REPO)}: " + ("; ".join(moved) if moved else "every pin is its release's current kernel"))
         return 0
     if args.cmd == "run":
-        return run(args.pytest_args, args.kernel_only, args.jobs)
+        return run(args.pytest_args, args.kernel_only, args.jobs, args.table)
     if args.cmd == "build":
         failed = []
         for kver in args.kvers or kernels_in_run():

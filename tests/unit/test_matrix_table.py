@@ -65,3 +65,37 @@ def test_the_pins_file_is_in_the_refreshed_form():
     own = {line.split()[0]: (line.split()[1], line.split("#", 1)[1].strip())
            for line in text.splitlines() if len(line.split("#", 1)[0].split()) == 2}
     assert matrix.rewrite_pins(text, own, date) == (text, [])
+
+
+def test_splice_writes_the_long_table_between_its_own_markers():
+    begin, end = matrix.TABLES["long"]["markers"]
+    readme = (f"{matrix.README_BEGIN}\nshort\n{matrix.README_END}\n"
+              f"{begin}\n(no run yet)\n{end}\n")
+    out = matrix.splice_readme("| long |\n", readme, (begin, end))
+    assert out == f"{matrix.README_BEGIN}\nshort\n{matrix.README_END}\n{begin}\n| long |\n{end}\n"
+    with pytest.raises(ValueError, match="test-long"):
+        matrix.splice_readme("| long |\n", "no markers\n", (begin, end))
+
+
+def test_the_long_list_adds_kernels_the_pins_do_not_boot():
+    """test-kernels-long: each line a kernel of a release the matrix knows, with its Debian version,
+    and none of them a pin of test-kernels (`make test` proves those already)."""
+    pins = dict(matrix.listed())
+    long = matrix.listed(matrix.LONG_LIST)
+    assert long
+    for suite, kver in long:
+        assert suite in pins, f"{suite}: not a release of tests/kernel/test-kernels"
+        assert kver != pins[suite], f"{kver} is the pin of {suite} already"
+    for line in matrix.LONG_LIST.read_text().splitlines():
+        if line.split("#", 1)[0].split():
+            assert line.split("#", 1)[1].strip(), f"{line!r}: no Debian version after #"
+
+
+def test_readme_long_table_was_written_by_a_run():
+    """Between the test-long markers: the table `make test-long` wrote, one row per listed kernel."""
+    begin, end = matrix.TABLES["long"]["markers"]
+    text = README.read_text()
+    block = text[text.index(begin) + len(begin):text.index(end)]
+    assert block.lstrip("\n").startswith("<!-- produced by `make test-long` (tests/kernel/matrix.py)")
+    for suite, kver in matrix.listed(matrix.LONG_LIST):
+        assert f"| {kver} (" in block and f" | {suite} | " in block, f"{kver} is not in the README's test-long table"
