@@ -102,9 +102,8 @@ matrix: venv
 # point-release kernel, which servers boot until their first security update), provisioned as
 # `make test` provisions its own. The run's dated table replaces the README's test-long table
 # (pass or fail); build/matrix/results-long.md and build/matrix/KVER/ keep the details.
-LONG_KVERS = $$(sed -e 's/\#.*//' tests/kernel/test-kernels-long | awk 'NF == 2 { print $$1 ":" $$2 }')
 test-long: venv
-	kvers="$$(tests/provision-host.sh $(LONG_KVERS))" && \
+	kvers="$$(tests/provision-host.sh --list tests/kernel/test-kernels-long)" && \
 	TEST_KVERS="$$kvers" $(PY) -m tests.kernel.matrix run --kernel-only --table long -- $(PYTEST_ARGS); rc=$$?; \
 	$(PY) -m tests.kernel.matrix readme --table long && exit $$rc
 

@@ -11,10 +11,11 @@
 # the Debian 12 system image of the installer's system tests
 # (tests/installer/system-image.sh; cached in /var/cache/mitigator-agent-tests).
 #
-#   tests/provision-host.sh [SUITE:KVER | KVER ...]
+#   tests/provision-host.sh [--list FILE] [SUITE:KVER | KVER ...]
 #
-# No argument: every kernel of tests/kernel/test-kernels. A bare KVER takes
-# its suite from that file, else the host's own release.
+# No argument: every kernel of tests/kernel/test-kernels (or of FILE, a list
+# in the same form: `make test-long` names tests/kernel/test-kernels-long).
+# A bare KVER takes its suite from that file, else the host's own release.
 #
 # Prints the kernel versions to test on stdout (everything else goes to
 # stderr). A kernel whose ABI has left its release's archive (a point release
@@ -35,6 +36,12 @@ CACHE=${TCPSECRETS_MATRIX_CACHE:-/var/cache/tcpsecrets-matrix}
 export TCPSECRETS_MATRIX_CACHE=$CACHE
 
 say() { echo "provision-host: $*" >&2; }
+
+if [ "${1:-}" = --list ]; then
+    [ $# -ge 2 ] && [ -f "$2" ] || { say "--list needs a kernel list file (got '${2:-}')"; exit 1; }
+    LIST=$2
+    shift 2
+fi
 
 [ "$(id -u)" = 0 ] || { say "needs root (apt-get, debootstrap, chroot)"; exit 1; }
 command -v apt-get >/dev/null || { say "needs a Debian-like host"; exit 1; }
