@@ -281,7 +281,9 @@ def _log_what_will_not_work(log: logging.Logger, settings: ServerSettings, servi
                                fix=f"run the agent as {service_user} (the unit's User=), or set user"))
     subject = health.Subject(settings.keys_path, settings.host_key_path, settings.device, current)
     for item in health.startup_items(subject):
-        log.warning(logs.event("will-not-work", whole=True, check=item.name, problem=item.text, fix=item.fix))
+        # Without the module MITIGATOR's cookies are refused while it believes they are accepted: an error.
+        level = logging.ERROR if item.name == "module" else logging.WARNING
+        log.log(level, logs.event("will-not-work", whole=True, check=item.name, problem=item.text, fix=item.fix))
 
 
 @main.command("host-key")

@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from . import namespaces
+from . import modulestate, namespaces
 from .authkeys import KeysFile, refusal_remedy
 from .clock import (DEFAULT_NTP_SERVERS, ClockState, NtpUnavailable, TimeService, ask_time_service, describe_kernel_clock,
                     kernel_clock_state, measure_ntp_offset)
@@ -344,17 +344,15 @@ def _as_user_prefix(user: str) -> str:
     return "" if user == current_user_name() else f"runuser -u {user} -- "
 
 
-def _module_fix() -> str:
-    return ("run modprobe tcpsecrets (if modprobe does not find it: dkms autoinstall -k $(uname -r),"
-            " which needs linux-headers-$(uname -r))")
-
-
 def _device_items(view: Dict[str, Any], subject: Subject, gid: int, group: str) -> List[Item]:
     device = view["device"]
     path = subject.device
     if device["missing"]:
-        return [Item("module", FAIL, f"module loaded: tcpsecrets module not loaded (no {path})", _module_fix(),
-                     facts={"device": path, "loaded": False}, label="module", summary=f"not loaded (no {path})")]
+        absence = modulestate.diagnose()
+        return [Item("module", FAIL, f"module loaded: tcpsecrets module not loaded (no {path}): {absence.sentence}",
+                     f"{absence.remedy}",
+                     facts={"device": path, "loaded": False, "cause": absence.kind, "kernel": absence.kernel},
+                     label="module", summary=f"not loaded (no {path}): {absence.sentence}")]
     items = []
     is_device = _is_char_device(path)
     if device["snapshot"] is not None:

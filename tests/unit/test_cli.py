@@ -18,7 +18,7 @@ import asyncssh
 import pytest
 from click.testing import CliRunner
 
-from mitigator_agent import cli, health
+from mitigator_agent import cli, health, modulestate
 from mitigator_agent.health import quiet_logger
 from mitigator_agent.hostkey import fingerprint_line, load_or_create_host_key
 from mitigator_agent.knownsources import KnownSources
@@ -40,10 +40,18 @@ def invoke(*args: str, input: str = None):
     return CliRunner().invoke(cli.main, list(args), input=input, catch_exceptions=False)
 
 
+# A kernel without its headers, as after an update without the headers metapackage: what status
+# and check say when the module is missing (tests/unit/test_modulestate.py covers every cause).
+FAKE_KERNEL = "6.1.0-57-amd64"
+
+
 @pytest.fixture
-def files(tmp_path: Path) -> Path:
+def files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     tmp_path.chmod(0o755)
     (tmp_path / "snapshot").write_bytes(encode(SNAP))
+    (tmp_path / "lib-modules").mkdir()
+    monkeypatch.setattr(modulestate, "MODULES_ROOT", str(tmp_path / "lib-modules"))
+    monkeypatch.setattr(modulestate, "running_kernel", lambda: FAKE_KERNEL)
     return tmp_path
 
 
@@ -261,8 +269,11 @@ def test_status_nothing_there_yet(files):
         " and give MITIGATOR the fingerprint it prints",
         f"keys: none admitted: keys file {files / 'keys'} does not exist: run mitigator-agent keys add"
         f" --keys {files / 'keys'} 'ssh-ed25519 AAAA... mitigator1' with the key from MITIGATOR's admin",
-        f"module: not loaded (no {files / 'absent'}): run modprobe tcpsecrets (if modprobe does not find it:"
-        " dkms autoinstall -k $(uname -r), which needs linux-headers-$(uname -r))",
+        f"module: not loaded (no {files / 'absent'}): tcpsecrets is not built for kernel {FAKE_KERNEL}: its headers"
+        f" (linux-headers-{FAKE_KERNEL}) are not installed, so DKMS could not build it: run apt install"
+        f" linux-headers-{FAKE_KERNEL} (DKMS then builds tcpsecrets), then modprobe tcpsecrets; keep your kernel"
+        " flavour's headers metapackage (e.g. linux-headers-amd64) installed, so that every kernel update brings"
+        " its headers",
     ]
     assert not host_key.exists()  # status never creates the host key
 
@@ -287,6 +298,7 @@ def test_check_all_items(files, ntp_server, ssh_banner_port):
 
 
 def test_check_reports_one_reason_and_its_fix_per_failure(files, monkeypatch):
+    no_headers = modulestate.diagnose()
     syncookies = files / "tcp_syncookies"
     syncookies.write_text("1\n")
     monkeypatch.setattr(health, "SYNCOOKIES_PROC", str(syncookies))
@@ -300,9 +312,9 @@ def test_check_reports_one_reason_and_its_fix_per_failure(files, monkeypatch):
                         "--ntp-server", silent_ntp, "--timeout", "0.2")
     assert result.exit_code == 1
     failures = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
-    assert failures[2] == (f"FAIL module loaded: tcpsecrets module not loaded (no {files / 'absent'}): run modprobe"
-                           " tcpsecrets (if modprobe does not find it: dkms autoinstall -k $(uname -r), which needs"
-                           " linux-headers-$(uname -r))")
+    assert failures[2] == (f"FAIL module loaded: tcpsecrets module not loaded (no {files / 'absent'}):"
+                           f" {no_headers.sentence}: {no_headers.remedy}")
+    assert no_headers.kind == "no-headers" and no_headers.kernel == FAKE_KERNEL
     assert failures[3] == ("FAIL tcp_syncookies = 2 (is 1): run sysctl -w net.ipv4.tcp_syncookies=2 and keep it in"
                            " /etc/sysctl.d/90-tcpsecrets.conf")
     assert any(line.startswith(f"FAIL NTP offset: no server answered ({silent_ntp}: ") for line in failures)
