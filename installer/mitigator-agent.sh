@@ -29,6 +29,9 @@ UNIT_FILE=/etc/systemd/system/mitigator-agent.service
 MODPROBE_FILE=/etc/modprobe.d/tcpsecrets.conf
 MODULES_LOAD_FILE=/etc/modules-load.d/tcpsecrets.conf
 SYSCTL_FILE=/etc/sysctl.d/90-tcpsecrets.conf
+# Run after DKMS's hooks when a kernel or its headers are installed: loud when tcpsecrets was not built.
+KERNEL_HOOK=/etc/kernel/postinst.d/zz-tcpsecrets
+HEADERS_HOOK=/etc/kernel/header_postinst.d/zz-tcpsecrets
 MAN_PAGE=/usr/local/share/man/man8/mitigator-agent.8
 COMPLETION=/usr/local/share/bash-completion/completions/mitigator-agent
 SERVICE_USER=mitigator_agent
@@ -55,10 +58,10 @@ cmd() {
 	if [ -w "$LOG_FILE" ]; then
 		logged=$(wc -c <"$LOG_FILE")
 		"$@" >>"$LOG_FILE" 2>&1 && return 0
-		status=$?
+		cmd_status=$?
 		# The end of what this command wrote (not earlier runs' lines).
 		tail -c +$((logged + 1)) "$LOG_FILE" | tail -n 15 | sed 's/^/    /' >&2
-		return $status
+		return $cmd_status
 	fi
 	"$@"
 }
@@ -104,6 +107,11 @@ version_at_least() { # $1 >= $2, both dotted
 kernel_release() { printf '%s' "${MITIGATOR_AGENT_KERNEL:-$(uname -r)}"; }
 
 payload_version() { cat "$PAYLOAD/kmod/VERSION"; }
+
+# The agent's group id (create_user made the group); fails when there is none.
+service_gid() {
+	getent group "$SERVICE_USER" | cut -d: -f3 | grep -x '[0-9][0-9]*'
+}
 
 installed_version() { [ -r "$STATE_DIR/version" ] && cat "$STATE_DIR/version"; }
 
@@ -151,10 +159,31 @@ apt_get() {
 	cmd apt-get -q -y -o Dpkg::Options::=--force-confold "$@"
 }
 
+# The kernel's flavour (amd64, cloud-amd64, rt-amd64, generic ...): what follows the release's version
+# and ABI, i.e. its first dash-separated part that starts with a letter. Empty for a kernel named otherwise.
+kernel_flavour() {
+	printf '%s\n' "$1" | awk -F- '{ for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]/) { f = $i; for (j = i + 1; j <= NF; j++) f = f "-" $j; print f; exit } }'
+}
+
+# The headers metapackage of the running kernel's flavour: it depends on the headers of the newest
+# kernel of that flavour, so a kernel update brings its headers and DKMS builds the module for it
+# before the reboot (linux-headers-KVER alone covers the running kernel only).
+headers_metapackage() {
+	flavour=$(kernel_flavour "$(kernel_release)")
+	[ -n "$flavour" ] && printf 'linux-headers-%s\n' "$flavour"
+}
+
 missing_packages() {
-	for package in dkms "linux-headers-$(kernel_release)" python3 python3-venv kmod openssl; do
+	# shellcheck disable=SC2046 # one package name or none
+	for package in dkms "linux-headers-$(kernel_release)" $(headers_metapackage) python3 python3-venv kmod openssl; do
 		is_installed_pkg "$package" || printf '%s\n' "$package"
 	done
+}
+
+# has_candidate PACKAGE: apt can install PACKAGE from its sources (after apt-get update).
+has_candidate() {
+	candidate=$(apt-cache policy "$1" 2>/dev/null | sed -n 's/^ *Candidate: //p')
+	[ -n "$candidate" ] && [ "$candidate" != "(none)" ]
 }
 
 install_packages() {
@@ -172,9 +201,17 @@ install_packages() {
 	headers="linux-headers-$(kernel_release)"
 	case " $missing " in
 	*" $headers "*)
-		candidate=$(apt-cache policy "$headers" 2>/dev/null | sed -n 's/^ *Candidate: //p')
-		if [ -z "$candidate" ] || [ "$candidate" = "(none)" ]; then
-			die "no package $headers for the running kernel in the apt sources: install its headers, or boot a distribution kernel (apt install linux-image-amd64, reboot) and run this again"
+		has_candidate "$headers" ||
+			die "no package $headers for the running kernel in the apt sources: install its headers, or boot a distribution kernel (apt install linux-image-amd64, reboot) and run this again" ;;
+	esac
+	meta=$(headers_metapackage)
+	case " $missing " in
+	*" $meta "*)
+		if ! has_candidate "$meta"; then
+			say "[!] no package $meta in the apt sources: after each kernel update, install that kernel's headers"
+			say "    (linux-headers-NEWKERNEL) before rebooting, so that DKMS builds $MODULE for it"
+			# shellcheck disable=SC2086 # a list of package names
+			missing=$(printf '%s\n' $missing | grep -vx "$meta" | tr '\n' ' ' | sed 's/ $//')
 		fi ;;
 	esac
 	# What was there before apt, kept on disk: a run killed inside apt leaves it for the next one.
@@ -184,10 +221,10 @@ install_packages() {
 	fi
 	pause_at apt
 	# shellcheck disable=SC2086 # a list of package names
-	apt_get install --no-install-recommends $missing
-	status=$?
+	apt_status=0
+	apt_get install --no-install-recommends $missing || apt_status=$?
 	record_apt_additions
-	[ "$status" = 0 ] || die "installing $missing with apt-get failed (see $LOG_FILE): fix apt, then run this again"
+	[ "$apt_status" = 0 ] || die "installing $missing with apt-get failed (see $LOG_FILE): fix apt, then run this again"
 }
 
 # Whatever apt added since APT_BEFORE (in this run or in one killed inside apt) is ours to remove
@@ -207,35 +244,35 @@ dkms_versions() {
 
 # Add and build this version beside any installed one (which keeps serving until the switch).
 build_module() {
-	version=$(payload_version)
+	build_version=$(payload_version)
 	release=$(kernel_release)
-	src=/usr/src/$MODULE-$version
+	src=/usr/src/$MODULE-$build_version
 	# A same-version reinstall keeps the installed build. A run killed half-way starts this version
 	# afresh, unless DKMS had finished building it from exactly this source: that build is reused.
-	dkms_versions | grep -qx "$version" || NEW_MODULE_VERSION=$version
-	if dkms_versions | grep -qx "$version" || [ -d "$src" ]; then
-		state=$(dkms status -m "$MODULE" -v "$version" -k "$release" 2>/dev/null)
+	dkms_versions | grep -qx "$build_version" || NEW_MODULE_VERSION=$build_version
+	if dkms_versions | grep -qx "$build_version" || [ -d "$src" ]; then
+		state=$(dkms status -m "$MODULE" -v "$build_version" -k "$release" 2>/dev/null)
 		case $state in
 		*': installed'*) ;;
 		*': built'*) diff -r -q "$PAYLOAD/kmod" "$src" >/dev/null 2>&1 || state=stale ;;
 		*) state=stale ;;
 		esac
 		if [ "$state" = stale ]; then
-			cmd dkms remove -m "$MODULE" -v "$version" --all >/dev/null 2>&1 || true
-			cmd rm -rf "$src"
+			cmd dkms remove -m "$MODULE" -v "$build_version" --all >/dev/null 2>&1 || true
+			cmd rm -rf "$src" || die "cannot remove the stale module source $src"
 		fi
 	fi
 	if [ ! -d "$src" ]; then
 		cmd cp -R "$PAYLOAD/kmod" "$src.new" && cmd mv "$src.new" "$src" || die "cannot copy the module source to $src"
 	fi
-	dkms_versions | grep -qx "$version" || cmd dkms add -m "$MODULE" -v "$version" ||
+	dkms_versions | grep -qx "$build_version" || cmd dkms add -m "$MODULE" -v "$build_version" ||
 		die "dkms add failed (see $LOG_FILE)"
 	pause_at dkms
-	if ! dkms status -m "$MODULE" -v "$version" -k "$release" 2>/dev/null | grep -Eq ': (built|installed)'; then
-		if ! cmd dkms build -m "$MODULE" -v "$version" -k "$release"; then
+	if ! dkms status -m "$MODULE" -v "$build_version" -k "$release" 2>/dev/null | grep -Eq ': (built|installed)'; then
+		if ! cmd dkms build -m "$MODULE" -v "$build_version" -k "$release"; then
 			# The rollback removes DKMS's tree, make.log with it: the install log keeps a copy.
-			for make_log in "/var/lib/dkms/$MODULE/$version/$release/$(uname -m)/log/make.log" \
-				"/var/lib/dkms/$MODULE/$version/build/make.log"; do
+			for make_log in "/var/lib/dkms/$MODULE/$build_version/$release/$(uname -m)/log/make.log" \
+				"/var/lib/dkms/$MODULE/$build_version/build/make.log"; do
 				[ -r "$make_log" ] && { printf -- '--- %s\n' "$make_log"; cat "$make_log"; } >>"$LOG_FILE" && break
 			done
 			die "building the module for kernel $release failed (DKMS's output and make.log: $LOG_FILE): check that linux-headers-$release is installed whole (apt install --reinstall linux-headers-$release), then run this again"
@@ -244,13 +281,13 @@ build_module() {
 }
 
 activate_module() {
-	version=$(payload_version)
+	active_version=$(payload_version)
 	release=$(kernel_release)
 	# The old version's files go first, so DKMS never has two versions installed; the running
 	# module stays in memory until load_module replaces it.
-	remove_other_module_versions "$version"
-	if ! dkms status -m "$MODULE" -v "$version" -k "$release" 2>/dev/null | grep -q ': installed'; then
-		cmd dkms install -m "$MODULE" -v "$version" -k "$release" --force || die "dkms install failed (see $LOG_FILE)"
+	remove_other_module_versions "$active_version"
+	if ! dkms status -m "$MODULE" -v "$active_version" -k "$release" 2>/dev/null | grep -q ': installed'; then
+		cmd dkms install -m "$MODULE" -v "$active_version" -k "$release" --force || die "dkms install failed (see $LOG_FILE)"
 	fi
 }
 
@@ -259,34 +296,40 @@ remove_other_module_versions() {
 	for old in $(dkms_versions); do
 		[ "$old" = "$keep" ] && continue
 		cmd dkms remove -m "$MODULE" -v "$old" --all || say "[!] dkms remove $MODULE/$old failed; remove it by hand"
-		cmd rm -rf "/usr/src/$MODULE-$old"
+		cmd rm -rf "/usr/src/$MODULE-$old" || say "[!] cannot remove /usr/src/$MODULE-$old; remove it by hand"
 	done
 }
 
 write_system_files() {
-	gid=$(getent group "$SERVICE_USER" | cut -d: -f3)
+	gid=$(service_gid) || die "the group $SERVICE_USER does not exist (getent group $SERVICE_USER): run this again"
 	umask 022
-	sed "s/@GID@/$gid/" "$PAYLOAD/packaging/system/modprobe.conf.in" >"$MODPROBE_FILE.new" && mv "$MODPROBE_FILE.new" "$MODPROBE_FILE"
+	{ sed "s/@GID@/$gid/" "$PAYLOAD/packaging/system/modprobe.conf.in" >"$MODPROBE_FILE.new" &&
+		mv "$MODPROBE_FILE.new" "$MODPROBE_FILE"; } || die "cannot write $MODPROBE_FILE"
 	say "[#] wrote $MODPROBE_FILE (read_gid=$gid)"
-	cmd install -m 0644 "$PAYLOAD/packaging/system/modules-load.conf" "$MODULES_LOAD_FILE"
+	cmd install -m 0644 "$PAYLOAD/packaging/system/modules-load.conf" "$MODULES_LOAD_FILE" ||
+		die "cannot write $MODULES_LOAD_FILE"
 	if [ ! -e "$STATE_DIR/tcp_syncookies-before" ]; then
-		previous=$(cat /proc/sys/net/ipv4/tcp_syncookies)
-		printf '%s\n' "$previous" >"$STATE_DIR/tcp_syncookies-before"
+		previous=$(cat /proc/sys/net/ipv4/tcp_syncookies) || die "cannot read net.ipv4.tcp_syncookies"
+		{ printf '%s\n' "$previous" >"$STATE_DIR/tcp_syncookies-before.new" &&
+			mv "$STATE_DIR/tcp_syncookies-before.new" "$STATE_DIR/tcp_syncookies-before"; } ||
+			die "cannot write $STATE_DIR/tcp_syncookies-before"
 		if [ "$previous" != 2 ]; then
 			say "[i] net.ipv4.tcp_syncookies goes from $previous to 2 (restored on uninstall): the kernel then answers"
 			say "    every SYN with a cookie; clients without TCP timestamps lose window scaling and SACK on those connections."
 		fi
 	fi
-	cmd install -m 0644 "$PAYLOAD/packaging/system/sysctl.conf" "$SYSCTL_FILE"
+	cmd install -m 0644 "$PAYLOAD/packaging/system/sysctl.conf" "$SYSCTL_FILE" || die "cannot write $SYSCTL_FILE"
+	for hook in "$KERNEL_HOOK" "$HEADERS_HOOK"; do
+		cmd install -D -m 0755 "$PAYLOAD/packaging/system/kernel-hook" "$hook" || die "cannot write $hook"
+	done
 	cmd sysctl -q -p "$SYSCTL_FILE" || die "cannot set net.ipv4.tcp_syncookies=2"
 }
 
 load_module() {
-	version=$(payload_version)
 	loaded=$(cat /sys/module/$MODULE/version 2>/dev/null || true)
-	gid=$(getent group "$SERVICE_USER" | cut -d: -f3)
+	gid=$(service_gid) || die "the group $SERVICE_USER does not exist (getent group $SERVICE_USER): run this again"
 	if [ -n "$loaded" ]; then
-		if [ "$loaded" = "$version" ] && [ "$(cat /sys/module/$MODULE/parameters/read_gid)" = "$gid" ]; then
+		if [ "$loaded" = "$(payload_version)" ] && [ "$(cat /sys/module/$MODULE/parameters/read_gid)" = "$gid" ]; then
 			return 0
 		fi
 		cmd modprobe -r "$MODULE" || die "cannot unload the running $MODULE $loaded (in use?): stop what uses /dev/tcpsecrets and run this again"
@@ -328,32 +371,31 @@ create_user() {
 
 prepare_home() {
 	[ -L "$HOME_DIR" ] && die "$HOME_DIR is a symbolic link: make it a directory"
-	[ -d "$HOME_DIR" ] || cmd mkdir -m 0755 "$HOME_DIR"
-	cmd chown "$SERVICE_USER:$SERVICE_USER" "$HOME_DIR"
-	cmd chmod 0755 "$HOME_DIR"
+	[ -d "$HOME_DIR" ] || cmd mkdir -m 0755 "$HOME_DIR" || die "cannot create $HOME_DIR"
+	{ cmd chown "$SERVICE_USER:$SERVICE_USER" "$HOME_DIR" && cmd chmod 0755 "$HOME_DIR"; } ||
+		die "cannot give $HOME_DIR to $SERVICE_USER (mode 0755)"
 	if [ ! -e "$KEYS_FILE" ]; then
-		(umask 027 && : >"$KEYS_FILE.new") && chgrp "$SERVICE_USER" "$KEYS_FILE.new" && mv "$KEYS_FILE.new" "$KEYS_FILE"
+		{ (umask 027 && : >"$KEYS_FILE.new") && chgrp "$SERVICE_USER" "$KEYS_FILE.new" && mv "$KEYS_FILE.new" "$KEYS_FILE"; } ||
+			die "cannot create $KEYS_FILE"
 		say "[#] created empty $KEYS_FILE"
 	elif [ -L "$KEYS_FILE" ] || [ ! -f "$KEYS_FILE" ]; then
 		die "$KEYS_FILE is not a regular file: make it one (the agent never follows links)"
 	else
 		# Never world-writable, and readable by the agent: keep the content, fix only the mode bits.
-		mode=$(stat -c %a "$KEYS_FILE")
-		owner=$(stat -c %U "$KEYS_FILE")
-		case "$owner" in root | "$SERVICE_USER") ;; *) cmd chown root "$KEYS_FILE" ;; esac
-		[ $((0$mode & 022)) = 0 ] || cmd chmod go-w "$KEYS_FILE"
+		mode=$(stat -c %a "$KEYS_FILE") && owner=$(stat -c %U "$KEYS_FILE") || die "cannot read the mode of $KEYS_FILE"
+		case "$owner" in root | "$SERVICE_USER") ;; *) cmd chown root "$KEYS_FILE" || die "cannot chown $KEYS_FILE" ;; esac
+		[ $((0$mode & 022)) = 0 ] || cmd chmod go-w "$KEYS_FILE" || die "cannot chmod go-w $KEYS_FILE"
 		if [ "$owner" != "$SERVICE_USER" ] && [ $((0$mode & 044)) = 0 ]; then
-			cmd chgrp "$SERVICE_USER" "$KEYS_FILE"
-			cmd chmod g+r "$KEYS_FILE"
+			{ cmd chgrp "$SERVICE_USER" "$KEYS_FILE" && cmd chmod g+r "$KEYS_FILE"; } ||
+				die "cannot make $KEYS_FILE readable by the group $SERVICE_USER"
 		fi
 	fi
 }
 
 install_agent() {
-	version=$(payload_version)
 	umask 022 # the agent's user runs it
-	cmd mkdir -p "$LIB_DIR"
-	venv=$LIB_DIR/venv-$version-$$
+	cmd mkdir -p "$LIB_DIR" || die "cannot create $LIB_DIR"
+	venv=$LIB_DIR/venv-$(payload_version)-$$
 	cmd python3 -m venv "$venv" || die "python3 -m venv failed (see $LOG_FILE)"
 	pause_at venv
 	# Exactly the locked versions, each wheel checked against the lock's hashes.
@@ -366,9 +408,9 @@ install_agent() {
 
 # Switch the launcher to the new venv in one rename; the old venv goes after the new one serves.
 activate_agent() {
-	cmd ln -sfn "$NEW_VENV/bin/mitigator-agent" "$LAUNCHER.new"
-	cmd mv -T "$LAUNCHER.new" "$LAUNCHER"
-	cmd ln -sfn "$LAUNCHER" "$PATH_ENTRY"
+	{ cmd ln -sfn "$NEW_VENV/bin/mitigator-agent" "$LAUNCHER.new" && cmd mv -T "$LAUNCHER.new" "$LAUNCHER"; } ||
+		die "cannot point $LAUNCHER at the new agent"
+	cmd ln -sfn "$LAUNCHER" "$PATH_ENTRY" || die "cannot link $PATH_ENTRY"
 	# The man page and bash completion come from the CLI itself. Directories made for them are
 	# recorded, so an uninstall removes exactly those.
 	for dir in "$(dirname "$MAN_PAGE")" "$(dirname "$(dirname "$COMPLETION")")" "$(dirname "$COMPLETION")"; do
@@ -378,13 +420,15 @@ activate_agent() {
 		"$NEW_VENV/bin/python" -m mitigator_agent.manpage >"$MAN_PAGE" &&
 		"$NEW_VENV/bin/python" -m mitigator_agent.completion >"$COMPLETION" &&
 		say "[#] wrote $MAN_PAGE and $COMPLETION" || say "[!] could not write the man page or the completion"
-	cmd install -m 0755 "$PAYLOAD/installer/mitigator-agent.sh" "$KEPT_SCRIPT.new"
-	cmd mv "$KEPT_SCRIPT.new" "$KEPT_SCRIPT"
+	{ cmd install -m 0755 "$PAYLOAD/installer/mitigator-agent.sh" "$KEPT_SCRIPT.new" &&
+		cmd mv "$KEPT_SCRIPT.new" "$KEPT_SCRIPT"; } || die "cannot keep the uninstaller as $KEPT_SCRIPT"
 }
 
 remove_old_venvs() {
 	for dir in "$LIB_DIR"/venv-*; do
-		[ -d "$dir" ] && [ "$dir" != "$NEW_VENV" ] && cmd rm -rf "$dir"
+		if [ -d "$dir" ] && [ "$dir" != "$NEW_VENV" ]; then
+			cmd rm -rf "$dir" || say "[!] cannot remove the old $dir; remove it by hand"
+		fi
 	done
 	return 0
 }
@@ -396,9 +440,9 @@ create_host_key() {
 }
 
 install_unit() {
-	cmd install -m 0644 "$PAYLOAD/packaging/systemd/mitigator-agent.service" "$UNIT_FILE"
-	cmd systemctl daemon-reload
-	cmd systemctl enable mitigator-agent.service
+	cmd install -m 0644 "$PAYLOAD/packaging/systemd/mitigator-agent.service" "$UNIT_FILE" || die "cannot write $UNIT_FILE"
+	cmd systemctl daemon-reload || die "systemctl daemon-reload failed (see $LOG_FILE)"
+	cmd systemctl enable mitigator-agent.service || die "cannot enable mitigator-agent.service (see $LOG_FILE)"
 }
 
 start_agent() {
@@ -437,10 +481,10 @@ firewall_advice() {
 show() {
 	say "[#] $*"
 	output=$("$@" 2>&1)
-	status=$?
+	show_status=$?
 	printf '%s\n' "$output" | sed 's/^/    /' >&2
 	printf '%s\n' "$output" >>"$LOG_FILE"
-	return $status
+	return $show_status
 }
 
 finish_install() {
@@ -461,10 +505,10 @@ finish_install() {
 # --- install and rollback --------------------------------------------------------------------
 
 rollback() {
-	status=$?
+	ROLLBACK_STATUS=$?
 	trap - EXIT INT TERM HUP
 	ROLLBACK_ARMED=no
-	[ "$status" = 0 ] && return 0
+	[ "$ROLLBACK_STATUS" = 0 ] && return 0
 	if [ "$FIRST_INSTALL" = yes ]; then
 		say "[!] install failed: removing what it did"
 		UNINSTALL_QUIET=yes remove_everything "$ROLLBACK_PURGE"
@@ -472,12 +516,12 @@ rollback() {
 		[ -n "${NEW_VENV:-}" ] && cmd rm -rf "$NEW_VENV"
 		if [ -n "${NEW_MODULE_VERSION:-}" ]; then
 			cmd dkms remove -m "$MODULE" -v "$NEW_MODULE_VERSION" --all || true
-			cmd rm -rf "/usr/src/$MODULE-$NEW_MODULE_VERSION"
+			cmd rm -rf "/usr/src/$MODULE-$NEW_MODULE_VERSION" || say "[!] cannot remove /usr/src/$MODULE-$NEW_MODULE_VERSION"
 		fi
 		say "[!] update failed: the previous version ($(installed_version)) keeps running"
 	fi
 	[ -n "${FAIL_MESSAGE:-}" ] && say "$FAIL_MESSAGE"
-	exit "$status"
+	exit "$ROLLBACK_STATUS"
 }
 
 do_install() {
@@ -529,13 +573,15 @@ do_install() {
 # --- uninstall -------------------------------------------------------------------------------
 
 # Remove what an install added. $1: extra things to purge ("keys user home", or "all").
+# A step that fails is shown (cmd) and sets UNINSTALL_FAILED; the others still run.
 remove_everything() {
 	purge=$1
 	removed=no
+	UNINSTALL_FAILED=no
 	if [ -e "$UNIT_FILE" ] || systemctl is-enabled -q mitigator-agent.service 2>/dev/null; then
 		cmd systemctl disable --now mitigator-agent.service || true
-		cmd rm -f "$UNIT_FILE"
-		cmd systemctl daemon-reload
+		cmd rm -f "$UNIT_FILE" || say "[!] cannot remove $UNIT_FILE; remove it by hand"
+		cmd systemctl daemon-reload || say "[!] systemctl daemon-reload failed"
 		removed=yes
 	fi
 	if [ -d /sys/module/$MODULE ]; then
@@ -543,16 +589,19 @@ remove_everything() {
 		removed=yes
 	fi
 	if command -v dkms >/dev/null 2>&1; then
-		for version in $(dkms_versions); do
-			cmd dkms remove -m "$MODULE" -v "$version" --all || say "[!] dkms remove $MODULE/$version failed"
+		for installed in $(dkms_versions); do
+			cmd dkms remove -m "$MODULE" -v "$installed" --all || say "[!] dkms remove $MODULE/$installed failed"
 			removed=yes
 		done
 	fi
 	for src in /usr/src/$MODULE-*; do
-		[ -d "$src" ] && cmd rm -rf "$src" && removed=yes
+		[ -d "$src" ] || continue
+		cmd rm -rf "$src" || UNINSTALL_FAILED=yes
+		removed=yes
 	done
-	for file in "$MODPROBE_FILE" "$MODULES_LOAD_FILE" "$SYSCTL_FILE" "$PATH_ENTRY" "$MAN_PAGE" "$COMPLETION"; do
-		if [ -e "$file" ] || [ -L "$file" ]; then cmd rm -f "$file"; removed=yes; fi
+	for file in "$MODPROBE_FILE" "$MODULES_LOAD_FILE" "$SYSCTL_FILE" "$KERNEL_HOOK" "$HEADERS_HOOK" "$PATH_ENTRY" \
+		"$MAN_PAGE" "$COMPLETION"; do
+		if [ -e "$file" ] || [ -L "$file" ]; then cmd rm -f "$file" || UNINSTALL_FAILED=yes; removed=yes; fi
 	done
 	# The directories the install made for them (deepest first), if nothing else is there.
 	if [ -r "$STATE_DIR/created-dirs" ]; then
@@ -563,7 +612,7 @@ remove_everything() {
 	if [ -r "$STATE_DIR/tcp_syncookies-before" ]; then
 		cmd sysctl -q -w "net.ipv4.tcp_syncookies=$(cat "$STATE_DIR/tcp_syncookies-before")" || true
 	fi
-	if [ -d "$LIB_DIR" ]; then cmd rm -rf "$LIB_DIR"; removed=yes; fi
+	if [ -d "$LIB_DIR" ]; then cmd rm -rf "$LIB_DIR" || UNINSTALL_FAILED=yes; removed=yes; fi
 	record_apt_additions # an install killed inside apt never recorded them
 	if [ -s "$STATE_DIR/apt-installed" ]; then
 		# Only what the install added; dpkg refuses any package something else now depends on.
@@ -573,14 +622,14 @@ remove_everything() {
 		# The dkms we installed made its signing key for our builds; with dkms gone it signs nothing.
 		if grep -qx dkms "$STATE_DIR/apt-installed" && ! is_installed_pkg dkms && [ -d /var/lib/dkms ] &&
 			[ -z "$(find /var/lib/dkms -mindepth 1 ! -name 'mok.key' ! -name 'mok.pub')" ]; then
-			cmd rm -rf /var/lib/dkms
+			cmd rm -rf /var/lib/dkms || say "[!] cannot remove /var/lib/dkms"
 		fi
 		removed=yes
 	fi
-	if [ -d "$STATE_DIR" ]; then cmd rm -rf "$STATE_DIR"; removed=yes; fi
+	if [ -d "$STATE_DIR" ]; then cmd rm -rf "$STATE_DIR" || UNINSTALL_FAILED=yes; removed=yes; fi
 	case " $purge " in
 	*" all "* | *" home "*)
-		if [ -d "$HOME_DIR" ]; then cmd rm -rf "$HOME_DIR"; removed=yes; fi ;;
+		if [ -d "$HOME_DIR" ]; then cmd rm -rf "$HOME_DIR" || UNINSTALL_FAILED=yes; removed=yes; fi ;;
 	*)
 		if [ -e "$KEYS_FILE" ] || [ -e "$HOST_KEY" ]; then
 			[ "${UNINSTALL_QUIET:-}" = yes ] || say "[i] kept: $KEYS_FILE and the host key $HOST_KEY (remove them with -d --purge)"
@@ -588,8 +637,8 @@ remove_everything() {
 	esac
 	case " $purge " in
 	*" all "* | *" user "*)
-		if getent passwd "$SERVICE_USER" >/dev/null; then cmd userdel "$SERVICE_USER"; removed=yes; fi
-		if getent group "$SERVICE_USER" >/dev/null; then cmd groupdel "$SERVICE_USER"; removed=yes; fi ;;
+		if getent passwd "$SERVICE_USER" >/dev/null; then cmd userdel "$SERVICE_USER" || UNINSTALL_FAILED=yes; removed=yes; fi
+		if getent group "$SERVICE_USER" >/dev/null; then cmd groupdel "$SERVICE_USER" || UNINSTALL_FAILED=yes; removed=yes; fi ;;
 	esac
 	REMOVED=$removed
 }
@@ -619,6 +668,8 @@ do_uninstall() {
 	(umask 077 && : >>"$LOG_FILE") 2>/dev/null && chmod 0600 "$LOG_FILE"
 	say "[i] $PROG uninstall${1:+ ($1)}, $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
 	remove_everything "$([ "$1" = --purge ] && echo all)"
+	[ "$UNINSTALL_FAILED" = no ] ||
+		die "uninstall incomplete: the steps shown above failed; fix what they say and run $PROG -d${1:+ $1} again"
 	if [ "$REMOVED" = no ]; then
 		say "$PROG: nothing to remove (not installed)"
 	else
@@ -657,11 +708,11 @@ main() {
 	"")
 		require_root
 		unpack_payload
-		(do_install) </dev/null
-		status=$?
+		install_status=0
+		(do_install) </dev/null || install_status=$?
 		rm -rf "$PAYLOAD"
 		trap - EXIT
-		exit $status ;;
+		exit $install_status ;;
 	*) usage >&2; exit 2 ;;
 	esac
 }

@@ -101,6 +101,12 @@ def test_dkms_package_holds_the_module_source_beside_its_VERSION(debs: Debs,
     assert files == expected
     shipped = extracted["dkms"] / src
     assert (shipped / "dkms.conf").read_bytes() == (REPO / "kmod/dkms.conf").read_bytes()
+    # The hooks that make a kernel without a module loud in apt's output, after DKMS's own.
+    hooks = ["/etc/kernel/header_postinst.d/zz-tcpsecrets", "/etc/kernel/postinst.d/zz-tcpsecrets"]
+    assert sorted(control_file(debs.dkms, "conffiles").split()) == hooks
+    for hook in hooks:
+        assert listing(debs.dkms)[hook.lstrip("/")].startswith("-rwxr-xr-x root/root")
+        assert (extracted["dkms"] / hook.lstrip("/")).read_bytes() == (REPO / "packaging/system/kernel-hook").read_bytes()
     # DKMS sources dkms.conf: the version it reads is the VERSION file beside it.
     seen = subprocess.run(["bash", "-c", f'. "{shipped}/dkms.conf"; echo "$PACKAGE_NAME $PACKAGE_VERSION"'],
                           check=True, capture_output=True, text=True).stdout.split()
