@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Dict, List, Optional, Sequence, Type, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 
 CACHE = Path(os.environ.get("SYSTEM_IMAGE_CACHE", "/var/cache/mitigator-agent-tests"))
 BUILD_SCRIPT = Path(__file__).resolve().with_name("system-image.sh")
@@ -170,6 +170,8 @@ class DebianSystem:
         # own per command costs the guest seconds of TCG time (sshd, key exchange, PAM).
         self._mux_socket = self.workdir / "ssh-mux"
         self._mux: Optional[subprocess.Popen[bytes]] = None
+        # The kernel and initramfs qemu boots: the image's, until reboot_onto() picks another.
+        self._boot_files: Tuple[Path, Path] = (self.image.kernel, self.image.initrd)
 
     # --- life cycle ---------------------------------------------------------
 
@@ -209,7 +211,7 @@ class DebianSystem:
             "-m", str(self.memory_mb), "-smp", str(self.cpus),
             "-nodefaults", "-no-user-config", "-display", "none",
             "-serial", f"file:{self.console_log}", "-monitor", "none",
-            "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd),
+            "-kernel", str(self._boot_files[0]), "-initrd", str(self._boot_files[1]),
             "-append", "root=/dev/vda rw console=ttyS0",
             # The overlay is thrown away: qemu need not wait for the host's disk.
             "-drive", f"file={self.overlay},if=virtio,format=qcow2,cache=unsafe",
@@ -286,6 +288,55 @@ class DebianSystem:
         self._wait_for_ssh(time.monotonic() + self.boot_timeout, previous_boot_id=before)
         self._start_mux()
 
+    def reboot_onto(self, release: str) -> None:
+        """Reboot into the installed kernel `release`, as a boot loader booting the newest kernel would.
+
+        qemu boots the kernel it is given, not the guest's boot loader: the
+        guest's /boot/vmlinuz-RELEASE and /boot/initrd.img-RELEASE (made by
+        its own kernel package) are copied out, the guest is powered off
+        cleanly, and qemu starts again on the same disk with them, on the
+        same forwarded ports (clients keep their known_hosts entries).
+        """
+        kernel, initrd = self.workdir / f"vmlinuz-{release}", self.workdir / f"initrd.img-{release}"
+        kernel.write_bytes(self.get(f"/boot/vmlinuz-{release}"))
+        initrd.write_bytes(self.get(f"/boot/initrd.img-{release}"))
+        self._power_off()
+        self._kill_qemu()
+        self._boot_files = (kernel, initrd)
+        self._launch()
+        if not self._wait_qemu_settled():
+            raise GuestError(f"qemu could not forward ports {self.ssh_port} and {self.agent_port} again: "
+                             f"{self._qemu_says()}")
+        try:
+            self._wait_for_ssh(time.monotonic() + self.boot_timeout, previous_boot_id=None)
+        except BaseException:
+            self._kill_qemu()
+            raise
+        self._start_mux()
+        booted = self.run("uname -r").stdout.strip()
+        if booted != release:
+            raise self._fail(f"asked to boot kernel {release}, the guest runs {booted}")
+
+    def _power_off(self) -> None:
+        """`systemctl poweroff` and wait for qemu to exit (terminated if it lingers); the disk stays."""
+        self._stop_mux()
+        qemu = self._qemu
+        if qemu is None or qemu.poll() is not None:
+            return
+        try:
+            asked = self._ssh(["systemctl", "poweroff"], timeout=60).returncode == 0
+        except subprocess.TimeoutExpired:
+            asked = False
+        try:
+            # A guest that did not take the order gets a short grace only.
+            qemu.wait(timeout=SHUTDOWN_TIMEOUT if asked else 30)
+        except subprocess.TimeoutExpired:
+            qemu.terminate()
+            try:
+                qemu.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+
     def _ssh_options(self) -> List[str]:
         return ["-F", "none", "-i", str(self.image.key), "-p", str(self.ssh_port),
                 "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
@@ -332,22 +383,7 @@ class DebianSystem:
         `keep_logs`: then the console and qemu logs stay for the post-mortem.
         """
         try:
-            self._stop_mux()
-            qemu = self._qemu
-            if qemu is not None and qemu.poll() is None:
-                try:
-                    asked = self._ssh(["systemctl", "poweroff"], timeout=60).returncode == 0
-                except subprocess.TimeoutExpired:
-                    asked = False
-                try:
-                    # A guest that did not take the order gets a short grace only.
-                    qemu.wait(timeout=SHUTDOWN_TIMEOUT if asked else 30)
-                except subprocess.TimeoutExpired:
-                    qemu.terminate()
-                    try:
-                        qemu.wait(timeout=15)
-                    except subprocess.TimeoutExpired:
-                        pass
+            self._power_off()
         finally:
             self._stop_mux()
             self._kill_qemu()

@@ -8,8 +8,9 @@ with DKMS in a chroot of that release, and the table of results.
         tests marked neither `kernel` nor `system` once, then the `kernel`
         tests once per kernel, N kernels at a time (default 2), each in its
         own pytest (build/matrix/KVER/pytest.log); then the results table.
-        Exit status 1 if any pytest failed. --table long: the table of
-        `make test-long` (the kernels of tests/kernel/test-kernels-long).
+        Exit status 1 if any pytest failed. --table long: `make test-long`,
+        the kernels of tests/kernel/test-kernels-long and the system scenarios
+        marked `long` (build/matrix/system-long-*/), no other tests; its table.
     python -m tests.kernel.matrix build [--force] [KVER...]
         DKMS-build the module for each kernel (builds of the current kmod/ are kept)
     python -m tests.kernel.matrix results [--junit FILE]...
@@ -371,17 +372,37 @@ def _host_outcomes(junits: list[Path], kvers: list[str]) -> dict[str, dict[str, 
                      or params.startswith(k + "-")), None)
         if kver is None:
             continue
-        outcome = "passed"
-        for child in case:
-            if child.tag in ("failure", "error"):
-                outcome = "failed"
-            elif child.tag == "skipped" and outcome == "passed":
-                outcome = "skipped"
-        table.setdefault(base, {})[kver] = outcome
+        table.setdefault(base, {})[kver] = _case_outcome(case)
     return table
 
 
 _MARK = {"passed": "pass", "failed": "**FAIL**", "skipped": "skip", None: "—"}
+
+
+def _case_outcome(case: ET.Element) -> str:
+    outcome = "passed"
+    for child in case:
+        if child.tag in ("failure", "error"):
+            outcome = "failed"
+        elif child.tag == "skipped" and outcome == "passed":
+            outcome = "skipped"
+    return outcome
+
+
+def _scenario_lines(junits: list[Path]) -> list[str]:
+    """The long system scenarios' table (one row per test, in run order) from their junits, or why none."""
+    lines = ["", "System scenarios (marker `long`: tests/installer, each in a Debian 12 system image of its own"
+                 " booted under qemu TCG with systemd; build/matrix/system-long-*/pytest.log):", ""]
+    present = [junit for junit in junits if junit.exists()]
+    if not present:
+        return lines + ["Not run (no build/matrix/system-long-*/junit.xml)."]
+    lines += ["| scenario | test | result | seconds |", "|---|---|---|---|"]
+    cases = [case for junit in present for case in ET.parse(junit).getroot().iter("testcase")]
+    for case in cases:
+        module = case.get("classname", "").rsplit(".", 1)[-1]
+        seconds = float(case.get("time") or 0)
+        lines.append(f"| {module} | {case.get('name', '')} | {_MARK[_case_outcome(case)]} | {seconds:.0f} |")
+    return lines
 
 
 # The two tables a run can write: `make matrix`/`make test` (the pins), `make test-long`.
@@ -455,6 +476,8 @@ def results(junits: Optional[list[Path]] = None, table: str = "matrix") -> str:
         for t in test_ids:
             cells = [_MARK.get((guests[k].get(t) or [None])[0]) for k in kvers]
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    if table == "long":
+        lines += _scenario_lines([OUT / f"system-{group}" / "junit.xml" for group in LONG_SYSTEM_GROUPS])
     text = "\n".join(lines) + "\n"
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / TABLES[table]["file"]).write_text(text)
@@ -530,9 +553,15 @@ def system_basetemp() -> Path:
     return SYSTEM_BASETEMP
 
 # The install script's tests in one run; every other system test (the packages, the image) in the other.
+# Scenarios marked `long` (a server's later life: a kernel update ...) are `make test-long`'s, in a run of
+# their own beside its kernels.
 INSTALL_SCRIPT_TESTS = "tests/installer/test_install_script.py"
-SYSTEM_GROUPS = {"install-script": [INSTALL_SCRIPT_TESTS],
-                 "packages-and-image": [f"--ignore={INSTALL_SCRIPT_TESTS}"]}
+SYSTEM_GROUPS = {"install-script": ["-m", "system and not long", INSTALL_SCRIPT_TESTS],
+                 "packages-and-image": ["-m", "system and not long", f"--ignore={INSTALL_SCRIPT_TESTS}"]}
+LONG_SYSTEM_GROUPS = {"long-script": ["-m", "system and long", "tests/installer/test_kernel_update_script.py"],
+                      "long-packages": ["-m", "system and long", "tests/installer/test_kernel_update_packages.py"],
+                      "long-release-upgrade": ["-m", "system and long",
+                                               "tests/installer/test_release_upgrade_packages.py"]}
 
 
 def _pytest_job(title: str, out: Path, command: list[str], env: dict[str, str]) -> int:
@@ -580,18 +609,20 @@ def run(pytest_args: list[str], kernel_only: bool = False, jobs: int = 2, table:
         # A base temp of its own: each kernel's pytest, starting later, would otherwise prune
         # /tmp/pytest-of-USER/ down to its 3 newest and take this run's guest overlays and logs.
         return _pytest_job(f"system tests ({group})", OUT / f"system-{group}",
-                           pytest + ["-m", "system", f"--basetemp={system_basetemp() / group}", *selection,
-                                     *pytest_args],
+                           pytest + [f"--basetemp={system_basetemp() / group}", *selection, *pytest_args],
                            {"SYSTEM_TESTS": "required"})
 
     # The system tests are the longest part of the run: they start first, in two groups of about
     # equal length (each boots its own guest), and run beside the tests that boot nothing and then
     # beside the kernel pool; much of their time is spent waiting on the guest (apt, SSH round
     # trips, reboots), which the others fill.
-    with ThreadPoolExecutor(max_workers=len(SYSTEM_GROUPS)) as system_pool:
-        system_runs = [] if kernel_only else [system_pool.submit(system_suite, group, selection)
-                                              for group, selection in SYSTEM_GROUPS.items()]
-        if not kernel_only:
+    # `make test` (table matrix): the tests that boot no kernel and the system groups; `make test-long`:
+    # the long scenarios. --kernel-only: neither.
+    groups = {} if kernel_only else SYSTEM_GROUPS if table == "matrix" else LONG_SYSTEM_GROUPS
+    host_tests = not kernel_only and table == "matrix"
+    with ThreadPoolExecutor(max_workers=max(1, len(groups))) as system_pool:
+        system_runs = [system_pool.submit(system_suite, group, selection) for group, selection in groups.items()]
+        if host_tests:
             junit = OUT / "junit-host.xml"
             junit.unlink(missing_ok=True)
             _say("the tests that boot no kernel")

@@ -99,3 +99,31 @@ def test_readme_long_table_was_written_by_a_run():
     assert block.lstrip("\n").startswith("<!-- produced by `make test-long` (tests/kernel/matrix.py)")
     for suite, kver in matrix.listed(matrix.LONG_LIST):
         assert f"| {kver} (" in block and f" | {suite} | " in block, f"{kver} is not in the README's test-long table"
+
+
+def test_the_long_table_lists_each_system_scenario_test_in_run_order(tmp_path):
+    junit = tmp_path / "junit.xml"
+    junit.write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.installer.test_kernel_update" name="test_first" time="61.4"/>'
+        '<testcase classname="tests.installer.test_kernel_update" name="test_second" time="2.0">'
+        '<failure message="x">boom</failure></testcase>'
+        '</testsuite></testsuites>')
+    lines = matrix._scenario_lines([junit, tmp_path / "absent.xml"])
+    assert lines[-4:] == ["| scenario | test | result | seconds |", "|---|---|---|---|",
+                          "| test_kernel_update | test_first | pass | 61 |",
+                          "| test_kernel_update | test_second | **FAIL** | 2 |"]
+    assert matrix._scenario_lines([tmp_path / "absent.xml"])[-1] == "Not run (no build/matrix/system-long-*/junit.xml)."
+
+
+def test_every_long_scenario_runs_in_a_test_long_group():
+    """A module of tests/installer marked `long` is `make test-long`'s: one of its system groups names it
+    (so that `make test`, which leaves `long` out, and `make test-long` between them run it)."""
+    named = {arg for selection in matrix.LONG_SYSTEM_GROUPS.values() for arg in selection}
+    marked = sorted(path.relative_to(matrix.REPO).as_posix()
+                    for path in (matrix.REPO / "tests" / "installer").glob("test_*.py")
+                    if "pytestmark = pytest.mark.long" in path.read_text())
+    assert marked, "no scenario marked long"
+    assert [path for path in marked if path not in named] == []
+    for group, selection in matrix.SYSTEM_GROUPS.items():
+        assert selection[:2] == ["-m", "system and not long"], group
