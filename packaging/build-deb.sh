@@ -32,13 +32,10 @@ else
 fi
 DIST=${DEB_DIST_DIR:-$ROOT/dist}
 STAGE_ROOT=${DEB_BUILD_DIR:-$ROOT/build/deb}
-# The interpreter the package is built with (Debian 12's python3 3.11); never
-# a python3 that happens to come first on PATH. The package runs on every
-# CPython of packaging/python-versions: it carries their wheels.
+# The interpreter the package runs on (control: python3 3.11); never a
+# python3 that happens to come first on PATH.
 PY=/usr/bin/python3
-BUILD_PYTHON=3.11
-PYTHON_VERSIONS=$(sed -e 's/#.*//' "$ROOT/packaging/python-versions" | tr -s ' \n' ' ')
-PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+TARGET_PYTHON=3.11
 
 say() { echo "build-deb: $*" >&2; }
 die() { say "$*"; exit 1; }
@@ -54,8 +51,8 @@ arch=$(dpkg --print-architecture)
 [ "$arch" = amd64 ] || die "builds amd64 packages only; this host is $arch"
 host_python=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) ||
     die "$PY not found: apt-get install python3"
-[ "$host_python" = "$BUILD_PYTHON" ] ||
-    die "$PY is $host_python; the package is built with Python $BUILD_PYTHON: build on Debian 12"
+[ "$host_python" = "$TARGET_PYTHON" ] ||
+    die "$PY is $host_python; the package carries wheels for Python $TARGET_PYTHON: build on Debian 12"
 
 installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
 missing=()
@@ -94,46 +91,36 @@ rm "$stage/debian/changelog.in"
 
 # --- wheels: the cache first, PyPI when something is missing --------------------
 
-# The agent's runtime wheels for each CPython: the lock's entries for it (pip downloads for another
-# Python than its own but judges markers against its own: lockfile.py select), into wheels/runtime/cpXY.
-for pyver in $PYTHON_VERSIONS; do
-    "$PY" "$ROOT/packaging/lockfile.py" select "$ROOT/agent/requirements.lock" --python "$pyver" \
-        >"$STAGE_ROOT/runtime-$pyver.txt"
-done
+# The agent's runtime wheels: the lock's entries for this python3, which pip picks by their markers.
+cp "$ROOT/agent/requirements.lock" "$STAGE_ROOT/runtime.txt"
 # setuptools builds the agent's wheel (pyproject's build-system) offline: the pin of the test lock.
 "$PY" "$ROOT/packaging/lockfile.py" select "$ROOT/tests/requirements.lock" \
     --python "$("$PY" -c 'import platform; print(platform.python_version())')" --only setuptools \
     >"$STAGE_ROOT/build.txt"
 
-# pip_download LIST DIR [PIP_ARGS...]: the wheels $STAGE_ROOT/LIST.txt pins, checked by hash, into
-# $stage/wheels/DIR (PIP_ARGS: the target Python's tags, for another CPython than this one).
-pip_download() {
-    local list=$1 dir=$2 cached=$CACHE/wheels
-    shift 2
+pip_download() {  # KIND: the wheels $STAGE_ROOT/KIND.txt pins, checked by hash, into $stage/wheels/KIND
+    local kind=$1 cached=$CACHE/wheels
     local args=(-m pip download -q --disable-pip-version-check --only-binary=:all: --no-deps
-                --require-hashes -r "$STAGE_ROOT/$list.txt" "$@")
+                --require-hashes -r "$STAGE_ROOT/$kind.txt" -d "$stage/wheels/$kind")
     mkdir -p "$cached"
-    if "$PY" "${args[@]}" -d "$stage/wheels/$dir" --no-index --find-links "$cached" 2>/dev/null; then
+    if "$PY" "${args[@]}" --no-index --find-links "$cached" 2>/dev/null; then
         return 0
     fi
-    say "downloading the $list wheels from PyPI into $cached"
-    "$PY" "${args[@]}" -d "$cached" >&2
-    rm -rf "$stage/wheels/$dir"
-    "$PY" "${args[@]}" -d "$stage/wheels/$dir" --no-index --find-links "$cached" >&2
+    say "downloading $kind wheels from PyPI into $cached"
+    "$PY" -m pip download -q --disable-pip-version-check --only-binary=:all: --no-deps \
+        --require-hashes -r "$STAGE_ROOT/$kind.txt" -d "$cached" >&2
+    rm -rf "$stage/wheels/$kind"
+    "$PY" "${args[@]}" --no-index --find-links "$cached" >&2
 }
 # One builder at a time fills the cache (make dist shares it): pip writes a wheel in place, and a
 # builder reading it half-written would take it for a wheel that does not match the lock.
 mkdir -p "$CACHE"
 exec 9>"$CACHE/wheels.lock"
 flock 9
-for pyver in $PYTHON_VERSIONS; do
-    abi=cp$(echo "$pyver" | cut -d. -f1,2 | tr -d .)
-    pip_download "runtime-$pyver" "runtime/$abi" --python-version "$pyver" --implementation cp \
-        --abi "$abi" --abi abi3 --abi none "${PLATFORMS[@]}"
-done
-pip_download build build
+pip_download runtime
+pip_download build
 flock -u 9
-say "wheels: $(cd "$stage/wheels/runtime" && for d in *; do printf '%s: %s wheels; ' "$d" "$(ls "$d" | wc -l)"; done)"
+say "wheels: $(cd "$stage/wheels/runtime" && ls | tr '\n' ' ')"
 
 # --- build --------------------------------------------------------------------------
 

@@ -68,8 +68,7 @@ security_mirror() { local s; s=$(uri_for "$(host_codename)-security"); echo "${s
 # --- chroots ------------------------------------------------------------------
 
 # Packages every build chroot gets (a user building a DKMS module has these).
-# python3: the release's own, which the agent's package runs on (tests/packaging/test_debs.py).
-BASE_PACKAGES="build-essential dkms kmod openssl ca-certificates xz-utils python3"
+BASE_PACKAGES="build-essential dkms kmod openssl ca-certificates xz-utils"
 
 root_of() { echo "$CACHE/chroot/$1"; }
 
