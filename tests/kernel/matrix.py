@@ -559,9 +559,7 @@ INSTALL_SCRIPT_TESTS = "tests/installer/test_install_script.py"
 SYSTEM_GROUPS = {"install-script": ["-m", "system and not long", INSTALL_SCRIPT_TESTS],
                  "packages-and-image": ["-m", "system and not long", f"--ignore={INSTALL_SCRIPT_TESTS}"]}
 LONG_SYSTEM_GROUPS = {"long-script": ["-m", "system and long", "tests/installer/test_kernel_update_script.py"],
-                      "long-packages": ["-m", "system and long", "tests/installer/test_kernel_update_packages.py"],
-                      "long-release-upgrade": ["-m", "system and long",
-                                               "tests/installer/test_release_upgrade_packages.py"]}
+                      "long-packages": ["-m", "system and long", "tests/installer/test_kernel_update_packages.py"]}
 
 
 def _pytest_job(title: str, out: Path, command: list[str], env: dict[str, str]) -> int:
