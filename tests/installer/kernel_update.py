@@ -27,6 +27,8 @@ import subprocess
 from pathlib import Path
 from typing import Dict
 
+import pytest
+
 from .system import DebianSystem
 
 # The security update's kernel packages are out of reach until the update: the server was installed
@@ -47,7 +49,7 @@ def fields(text: str, separator: str) -> Dict[str, str]:
     return dict(line.split(separator, 1) for line in text.strip().splitlines())
 
 
-def kernels(system: DebianSystem) -> Dict[str, str]:
+def find_kernels(system: DebianSystem) -> Dict[str, str]:
     """The ABIs of bookworm's point-release kernel ("point") and of bookworm-security's ("security"), and
     their linux-image-amd64 versions ("point_version", "security_version"), as the guest's apt lists them."""
     def abi_of(version: str) -> str:
@@ -157,3 +159,26 @@ def check_loud_without_headers(system: DebianSystem, found: Dict[str, str], clie
             f" kernel {security}: its headers (linux-headers-{security}) are not installed") in check.stdout, check.stdout
     result = get(system, client_key, known_hosts)
     assert result.returncode == 2, (result.stdout, result.stderr)
+
+
+# The fixtures both install paths' test modules use (each defines `system`, the booted image with
+# what it installs from).
+
+@pytest.fixture(scope="module")
+def client_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MITIGATOR's key pair, on the host."""
+    key = tmp_path_factory.mktemp("client") / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "mitigator1", "-f", str(key)], check=True)
+    return key
+
+
+@pytest.fixture(scope="module")
+def kernels(system: DebianSystem) -> Dict[str, str]:
+    """The point-release and security kernels, as the guest's apt lists them (see find_kernels)."""
+    return find_kernels(system)
+
+
+@pytest.fixture(scope="module")
+def known_hosts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MITIGATOR's pin of the agent's host key, written at the install."""
+    return tmp_path_factory.mktemp("pins") / "known_hosts"

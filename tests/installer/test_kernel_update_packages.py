@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
-from typing import Dict
 
 import pytest
 
 from tests.packaging.debs import Debs, build_debs
 
 from . import kernel_update as scenario
+from .kernel_update import client_key, kernels, known_hosts  # noqa: F401 (fixtures)
 from .system import DebianSystem
 
 pytestmark = pytest.mark.long
@@ -31,24 +30,6 @@ def system(debian_system: DebianSystem, debs: Debs) -> DebianSystem:
     for deb in (debs.dkms, debs.agent):
         debian_system.put(deb, f"/root/{deb.name}")
     return debian_system
-
-
-@pytest.fixture(scope="module")
-def client_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    key = tmp_path_factory.mktemp("client") / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "mitigator1", "-f", str(key)], check=True)
-    return key
-
-
-@pytest.fixture(scope="module")
-def kernels(system: DebianSystem) -> Dict[str, str]:
-    return scenario.kernels(system)
-
-
-@pytest.fixture(scope="module")
-def known_hosts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """MITIGATOR's pin of the agent's host key, written at the install."""
-    return tmp_path_factory.mktemp("pins") / "known_hosts"
 
 
 def test_the_server_runs_the_point_release_kernel(system, kernels):

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import re
-import subprocess
-from pathlib import Path
-from typing import Dict
 
 import pytest
 
 from . import kernel_update as scenario
+from .kernel_update import client_key, kernels, known_hosts  # noqa: F401 (fixtures)
 from .system import DebianSystem
 from .test_install_script import INSTALL_TIMEOUT, SCRIPT, VERSION, build_dist
 
@@ -21,24 +19,6 @@ def system(debian_system: DebianSystem, tmp_path_factory: pytest.TempPathFactory
     dist = build_dist(tmp_path_factory.mktemp("dist") / "mitigator-agent", VERSION)
     debian_system.put(dist, SCRIPT, mode=0o644)
     return debian_system
-
-
-@pytest.fixture(scope="module")
-def client_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    key = tmp_path_factory.mktemp("client") / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "mitigator1", "-f", str(key)], check=True)
-    return key
-
-
-@pytest.fixture(scope="module")
-def kernels(system: DebianSystem) -> Dict[str, str]:
-    return scenario.kernels(system)
-
-
-@pytest.fixture(scope="module")
-def known_hosts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """MITIGATOR's pin of the agent's host key, written at the install."""
-    return tmp_path_factory.mktemp("pins") / "known_hosts"
 
 
 def test_the_server_runs_the_point_release_kernel(system, kernels):
