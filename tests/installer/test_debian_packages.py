@@ -22,7 +22,7 @@ from typing import Dict, List
 
 import pytest
 
-from tests.packaging.debs import Debs, build_debs, tree_version
+from tests.packaging.debs import Debs, build_debs_for_test, tree_version
 
 from .system import DebianSystem, diff_states
 
@@ -49,11 +49,8 @@ def higher(version: str) -> str:
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Debs]:
     """The packages of kmod/VERSION ("old") and of the next version ("new"), from this tree."""
-    try:
-        return {"old": build_debs(tmp_path_factory.mktemp("debs-old")),
-                "new": build_debs(tmp_path_factory.mktemp("debs-new"), higher(tree_version()))}
-    except subprocess.CalledProcessError as exc:
-        pytest.fail(f"packaging/build-deb.sh failed:\n{exc.output}")
+    return {"old": build_debs_for_test(tmp_path_factory, "debs-old"),
+            "new": build_debs_for_test(tmp_path_factory, "debs-new", higher(tree_version()))}
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
-from tests.packaging.debs import Debs, build_debs
+from tests.packaging.debs import Debs, build_debs_for_test
 
 from . import kernel_update as scenario
 from .kernel_update import client_key, kernels, known_hosts  # noqa: F401 (fixtures)
@@ -19,10 +17,7 @@ INSTALL_TIMEOUT = 2400  # apt, the headers and a DKMS build of the module under 
 
 @pytest.fixture(scope="module")
 def debs(tmp_path_factory: pytest.TempPathFactory) -> Debs:
-    try:
-        return build_debs(tmp_path_factory.mktemp("debs"))
-    except subprocess.CalledProcessError as exc:
-        pytest.fail(f"packaging/build-deb.sh failed:\n{exc.output}")
+    return build_debs_for_test(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

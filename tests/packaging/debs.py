@@ -11,6 +11,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "packaging" / "build-deb.sh"
 KMOD_VERSION_FILE = REPO / "kmod" / "VERSION"
@@ -53,3 +55,11 @@ def build_debs(out_dir: Path, version: str = "", lintian: bool = False) -> Debs:
                 dkms=dist / f"tcpsecrets-dkms_{version}-1_all.deb",
                 agent=dist / f"mitigator-agent_{version}-1_amd64.deb",
                 build_dir=build)
+
+
+def build_debs_for_test(tmp_path_factory: pytest.TempPathFactory, name: str = "debs", version: str = "") -> Debs:
+    """build_debs() into a new temporary directory `name`; a failed build fails the test with its output."""
+    try:
+        return build_debs(tmp_path_factory.mktemp(name), version)
+    except subprocess.CalledProcessError as exc:
+        pytest.fail(f"packaging/build-deb.sh failed:\n{exc.output}")

@@ -16,7 +16,7 @@ from typing import Dict, List
 
 import pytest
 
-from tests.packaging.debs import REPO, Debs, build_debs, tree_version
+from tests.packaging.debs import REPO, Debs, build_debs, build_debs_for_test, tree_version
 
 pytestmark = pytest.mark.skipif(not Path("/etc/debian_version").exists() or not shutil.which("dpkg-deb"),
                                 reason="builds Debian packages: needs a Debian host")
@@ -29,10 +29,7 @@ PYTHON = "/usr/bin/python3.11"
 
 @pytest.fixture(scope="module")
 def debs(tmp_path_factory: pytest.TempPathFactory) -> Debs:
-    try:
-        return build_debs(tmp_path_factory.mktemp("debs"))
-    except subprocess.CalledProcessError as exc:
-        pytest.fail(f"packaging/build-deb.sh failed:\n{exc.output}")
+    return build_debs_for_test(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
