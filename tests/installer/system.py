@@ -563,8 +563,14 @@ for root in config["roots"]:
         dirs[:] = [d for d in dirs if not skipped(os.path.join(top, d))]
         for name in dirs + names:
             path = os.path.join(top, name)
-            if not skipped(path):
+            if skipped(path):
+                continue
+            # An entry listed but gone before it is read (a temporary file renamed into place by
+            # apt, systemd or the agent) is not part of either state.
+            try:
                 files[path] = describe(path)
+            except FileNotFoundError:
+                pass
 
 packages = {}
 for line in out("dpkg-query", "-W", "-f", "${binary:Package} ${Version} ${Status}\n").splitlines():
