@@ -185,16 +185,24 @@ class DebianSystem:
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw",
                         "-b", str(self.image.disk.resolve()), str(self.overlay)],
                        check=True, capture_output=True)
-        # The ports are free when picked but may be taken before qemu binds
-        # them (other sessions boot guests too): then qemu exits at once, and
-        # another pair is tried.
-        for _attempt in range(5):
-            self.ssh_port, self.agent_port = _free_port(), _free_port()
+        self._boot(new_ports=True)
+
+    def _boot(self, new_ports: bool) -> None:
+        """Start qemu on the boot files and return once root logs in over SSH; qemu is killed if not.
+
+        With `new_ports`, free ports are picked; they may be taken before qemu
+        binds them (other sessions boot guests too): then qemu exits at once,
+        and another pair is tried. Without, the current ones are used again.
+        """
+        for _attempt in range(5 if new_ports else 1):
+            if new_ports:
+                self.ssh_port, self.agent_port = _free_port(), _free_port()
             self._launch()
             if self._wait_qemu_settled():
                 break
         else:
-            raise GuestError(f"qemu could not forward its ports: {self._qemu_says()}")
+            raise GuestError(f"qemu could not forward ports {self.ssh_port} and {self.agent_port}: "
+                             f"{self._qemu_says()}")
         try:
             self._wait_for_ssh(time.monotonic() + self.boot_timeout, previous_boot_id=None)
         except BaseException:
@@ -303,16 +311,7 @@ class DebianSystem:
         self._power_off()
         self._kill_qemu()
         self._boot_files = (kernel, initrd)
-        self._launch()
-        if not self._wait_qemu_settled():
-            raise GuestError(f"qemu could not forward ports {self.ssh_port} and {self.agent_port} again: "
-                             f"{self._qemu_says()}")
-        try:
-            self._wait_for_ssh(time.monotonic() + self.boot_timeout, previous_boot_id=None)
-        except BaseException:
-            self._kill_qemu()
-            raise
-        self._start_mux()
+        self._boot(new_ports=False)
         booted = self.run("uname -r").stdout.strip()
         if booted != release:
             raise self._fail(f"asked to boot kernel {release}, the guest runs {booted}")
