@@ -19,11 +19,13 @@ and the host reaches the guest's SSH server (port 22) and the agent's port
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -135,6 +137,24 @@ class SystemImage:
         return None
 
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent() -> None:
+    """In qemu's process before exec: be killed when the test process that started it dies.
+
+    A test run cut short (a timeout's SIGTERM, a kill) runs no fixture teardown, and qemu, in a
+    session of its own, would go on using a core under TCG and slow every later run. The signal is
+    tied to the thread that started qemu: guests are started from pytest's main thread.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        os._exit(127)
+    # The parent may have died before the line above: then nobody is there to stop us.
+    if os.getppid() == 1:
+        os._exit(127)
+
+
 def _free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -229,7 +249,8 @@ class DebianSystem:
         ]
         with open(self.qemu_log, "wb") as log:
             self._qemu = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
+                                          stderr=subprocess.STDOUT, start_new_session=True,
+                                          preexec_fn=_die_with_parent)
 
     def _wait_qemu_settled(self) -> bool:
         """True once qemu runs with its forwards set up; False if it exited over a port."""
