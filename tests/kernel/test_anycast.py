@@ -26,6 +26,9 @@ pytestmark = pytest.mark.kernel
 
 SECOND_BOOT_DELAY = 75  # seconds after the first boot: > 60 s apart in uptime
 READY_TIMEOUT = 900
+# How long a ready guest waits for the go: the first waits for the second's delayed boot, then for
+# its readiness.
+GO_TIMEOUT = SECOND_BOOT_DELAY + READY_TIMEOUT + 120
 KVERS = vm.test_kvers()
 
 
@@ -33,7 +36,7 @@ def boot(kver: str, ko: Path, shared: Path, role: str, results: dict) -> None:
     results[role] = vm.run_in_guest(
         kver, f"{sys.executable} -m tests.kernel.guest.anycast_server {role}",
         rwdirs=[shared],
-        env={**vm.guest_env(kver, ko), "ANYCAST_DIR": str(shared)})
+        env={**vm.guest_env(kver, ko), "ANYCAST_DIR": str(shared), "ANYCAST_GO_TIMEOUT": str(GO_TIMEOUT)})
 
 
 def wait_for(path: Path, results: dict, role: str) -> None:

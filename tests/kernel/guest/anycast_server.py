@@ -132,9 +132,13 @@ def main(role: str) -> None:
 
     # Wait for the go: both servers send the same SYN at the same wall-clock moment.
     (SHARED / f"{role}.ready").write_text(str(uptime()))
-    deadline = time.monotonic() + 600
+    # The host gives the other guest as long to get ready (ANYCAST_GO_TIMEOUT, from the host's own
+    # wait): on a loaded host the second boot alone can take many minutes under TCG.
+    deadline = time.monotonic() + float(os.environ["ANYCAST_GO_TIMEOUT"])
     while not (SHARED / "go").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
+    if not (SHARED / "go").exists():
+        sys.exit(f"{role}: no go from the host within {os.environ['ANYCAST_GO_TIMEOUT']} s")
     at = float((SHARED / "go").read_text())
     while time.time() < at:
         time.sleep(0.01)
