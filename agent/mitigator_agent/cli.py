@@ -34,6 +34,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import click
 
 from . import __version__, health, logs
+from .activation import ActivationError, inherited_listeners
 from .answers import PROTOCOL_LEVELS
 from .authkeys import (ADMITTED_KEY_TYPE, DEFAULT_KEYS_PATH, REPLACED, KeysFileError, add_key,
                        parse_keys, refusal_remedy, remove_keys, split_lines)
@@ -264,7 +265,11 @@ def serve(listen: Tuple[str, ...], port: int, keys_path: str, host_key_path: str
                         anycast=",".join(anycast_instances) if anycast_instances else "disabled"))
     _log_what_will_not_work(log, settings, service_user)
     try:
-        asyncio.run(run_until_signalled(settings, host_key))
+        listeners = inherited_listeners()
+        asyncio.run(run_until_signalled(settings, host_key, listeners=listeners))
+    except ActivationError as exc:
+        log.error(logs.event("cannot-start", whole=True, reason=exc.problem.sentence, fix=exc.problem.remedy))
+        sys.exit(1)
     except ListenError as exc:
         log.error(logs.event("cannot-start", whole=True, reason=str(exc)))
         sys.exit(1)

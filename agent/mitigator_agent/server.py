@@ -74,16 +74,17 @@ import logging
 import os
 import resource
 import signal
+import socket
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Set, Tuple, Union
 
 import asyncssh
 from asyncssh.constants import MSG_KEXINIT, MSG_SERVICE_ACCEPT, MSG_SERVICE_REQUEST
 from asyncssh.kex import get_kex_algs
 from asyncssh.packet import SSHPacket, String
 
-from . import __version__, logs
+from . import __version__, activation, logs
 from .answers import PROTOCOL_LEVEL, HostFacts, loggable_command, respond
 from .anycast import DEFAULT_STATE_DIR, Anycast
 from .authkeys import DEFAULT_KEYS_PATH, KeyEntry, KeysFile
@@ -112,6 +113,7 @@ MAC_ALGS: Tuple[str, ...] = ("hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm
 COMPRESSION_ALGS: Tuple[str, ...] = ("none",)
 
 FLUSH_INTERVAL_SECONDS = 5.0   # how often refusal summaries are written
+DRAIN_SECONDS = 10.0           # at a stop, how long polls under way may take to finish
 ALLOWED_CACHE_SECONDS = 1.0    # admission re-reads the keys file at least this often (besides on stat changes)
 
 PR_SET_DUMPABLE = 4
@@ -320,7 +322,8 @@ class AgentServer:
     """Shared state of all connections: settings, keys file, admission, logging."""
 
     def __init__(self, settings: ServerSettings, host_key: asyncssh.SSHKey,
-                 keys: Optional[KeysFile] = None) -> None:
+                 keys: Optional[KeysFile] = None, listeners: Sequence[socket.socket] = ()) -> None:
+        """`listeners`: sockets systemd passed (activation.py), served instead of binding the configured addresses."""
         self.settings = settings
         self.keys = keys or KeysFile(settings.keys_path)
         self.log = logs.get_logger()
@@ -337,6 +340,8 @@ class AgentServer:
         self._allowed_checked = float("-inf")
         self._allowed_identity: Optional[Tuple[int, int, int, int, int]] = None
         self._acceptors: List[asyncssh.SSHAcceptor] = []
+        self._inherited = tuple(listeners)
+        self._live: Set["AgentConnection"] = set()  # every connection not yet lost
         self._flusher: Optional["asyncio.Task[None]"] = None
         self.anycast = Anycast(settings.anycast_instances, settings.state_dir, settings.device, self.log)
         uname = os.uname()
@@ -510,26 +515,50 @@ class AgentServer:
                                                              " keys-file from= patterns get in"))
         bound: List[Tuple[str, int]] = []
         try:
-            for host, port in listen_endpoints(self.settings):
-                try:
-                    acceptor = await asyncssh.listen(
-                        host, port, server_factory=lambda: AgentConnection(self),
-                        **self.listen_options())
-                except OSError as exc:
-                    raise ListenError(listen_problem(host, port, exc)) from None
-                self._acceptors.append(acceptor)
+            if self._inherited:
+                await self._serve_inherited()
+            else:
+                for host, port in listen_endpoints(self.settings):
+                    try:
+                        acceptor = await asyncssh.listen(
+                            host, port, server_factory=lambda: AgentConnection(self),
+                            **self.listen_options())
+                    except OSError as exc:
+                        raise ListenError(listen_problem(host, port, exc)) from None
+                    self._acceptors.append(acceptor)
+            origin = " (from systemd)" if self._inherited else ""
+            for acceptor in self._acceptors:
                 for sock in acceptor.sockets:
                     address = sock.getsockname()
                     bound.append((address[0], address[1]))
-                    self.log.info(f"listening on {format_address(address[0], address[1])}")
+                    self.log.info(f"listening on {format_address(address[0], address[1])}{origin}")
         except BaseException:
             await self.close()
             raise
         self._flusher = asyncio.get_running_loop().create_task(self._flush_refusals())
         return bound
 
-    async def close(self) -> None:
-        """Stop listening, write pending refusal summaries, wait for the listeners to go."""
+    async def _serve_inherited(self) -> None:
+        """Accept on the sockets systemd passed, once they are where the configuration listens."""
+        problem = activation.endpoint_problem(self._inherited, listen_endpoints(self.settings))
+        if problem is not None:
+            raise activation.ActivationError(problem)
+        for sock in self._inherited:
+            self._acceptors.append(await asyncssh.listen(
+                sock=sock, server_factory=lambda: AgentConnection(self), **self.listen_options()))
+
+    async def close(self, drain_seconds: float = 0.0) -> None:
+        """Stop listening, let open connections finish, write pending refusal summaries, wait for the listeners.
+
+        For up to `drain_seconds` the connections already accepted go on (a poll
+        under way is answered); an authenticated connection with no session
+        open is closed at once, as nothing is under way on it. Connections
+        accepted by systemd's socket meanwhile wait for the next agent.
+        """
+        for acceptor in self._acceptors:
+            acceptor.close()
+        if drain_seconds > 0:
+            await self._drain(drain_seconds)
         if self._flusher is not None:
             self._flusher.cancel()
             self._flusher = None
@@ -537,10 +566,21 @@ class AgentServer:
             self.log.warning(logs.event("refused", summary=summary))
         self.known_sources.flush()
         for acceptor in self._acceptors:
-            acceptor.close()
-        for acceptor in self._acceptors:
             await acceptor.wait_closed()
         self._acceptors.clear()
+
+    async def _drain(self, seconds: float) -> None:
+        """Wait until no connection is left, for at most `seconds`; then close what is left."""
+        for connection in list(self._live):
+            connection.close_if_idle()
+        deadline = asyncio.get_running_loop().time() + seconds
+        while self._live and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        if self._live:
+            self.log.warning(logs.event("stopping", open_connections=len(self._live),
+                                        note=f"still open after {seconds:g} s: closed"))
+            for connection in list(self._live):
+                connection.abort()
 
 
 class AgentConnection(asyncssh.SSHServer):
@@ -586,6 +626,7 @@ class AgentConnection(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         conn.__class__ = KexGuessServerConnection
         self._conn = conn
+        self.server._live.add(self)
         peer = conn.get_extra_info("peername")
         self.address = plain_address(peer[0])
         self.source = format_address(self.address, peer[1])
@@ -603,6 +644,7 @@ class AgentConnection(asyncssh.SSHServer):
         self._ticket = ticket
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.server._live.discard(self)
         self._stop_idle_timer()
         if self._ticket is None:
             return
@@ -698,6 +740,17 @@ class AgentConnection(asyncssh.SSHServer):
         if self._conn is not None and self._open_sessions == 0:
             self.log_event(logging.INFO, "closed", reason=f"idle for {timeout:g} s with no session open")
             self._conn.disconnect(asyncssh.DISC_BY_APPLICATION, "idle timeout")
+
+    def close_if_idle(self) -> None:
+        """Close the connection if it is authenticated with no session open (the agent is stopping)."""
+        if self._conn is not None and self._authenticated and self._open_sessions == 0:
+            self._stop_idle_timer()
+            self._conn.disconnect(asyncssh.DISC_BY_APPLICATION, "agent stopping")
+
+    def abort(self) -> None:
+        """Drop the connection at once (the agent is stopping and it did not finish in time)."""
+        if self._conn is not None:
+            self._conn.abort()
 
     # --- channels ----------------------------------------------------------
 
@@ -881,16 +934,18 @@ def settings_from_click() -> Optional[Callable[[ServerSettings], ServerSettings]
 
 
 async def run_until_signalled(settings: ServerSettings, host_key: asyncssh.SSHKey,
-                              load_settings: Optional[Callable[[ServerSettings], ServerSettings]] = None
-                              ) -> None:
+                              load_settings: Optional[Callable[[ServerSettings], ServerSettings]] = None,
+                              listeners: Sequence[socket.socket] = ()) -> None:
     """Serve until SIGTERM or SIGINT (also one that arrives while starting); SIGHUP reloads.
 
     ``load_settings`` re-reads the configuration on SIGHUP (default: the
-    serve command's config file through click's context, if any).  The
-    caller disables core dumps first (disable_core_dumps), before the host
-    key or any secret is in memory.
+    serve command's config file through click's context, if any).
+    ``listeners``: the sockets systemd passed (activation.inherited_listeners).
+    On the signal, the agent stops accepting and gives the connections it
+    has DRAIN_SECONDS to finish their polls. The caller disables core dumps
+    first (disable_core_dumps), before the host key or any secret is in memory.
     """
-    server = AgentServer(settings, host_key)
+    server = AgentServer(settings, host_key, listeners=listeners)
     if load_settings is None:
         load_settings = settings_from_click()
     stop = asyncio.Event()
@@ -903,4 +958,4 @@ async def run_until_signalled(settings: ServerSettings, host_key: asyncssh.SSHKe
     await server.start()
     await stop.wait()
     server.log.info(logs.event("stopping"))
-    await server.close()
+    await server.close(drain_seconds=DRAIN_SECONDS)

@@ -58,7 +58,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 SSH = shutil.which("ssh") or "/usr/bin/ssh"
 SSH_USER = "mitigator_agent"
 WAIT_SECONDS = 30  # upper bound on any wait; a healthy run never gets near it
-LISTEN_RE = re.compile(r"listening on (?:\[([^\]]+)\]|([^:\s]+)):(\d+)$")
+LISTEN_RE = re.compile(r"listening on (?:\[([^\]]+)\]|([^:\s]+)):(\d+)(?: \(from systemd\))?$")
 LOOPBACK_VIA = {"127.0.0.1": "0.0.0.0", "::1": "::"}  # reached through a wildcard listener
 
 
@@ -131,7 +131,8 @@ class AgentProcess:
     """A running ``mitigator-agent serve`` and its collected log lines."""
 
     def __init__(self, workdir: Path, extra_args: Sequence[str],
-                 listen: Sequence[str] = ("127.0.0.1", "::1"), command_prefix: Sequence[str] = ()) -> None:
+                 listen: Sequence[str] = ("127.0.0.1", "::1"), command_prefix: Sequence[str] = (),
+                 pass_fds: Sequence[int] = ()) -> None:
         self.workdir = workdir
         self.keys_path = workdir / "keys"
         self.host_key_path = workdir / "host.ed25519"
@@ -149,7 +150,7 @@ class AgentProcess:
                 "--keys", str(self.keys_path), "--host-key", str(self.host_key_path),
                 "--device", str(self.device_path), "--runtime-dir", str(self.runtime_dir), *extra_args]
         self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True, errors="replace", cwd=workdir)
+                                        text=True, errors="replace", cwd=workdir, pass_fds=pass_fds)
         self._reader = threading.Thread(target=self._collect, daemon=True)
         self._reader.start()
         try:
@@ -300,19 +301,20 @@ def second_key(workdir: Path) -> ClientKey:
 
 @pytest.fixture
 def start_agent(workdir: Path, snapshot: Snapshot) -> Iterator[Callable[..., AgentProcess]]:
-    """Factory: start_agent(keys_text, *extra_serve_args, listen=..., command_prefix=...) -> AgentProcess.
+    """Factory: start_agent(keys_text, *extra_serve_args, listen=..., command_prefix=..., pass_fds=...) -> AgentProcess.
 
-    ``command_prefix`` runs the agent through another program (``setpriv ...``).
+    ``command_prefix`` runs the agent through another program (``setpriv ...``), which
+    gets the descriptors ``pass_fds``.
     """
     agents: List[AgentProcess] = []
 
-    def start(keys_text: Optional[str], *extra_args: str,
-              listen: Sequence[str] = ("127.0.0.1", "::1"), command_prefix: Sequence[str] = ()) -> AgentProcess:
+    def start(keys_text: Optional[str], *extra_args: str, listen: Sequence[str] = ("127.0.0.1", "::1"),
+              command_prefix: Sequence[str] = (), pass_fds: Sequence[int] = ()) -> AgentProcess:
         if keys_text is not None:
             (workdir / "keys").write_text(keys_text)
             (workdir / "keys").chmod(0o644)
         (workdir / "snapshot").write_bytes(encode(snapshot))
-        agent = AgentProcess(workdir, extra_args, listen, command_prefix)
+        agent = AgentProcess(workdir, extra_args, listen, command_prefix, pass_fds)
         agents.append(agent)
         return agent
 
