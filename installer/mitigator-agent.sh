@@ -27,6 +27,7 @@ APT_BEFORE=$STATE_DIR/packages-before-apt
 LOG_FILE=/var/log/mitigator-agent-install.log
 UNIT_FILE=/etc/systemd/system/mitigator-agent.service
 MODPROBE_FILE=/etc/modprobe.d/tcpsecrets.conf
+SWAP_MARKER=/run/tcpsecrets-swap
 MODULES_LOAD_FILE=/etc/modules-load.d/tcpsecrets.conf
 SYSCTL_FILE=/etc/sysctl.d/90-tcpsecrets.conf
 # Run after DKMS's hooks when a kernel or its headers are installed: loud when tcpsecrets was not built.
@@ -332,14 +333,19 @@ load_module() {
 		if [ "$loaded" = "$(payload_version)" ] && [ "$(cat /sys/module/$MODULE/parameters/read_gid)" = "$gid" ]; then
 			return 0
 		fi
-		cmd modprobe -r "$MODULE" || die "cannot unload the running $MODULE $loaded (in use?): stop what uses /dev/tcpsecrets and run this again"
+		# While the marker is there the running agent waits for the device instead of answering
+		# "not loaded" (agent: snapshot.read_snapshot_across_swap).
+		cmd touch "$SWAP_MARKER" || die "cannot write $SWAP_MARKER"
+		cmd modprobe -r "$MODULE" || { rm -f "$SWAP_MARKER"; die "cannot unload the running $MODULE $loaded (in use?): stop what uses /dev/tcpsecrets and run this again"; }
 	fi
 	if ! cmd modprobe "$MODULE"; then
+		rm -f "$SWAP_MARKER"
 		if secure_boot_blocks_module; then
 			return 0
 		fi
 		die "the module does not load (see dmesg and $LOG_FILE)"
 	fi
+	cmd rm -f "$SWAP_MARKER" || die "cannot remove $SWAP_MARKER"
 }
 
 # Secure Boot on (EFI variable SecureBoot = 1) and DKMS's key not enrolled: the module loads only after

@@ -54,6 +54,7 @@ from .snapshot import (
     Snapshot,
     SnapshotError,
     read_snapshot,
+    read_snapshot_across_swap,
 )
 
 EXIT_OK = 0
@@ -386,7 +387,7 @@ def _error(message: str, status: int) -> Answer:
 def _take_snapshot(device: str, anycast: Optional[Anycast]) -> Union[Snapshot, Answer]:
     """One snapshot to answer from, after any replay; or the error Answer."""
     try:
-        snap = read_snapshot(device)
+        snap = read_snapshot_across_swap(device)
         if anycast is not None and anycast.ensure(snap):
             # answer what the kernel now uses, from a snapshot taken after the replay
             snap = read_snapshot(device)

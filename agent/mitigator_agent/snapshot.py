@@ -27,6 +27,7 @@ import dataclasses
 import errno
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, List
@@ -35,6 +36,12 @@ import cffi
 
 HEADER_NAME = "tcpsecrets.h"
 DEFAULT_DEVICE = "/dev/tcpsecrets"
+# The install script and the package's postinst create this file (root only: /run) just before they
+# unload the module to load its new version, and remove it once the new one is loaded. While it is
+# there, a poll waits for the device instead of answering "not loaded" (read_snapshot_across_swap).
+SWAP_MARKER = "/run/tcpsecrets-swap"
+SWAP_WAIT_SECONDS = 10.0   # longest wait for the device during a swap
+SWAP_MARKER_MAX_AGE = 120  # seconds: a marker left by a swap that was killed is ignored after this
 
 # A read asks for more than the struct so that a newer, larger kernel
 # struct arrives whole; `size` then says how much of it is meaningful.
@@ -336,6 +343,33 @@ def read_snapshot(path: str = DEFAULT_DEVICE) -> Snapshot:
     finally:
         os.close(fd)
     return decode(data)
+
+
+def swap_under_way(marker: str = SWAP_MARKER) -> bool:
+    """True while `marker` exists and is younger than SWAP_MARKER_MAX_AGE seconds."""
+    try:
+        age = time.time() - os.stat(marker).st_mtime
+    except OSError:
+        return False
+    return age < SWAP_MARKER_MAX_AGE
+
+
+def read_snapshot_across_swap(path: str = DEFAULT_DEVICE, marker: str = SWAP_MARKER,
+                              wait: float = SWAP_WAIT_SECONDS) -> Snapshot:
+    """read_snapshot(), which waits up to `wait` seconds for the device while a module swap is under way.
+
+    Without a swap under way a missing device raises DeviceMissing at once,
+    as read_snapshot does. The wait blocks the caller (the agent's event
+    loop: every poll waits for the same device anyway).
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return read_snapshot(path)
+        except DeviceMissing:
+            if time.monotonic() >= deadline or not swap_under_way(marker):
+                raise
+        time.sleep(0.05)
 
 
 # --- anycast sets -------------------------------------------------------------
