@@ -26,6 +26,7 @@ STATE_DIR=/var/lib/mitigator-agent
 APT_BEFORE=$STATE_DIR/packages-before-apt
 LOG_FILE=/var/log/mitigator-agent-install.log
 UNIT_FILE=/etc/systemd/system/mitigator-agent.service
+SOCKET_FILE=/etc/systemd/system/mitigator-agent.socket
 MODPROBE_FILE=/etc/modprobe.d/tcpsecrets.conf
 SWAP_MARKER=/run/tcpsecrets-swap
 MODULES_LOAD_FILE=/etc/modules-load.d/tcpsecrets.conf
@@ -446,21 +447,39 @@ create_host_key() {
 }
 
 install_unit() {
+	cmd install -m 0644 "$PAYLOAD/packaging/systemd/mitigator-agent.socket" "$SOCKET_FILE" || die "cannot write $SOCKET_FILE"
 	cmd install -m 0644 "$PAYLOAD/packaging/systemd/mitigator-agent.service" "$UNIT_FILE" || die "cannot write $UNIT_FILE"
 	cmd systemctl daemon-reload || die "systemctl daemon-reload failed (see $LOG_FILE)"
+	cmd systemctl enable mitigator-agent.socket || die "cannot enable mitigator-agent.socket (see $LOG_FILE)"
 	cmd systemctl enable mitigator-agent.service || die "cannot enable mitigator-agent.service (see $LOG_FILE)"
 }
 
+# Without systemd's socket (a first install, or an agent from before it), the agent that runs holds the
+# port itself: it is stopped, and the socket takes the port. With it, the running agent serves on
+# through the module swap and the restart hands over: no poll is refused.
+stop_agent_without_socket() {
+	systemctl is-active -q mitigator-agent.socket && return 0
+	systemctl stop mitigator-agent.service >/dev/null 2>&1 || true
+}
+
 start_agent() {
+	if ! systemctl is-active -q mitigator-agent.socket; then
+		cmd systemctl start mitigator-agent.socket ||
+			die "systemd cannot listen on port $PORT for the agent (ss -ltnp 'sport = :$PORT' shows who has it): journalctl -u mitigator-agent.socket"
+	fi
 	cmd systemctl restart mitigator-agent.service || die "the service does not start: journalctl -u mitigator-agent"
+	# Up once this run of the service says it listens (the port itself is systemd's from the start).
+	invocation=$(systemctl show -p InvocationID --value mitigator-agent.service) || invocation=
 	tries=0
-	until ss -Hltn "sport = :$PORT" 2>/dev/null | grep -q .; do
+	until [ -n "$invocation" ] &&
+		journalctl -q _SYSTEMD_INVOCATION_ID="$invocation" -o cat --no-pager 2>/dev/null | grep -q '^listening on '; do
 		tries=$((tries + 1))
 		if [ $tries -gt 120 ] || ! systemctl is-active -q mitigator-agent.service; then
 			journalctl -u mitigator-agent.service -n 10 --no-pager 2>/dev/null | sed 's/^/    /' >&2
 			return 1
 		fi
 		sleep 1
+		[ -n "$invocation" ] || invocation=$(systemctl show -p InvocationID --value mitigator-agent.service) || invocation=
 	done
 	say "[i] mitigator-agent listening on port $PORT"
 }
@@ -563,7 +582,7 @@ do_install() {
 	pause_at switch
 	# From here the new version replaces the old one.
 	ACTIVATED=yes
-	systemctl stop mitigator-agent.service >/dev/null 2>&1 || true
+	stop_agent_without_socket
 	activate_module
 	activate_agent
 	load_module
@@ -584,9 +603,12 @@ remove_everything() {
 	purge=$1
 	removed=no
 	UNINSTALL_FAILED=no
-	if [ -e "$UNIT_FILE" ] || systemctl is-enabled -q mitigator-agent.service 2>/dev/null; then
+	if [ -e "$UNIT_FILE" ] || [ -e "$SOCKET_FILE" ] || systemctl is-enabled -q mitigator-agent.service 2>/dev/null; then
 		cmd systemctl disable --now mitigator-agent.service || true
-		cmd rm -f "$UNIT_FILE" || say "[!] cannot remove $UNIT_FILE; remove it by hand"
+		if [ -e "$SOCKET_FILE" ]; then
+			cmd systemctl disable --now mitigator-agent.socket || true
+		fi
+		cmd rm -f "$UNIT_FILE" "$SOCKET_FILE" || say "[!] cannot remove $UNIT_FILE or $SOCKET_FILE; remove them by hand"
 		cmd systemctl daemon-reload || say "[!] systemctl daemon-reload failed"
 		removed=yes
 	fi

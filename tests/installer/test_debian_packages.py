@@ -24,6 +24,7 @@ import pytest
 
 from tests.packaging.debs import Debs, build_debs_for_test, tree_version
 
+from .polling import PollingThrough
 from .system import DebianSystem, diff_states
 
 pytestmark = pytest.mark.system
@@ -87,17 +88,21 @@ def wait_for_listener(system: DebianSystem) -> None:
         time.sleep(1)
 
 
-def openssh_get(system: DebianSystem, client: Path) -> Dict[str, str]:
-    """`get` from the host with OpenSSH through the forwarded port, the host key pinned."""
+def openssh_get_command(system: DebianSystem, client: Path) -> List[str]:
+    """The OpenSSH `get` from the host through the forwarded port, the guest's host key pinned."""
     known_hosts = client.with_name("known_hosts")
     pub = system.get(f"{HOST_KEY}.pub").decode().split()
     known_hosts.write_text(f"[127.0.0.1]:{system.agent_port} {pub[0]} {pub[1]}\n")
-    done = subprocess.run(
-        ["ssh", "-F", "/dev/null", "-p", str(system.agent_port), "-i", str(client),
-         "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-         "-o", f"UserKnownHostsFile={known_hosts}", "-o", "ConnectTimeout=60",
-         f"{AGENT_USER}@127.0.0.1", "get"],
-        capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    return ["ssh", "-F", "/dev/null", "-p", str(system.agent_port), "-i", str(client),
+            "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+            "-o", f"UserKnownHostsFile={known_hosts}", "-o", "ConnectTimeout=60",
+            f"{AGENT_USER}@127.0.0.1", "get"]
+
+
+def openssh_get(system: DebianSystem, client: Path) -> Dict[str, str]:
+    """`get` from the host with OpenSSH through the forwarded port, the host key pinned."""
+    done = subprocess.run(openssh_get_command(system, client),
+                          capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr
     answer = dict(line.split(": ", 1) for line in done.stdout.splitlines())
     assert list(answer) == list(GET_KEYS), done.stdout
@@ -181,7 +186,11 @@ def test_upgrade_keeps_keys_and_host_key_and_the_new_version_answers(debian_syst
                                                                       seen: Dict[str, object]) -> None:
     system, new = debian_system, builds["new"]
     pid_before = system.run("systemctl show -p MainPID --value mitigator-agent").stdout.strip()
-    install(system, new)
+    # MITIGATOR polls on through the upgrade: the restart and the module swap refuse none.
+    with PollingThrough(openssh_get_command(system, client)) as polling:
+        install(system, new)
+    print(polling.summary())
+    assert polling.polls and polling.failed == [], polling.summary() + f": {polling.failed}"
     assert kept_files(system) == seen["kept"]
     assert system.run("mitigator-agent --version").stdout.strip() == f"mitigator-agent, version {new.version}"
     # The module DKMS built for the new version is the one loaded; the old one is gone from DKMS.

@@ -14,10 +14,11 @@ import shlex
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import pytest
 
+from .polling import PollingThrough
 from .system import DebianSystem, State, diff_states
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,12 +103,15 @@ def last_line(result: subprocess.CompletedProcess[str]) -> str:
     return result.stderr.strip().splitlines()[-1]
 
 
+def ssh_get_command(system: DebianSystem, key: Path, known_hosts: Path, command: str = "get") -> List[str]:
+    return ["ssh", "-F", "none", "-i", str(key), "-p", str(system.agent_port), "-o", "IdentitiesOnly=yes",
+            "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes",
+            "-o", "ConnectTimeout=60", "mitigator_agent@127.0.0.1", command]
+
+
 def ssh_get(system: DebianSystem, key: Path, known_hosts: Path, command: str = "get") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["ssh", "-F", "none", "-i", str(key), "-p", str(system.agent_port), "-o", "IdentitiesOnly=yes",
-         "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes",
-         "-o", "ConnectTimeout=60", "mitigator_agent@127.0.0.1", command],
-        capture_output=True, text=True, timeout=300)
+    return subprocess.run(ssh_get_command(system, key, known_hosts, command), capture_output=True, text=True,
+                          timeout=300)
 
 
 def pin_host_key(system: DebianSystem, where: Path) -> Path:
@@ -325,9 +329,14 @@ def test_a_failed_update_leaves_the_previous_version_running(system):
 
 def test_update_keeps_keys_and_host_key_and_serves_the_new_version(system, client_key, tmp_path):
     kept = {path: system.get(path) for path in (KEYS, HOST_KEY, HOST_KEY + ".pub")}
+    known_hosts = pin_host_key(system, tmp_path)
     started = time.monotonic()
-    result = install(system, NEXT_SCRIPT, pipe=False)
+    # MITIGATOR polls on through the update: the restart and the module swap refuse none.
+    with PollingThrough(ssh_get_command(system, client_key, known_hosts)) as polling:
+        result = install(system, NEXT_SCRIPT, pipe=False)
     record("update", result, time.monotonic() - started)
+    record("polls through the update", subprocess.CompletedProcess("PollingThrough", 0, polling.summary() + "\n", ""))
+    assert polling.polls and polling.failed == [], polling.summary() + f": {polling.failed}"
     assert f"[i] updating {VERSION} to {NEXT_VERSION}" in result.stderr
     assert f"mitigator-agent {NEXT_VERSION} is installed and running." in result.stderr
     assert {path: system.get(path) for path in kept} == kept

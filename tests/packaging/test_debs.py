@@ -116,6 +116,7 @@ def test_agent_package_installs_the_documented_layout(debs: Debs, extracted: Dic
     assert entries["usr/sbin/mitigator-agent"].endswith("-> ../lib/mitigator-agent/mitigator-agent")
     root = extracted["agent"]
     for installed, source in (("lib/systemd/system/mitigator-agent.service", "systemd/mitigator-agent.service"),
+                              ("lib/systemd/system/mitigator-agent.socket", "systemd/mitigator-agent.socket"),
                               ("etc/modules-load.d/tcpsecrets.conf", "system/modules-load.conf"),
                               ("etc/sysctl.d/90-tcpsecrets.conf", "system/sysctl.conf"),
                               ("usr/share/mitigator-agent/modprobe.conf.in", "system/modprobe.conf.in")):
