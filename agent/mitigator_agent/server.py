@@ -569,6 +569,14 @@ class AgentServer:
             await acceptor.wait_closed()
         self._acceptors.clear()
 
+    def track(self, connection: "AgentConnection") -> None:
+        """A connection was accepted: a stop waits for it (close)."""
+        self._live.add(connection)
+
+    def untrack(self, connection: "AgentConnection") -> None:
+        """A connection is gone."""
+        self._live.discard(connection)
+
     async def _drain(self, seconds: float) -> None:
         """Wait until no connection is left, for at most `seconds`; then close what is left."""
         for connection in list(self._live):
@@ -626,7 +634,7 @@ class AgentConnection(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         conn.__class__ = KexGuessServerConnection
         self._conn = conn
-        self.server._live.add(self)
+        self.server.track(self)
         peer = conn.get_extra_info("peername")
         self.address = plain_address(peer[0])
         self.source = format_address(self.address, peer[1])
@@ -644,7 +652,7 @@ class AgentConnection(asyncssh.SSHServer):
         self._ticket = ticket
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
-        self.server._live.discard(self)
+        self.server.untrack(self)
         self._stop_idle_timer()
         if self._ticket is None:
             return

@@ -150,3 +150,17 @@ def test_a_socket_where_the_configuration_does_not_listen_is_refused_and_kept(
                         pass_fds=(held.fileno(),))
     done_get = agent.ssh(client_key, "get")
     assert done_get.returncode == 0, done_get.stderr
+
+
+def test_a_stop_closes_an_idle_connection_at_once_instead_of_waiting_for_it(
+        start_agent: Callable[..., AgentProcess], client_key: ClientKey) -> None:
+    agent = start_agent(client_key.public_line + "\n", "--idle-timeout", "0")
+    with subprocess.Popen([*agent.ssh_command(client_key), "-N", "mitigator_agent@127.0.0.1"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as held:
+        agent.wait_for(r"source-remembered src=127\.0\.0\.1 ")
+        agent.process.terminate()
+        assert agent.process.wait(WAIT_SECONDS) == 0
+        # the agent hung up on it (not the other way round), and nothing was left for the drain
+        assert held.wait(WAIT_SECONDS) == 255
+    assert "still open after" not in agent.log
+    assert "stopping" in agent.log
