@@ -114,6 +114,8 @@ COMPRESSION_ALGS: Tuple[str, ...] = ("none",)
 
 FLUSH_INTERVAL_SECONDS = 5.0   # how often refusal summaries are written
 DRAIN_SECONDS = 10.0           # at a stop, how long polls under way may take to finish
+ACCEPT_SETTLE_SECONDS = 0.2    # at a stop, for connections accepted in the last instant to be set up
+STOP_IDLE_SECONDS = 2.0        # at a stop, a connection authenticated this long with no session is closed
 ALLOWED_CACHE_SECONDS = 1.0    # admission re-reads the keys file at least this often (besides on stat changes)
 
 PR_SET_DUMPABLE = 4
@@ -551,9 +553,9 @@ class AgentServer:
         """Stop listening, let open connections finish, write pending refusal summaries, wait for the listeners.
 
         For up to `drain_seconds` the connections already accepted go on (a poll
-        under way is answered); an authenticated connection with no session
-        open is closed at once, as nothing is under way on it. Connections
-        accepted by systemd's socket meanwhile wait for the next agent.
+        under way is answered); one authenticated for STOP_IDLE_SECONDS with no
+        session open is closed, as nothing is under way on it. Connections
+        queued on systemd's socket meanwhile wait for the next agent.
         """
         for acceptor in self._acceptors:
             acceptor.close()
@@ -579,10 +581,15 @@ class AgentServer:
 
     async def _drain(self, seconds: float) -> None:
         """Wait until no connection is left, for at most `seconds`; then close what is left."""
-        for connection in list(self._live):
-            connection.close_if_idle()
-        deadline = asyncio.get_running_loop().time() + seconds
-        while self._live and asyncio.get_running_loop().time() < deadline:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        # A connection the listener accepted just before it closed reaches connection_made a few
+        # loop turns later (asyncio accepts, then sets the connection up in a task of its own):
+        # that time is given first, so it is drained rather than cut when the process exits.
+        await asyncio.sleep(ACCEPT_SETTLE_SECONDS)
+        while self._live and loop.time() < deadline:
+            for connection in list(self._live):
+                connection.close_if_idle(STOP_IDLE_SECONDS)
             await asyncio.sleep(0.05)
         if self._live:
             self.log.warning(logs.event("stopping", open_connections=len(self._live),
@@ -611,6 +618,7 @@ class AgentConnection(asyncssh.SSHServer):
         self._open_sessions = 0
         self._polls = 0
         self._idle_timer: Optional[asyncio.TimerHandle] = None
+        self._idle_since: Optional[float] = None  # loop time since when it is authenticated with no session open
 
     # --- logging -----------------------------------------------------------
 
@@ -734,11 +742,13 @@ class AgentConnection(asyncssh.SSHServer):
 
     def _start_idle_timer(self) -> None:
         """Close the connection if no session is opened within ``idle_timeout`` (``ssh -N``, a stale master)."""
+        self._idle_since = asyncio.get_running_loop().time()
         timeout = self.server.settings.idle_timeout
         if timeout > 0:
             self._idle_timer = asyncio.get_running_loop().call_later(timeout, self._close_idle, timeout)
 
     def _stop_idle_timer(self) -> None:
+        self._idle_since = None
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
@@ -749,9 +759,13 @@ class AgentConnection(asyncssh.SSHServer):
             self.log_event(logging.INFO, "closed", reason=f"idle for {timeout:g} s with no session open")
             self._conn.disconnect(asyncssh.DISC_BY_APPLICATION, "idle timeout")
 
-    def close_if_idle(self) -> None:
-        """Close the connection if it is authenticated with no session open (the agent is stopping)."""
-        if self._conn is not None and self._authenticated and self._open_sessions == 0:
+    def close_if_idle(self, seconds: float) -> None:
+        """Close the connection if it has been authenticated with no session open for `seconds` (a stop).
+
+        Just authenticated is not idle: a poll opens its session right after.
+        """
+        if (self._conn is not None and self._idle_since is not None and self._open_sessions == 0
+                and asyncio.get_running_loop().time() - self._idle_since >= seconds):
             self._stop_idle_timer()
             self._conn.disconnect(asyncssh.DISC_BY_APPLICATION, "agent stopping")
 

@@ -165,9 +165,12 @@ class AgentProcess:
                       for match in self.wait_for_all(LISTEN_RE, len(listen) or 2)}
         self.known_hosts = workdir / "known_hosts"
         key_type, key_data = (workdir / "host.ed25519.pub").read_text().split()[:2]
-        self.known_hosts.write_text("".join(  # each loopback this agent serves (one, with --listen ADDR)
+        # Renamed into place: a client of an earlier agent in this workdir may be reading it.
+        staged = workdir / "known_hosts.new"
+        staged.write_text("".join(  # each loopback this agent serves (one, with --listen ADDR)
             f"[{host}]:{self.port(host)} {key_type} {key_data}\n" for host in LOOPBACK_VIA
             if host in self.ports or LOOPBACK_VIA[host] in self.ports))
+        staged.rename(self.known_hosts)
 
     def _collect(self) -> None:
         assert self.process.stdout is not None

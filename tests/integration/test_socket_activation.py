@@ -50,11 +50,11 @@ class Poll:
 
 
 class Poller(threading.Thread):
-    """`get` over OpenSSH every POLL_INTERVAL seconds (after the previous one ends), until stopped."""
+    """`get` over OpenSSH every `interval` seconds (after the previous one ends), until stopped."""
 
-    def __init__(self, agent: AgentProcess, key: ClientKey) -> None:
+    def __init__(self, agent: AgentProcess, key: ClientKey, interval: float = POLL_INTERVAL) -> None:
         super().__init__(daemon=True)
-        self.agent, self.key = agent, key
+        self.agent, self.key, self.interval = agent, key, interval
         self.polls: List[Poll] = []
         self.halt = threading.Event()
 
@@ -64,7 +64,7 @@ class Poller(threading.Thread):
             done = self.agent.ssh(self.key, "get")
             self.polls.append(Poll(started, done.returncode, done.stderr,
                                    done.returncode == 0 and b"net_secret: " in done.stdout))
-            self.halt.wait(POLL_INTERVAL)
+            self.halt.wait(self.interval)
 
     def wait_answered(self, count: int, since: float) -> None:
         deadline = time.monotonic() + WAIT_SECONDS
@@ -117,6 +117,44 @@ def test_a_restart_loses_no_poll(start_agent: Callable[..., AgentProcess], clien
     assert second.process.poll() is None
 
 
+def test_polls_under_way_at_each_stop_are_answered(start_agent: Callable[..., AgentProcess],
+                                                   client_key: ClientKey, held: socket.socket) -> None:
+    """Four clients polling back to back through twenty restarts: every poll is answered.
+
+    Each stop finds polls at every stage (queued, accepted a moment ago, authenticating,
+    authenticated and about to open their session, running `get`): none may be cut.
+    Four clients: no more than the per-source limit of unauthenticated connections (4).
+    """
+    port = held.getsockname()[1]
+
+    def start() -> AgentProcess:
+        return start_agent(client_key.public_line + "\n", listen=(f"127.0.0.1:{port}",),
+                           command_prefix=as_systemd(held), pass_fds=(held.fileno(),))
+
+    agent = start()
+    pollers = [Poller(agent, client_key, interval=0.0) for _ in range(4)]
+    for poller in pollers:
+        poller.start()
+    try:
+        for _restart in range(20):
+            poller_counts = [len(poller.polls) for poller in pollers]
+            deadline = time.monotonic() + WAIT_SECONDS
+            while any(len(p.polls) < n + 2 for p, n in zip(pollers, poller_counts)):
+                assert time.monotonic() < deadline, [p.polls[-1:] for p in pollers]
+                time.sleep(0.05)
+            agent.process.terminate()
+            assert agent.process.wait(WAIT_SECONDS) == 0, agent.log
+            assert "still open after" not in agent.log, agent.log
+            agent = start()
+    finally:
+        for poller in pollers:
+            poller.halt.set()
+        for poller in pollers:
+            poller.join(WAIT_SECONDS)
+    polls = [poll for poller in pollers for poll in poller.polls]
+    assert [poll for poll in polls if not poll.answered] == []
+
+
 def serve_and_fail(workdir: Path, held: socket.socket, listen: Sequence[str]) -> subprocess.CompletedProcess:
     """`serve` with the held socket passed and `listen` configured: expected to refuse; its output."""
     config = workdir / "isolated.toml"
@@ -152,7 +190,7 @@ def test_a_socket_where_the_configuration_does_not_listen_is_refused_and_kept(
     assert done_get.returncode == 0, done_get.stderr
 
 
-def test_a_stop_closes_an_idle_connection_at_once_instead_of_waiting_for_it(
+def test_a_stop_closes_an_idle_connection_instead_of_waiting_the_drain_out(
         start_agent: Callable[..., AgentProcess], client_key: ClientKey) -> None:
     agent = start_agent(client_key.public_line + "\n", "--idle-timeout", "0")
     with subprocess.Popen([*agent.ssh_command(client_key), "-N", "mitigator_agent@127.0.0.1"],
