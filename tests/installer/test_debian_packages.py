@@ -23,8 +23,8 @@ from typing import Dict, List
 import pytest
 
 from tests.packaging.debs import Debs, build_debs_for_test, tree_version
+from tests.polling import PollingThrough
 
-from .polling import PollingThrough
 from .system import DebianSystem, diff_states
 
 pytestmark = pytest.mark.system

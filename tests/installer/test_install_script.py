@@ -18,7 +18,8 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from .polling import PollingThrough
+from tests.polling import PollingThrough
+
 from .system import DebianSystem, State, diff_states
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,22 +10,20 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, Sequence
 
 import pytest
 
 from conftest import AGENT, WAIT_SECONDS, AgentProcess, ClientKey
+from tests.polling import PollingThrough
 
 # What systemd does between fork and exec: the socket at descriptor 3 and the two variables,
 # LISTEN_PID naming the process that runs the agent (exec keeps the pid).
 AS_SYSTEMD = ("import os, sys; os.dup2(int(sys.argv[1]), 3); "
               "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid())); "
               "os.execv(sys.argv[2], sys.argv[2:])")
-POLL_INTERVAL = 0.5  # as the issue asks: a poll every 0.5 s through the restart
 
 
 def as_systemd(held: socket.socket) -> List[str]:
@@ -41,36 +39,9 @@ def held() -> Iterator[socket.socket]:
         yield sock
 
 
-@dataclass
-class Poll:
-    started: float
-    returncode: int
-    stderr: bytes
-    answered: bool
-
-
-class Poller(threading.Thread):
-    """`get` over OpenSSH every `interval` seconds (after the previous one ends), until stopped."""
-
-    def __init__(self, agent: AgentProcess, key: ClientKey, interval: float = POLL_INTERVAL) -> None:
-        super().__init__(daemon=True)
-        self.agent, self.key, self.interval = agent, key, interval
-        self.polls: List[Poll] = []
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        while not self.halt.is_set():
-            started = time.monotonic()
-            done = self.agent.ssh(self.key, "get")
-            self.polls.append(Poll(started, done.returncode, done.stderr,
-                                   done.returncode == 0 and b"net_secret: " in done.stdout))
-            self.halt.wait(self.interval)
-
-    def wait_answered(self, count: int, since: float) -> None:
-        deadline = time.monotonic() + WAIT_SECONDS
-        while sum(p.answered for p in self.polls if p.started >= since) < count:
-            assert self.is_alive() and time.monotonic() < deadline, self.polls
-            time.sleep(0.1)
+def get_command(agent: AgentProcess, key: ClientKey) -> List[str]:
+    """One OpenSSH `get` against `agent` (every agent of a test serves the same port and host key)."""
+    return [*agent.ssh_command(key), "mitigator_agent@127.0.0.1", "get"]
 
 
 def test_the_agent_serves_the_socket_systemd_passed(start_agent: Callable[..., AgentProcess],
@@ -93,10 +64,10 @@ def test_a_restart_loses_no_poll(start_agent: Callable[..., AgentProcess], clien
                            command_prefix=as_systemd(held), pass_fds=(held.fileno(),))
 
     first = start()
-    poller = Poller(first, client_key)
+    poller = PollingThrough(get_command(first, client_key), timeout=WAIT_SECONDS)
     poller.start()
     try:
-        poller.wait_answered(2, since=0.0)
+        poller.wait_answered(2, since=0.0, timeout=WAIT_SECONDS)
         first.process.terminate()
         assert first.process.wait(WAIT_SECONDS) == 0, first.log
         gone = time.monotonic()
@@ -105,10 +76,9 @@ def test_a_restart_loses_no_poll(start_agent: Callable[..., AgentProcess], clien
         time.sleep(2.0)
         second = start()
         serving = time.monotonic()
-        poller.wait_answered(3, since=serving)
+        poller.wait_answered(3, since=serving, timeout=WAIT_SECONDS)
     finally:
-        poller.halt.set()
-        poller.join(WAIT_SECONDS)
+        poller.stop()
     failed = [p for p in poller.polls if not p.answered]
     assert failed == [], failed
     # At least one poll was started while no agent was running, and the next agent answered it.
@@ -132,7 +102,8 @@ def test_polls_under_way_at_each_stop_are_answered(start_agent: Callable[..., Ag
                            command_prefix=as_systemd(held), pass_fds=(held.fileno(),))
 
     agent = start()
-    pollers = [Poller(agent, client_key, interval=0.0) for _ in range(4)]
+    pollers = [PollingThrough(get_command(agent, client_key), interval=0.0, timeout=WAIT_SECONDS)
+               for _ in range(4)]
     for poller in pollers:
         poller.start()
     try:
@@ -148,9 +119,7 @@ def test_polls_under_way_at_each_stop_are_answered(start_agent: Callable[..., Ag
             agent = start()
     finally:
         for poller in pollers:
-            poller.halt.set()
-        for poller in pollers:
-            poller.join(WAIT_SECONDS)
+            poller.stop()
     polls = [poll for poller in pollers for poll in poller.polls]
     assert [poll for poll in polls if not poll.answered] == []
 

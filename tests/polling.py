@@ -1,8 +1,9 @@
-"""MITIGATOR polling through an update: an OpenSSH `get` from the host every 0.5 s, all recorded.
+"""MITIGATOR polling through a restart or an update: an OpenSSH `get` every 0.5 s, all recorded.
 
 An update restarts the agent and swaps the module. With systemd holding the port
 (mitigator-agent.socket) and the agent waiting for the device during the swap, no poll may be
 refused or fail; `PollingThrough` counts them so the tests can say so and the README can quote it.
+Used by the integration tests (an agent on this host) and the system tests (the booted image).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from types import TracebackType
 from typing import List, Optional, Sequence, Type
 
 POLL_INTERVAL = 0.5  # seconds between the end of one poll and the start of the next
+POLL_TIMEOUT = 300   # seconds, by default: a poll with no answer by then counts as failed
 
 
 @dataclass(frozen=True)
@@ -29,11 +31,14 @@ class Poll:
 
 
 class PollingThrough(threading.Thread):
-    """Runs `command` (one OpenSSH `get`, host key pinned) until the `with` block ends."""
+    """Runs `command` (one OpenSSH `get`, host key pinned) every `interval` s until stopped (or the `with` block ends)."""
 
-    def __init__(self, command: Sequence[str]) -> None:
+    def __init__(self, command: Sequence[str], interval: float = POLL_INTERVAL,
+                 timeout: float = POLL_TIMEOUT) -> None:
         super().__init__(daemon=True)
         self.command = list(command)
+        self.interval = interval
+        self.timeout = timeout  # a poll with no answer by then counts as failed
         self.polls: List[Poll] = []
         self._halt = threading.Event()
 
@@ -41,14 +46,26 @@ class PollingThrough(threading.Thread):
         while not self._halt.is_set():
             started = time.monotonic()
             try:
-                done = subprocess.run(self.command, capture_output=True, text=True, timeout=300,
+                done = subprocess.run(self.command, capture_output=True, text=True, timeout=self.timeout,
                                       stdin=subprocess.DEVNULL)
                 answered = done.returncode == 0 and "\nnet_secret: " in "\n" + done.stdout
                 poll = Poll(started, time.monotonic() - started, answered, done.returncode, done.stderr[-500:])
             except subprocess.TimeoutExpired:
-                poll = Poll(started, time.monotonic() - started, False, -1, "no answer in 300 s")
+                poll = Poll(started, time.monotonic() - started, False, -1, f"no answer in {self.timeout:g} s")
             self.polls.append(poll)
-            self._halt.wait(POLL_INTERVAL)
+            self._halt.wait(self.interval)
+
+    def stop(self) -> None:
+        """Let the poll under way end, start no other."""
+        self._halt.set()
+        self.join(self.timeout + 30)
+
+    def wait_answered(self, count: int, since: float, timeout: float) -> None:
+        """Block until `count` polls started at or after `since` (monotonic) were answered."""
+        deadline = time.monotonic() + timeout
+        while sum(poll.answered for poll in self.polls if poll.started >= since) < count:
+            assert self.is_alive() and time.monotonic() < deadline, self.polls[-3:]
+            time.sleep(0.05)
 
     def __enter__(self) -> "PollingThrough":
         self.start()
@@ -56,8 +73,7 @@ class PollingThrough(threading.Thread):
 
     def __exit__(self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException],
                  tb: Optional[TracebackType]) -> None:
-        self._halt.set()
-        self.join(330)
+        self.stop()
 
     @property
     def failed(self) -> List[Poll]:
