@@ -9,9 +9,8 @@ set -eu
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 WHEEL_CACHE=${WHEEL_CACHE:-/var/cache/mitigator-agent-build/wheels}
-# Each supported release's python3 (Debian 11, Ubuntu 22.04, Debian 12, Ubuntu 24.04, Debian 13),
-# micro version included: Requires-Python may exclude early micro releases (cryptography: !=3.9.0,!=3.9.1).
-PYTHON_VERSIONS="3.9.2 3.10.12 3.11.2 3.12.3 3.13.5"
+# Each supported release's python3 (packaging/pythons).
+PYTHON_VERSIONS=$(sed -e 's/#.*//' packaging/pythons | awk 'NF { printf "%s ", $1 }')
 PLATFORMS="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
 VERSION=${VERSION:-$(cat kmod/VERSION)}
 OUT=${OUT:-dist/mitigator-agent}

@@ -24,9 +24,9 @@ REPO = Path(__file__).resolve().parents[2]
 RUNTIME_LOCK = REPO / "agent" / "requirements.lock"
 TEST_LOCK = REPO / "tests" / "requirements.lock"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-# Each release's python3 that make-dist.sh bundles wheels for.
-DIST_PYTHONS = re.search(r'^PYTHON_VERSIONS="([^"]+)"', (REPO / "installer" / "make-dist.sh").read_text(),
-                         re.M).group(1).split()
+# Each release's python3 that make-dist.sh bundles wheels for and the Debian package runs on.
+DIST_PYTHONS = [line.split()[0] for line in (REPO / "packaging" / "pythons").read_text().splitlines()
+                if line.split("#", 1)[0].strip()]
 
 
 def runtime_requirements(python: str) -> list[Requirement]:
