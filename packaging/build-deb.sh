@@ -32,10 +32,10 @@ else
 fi
 DIST=${DEB_DIST_DIR:-$ROOT/dist}
 STAGE_ROOT=${DEB_BUILD_DIR:-$ROOT/build/deb}
-# The interpreter the package runs on (control: python3 3.11); never a
-# python3 that happens to come first on PATH.
+# The build's interpreter (pip, the man page); never a python3 that happens to
+# come first on PATH. The package runs on each python3 of packaging/pythons.
 PY=/usr/bin/python3
-TARGET_PYTHON=3.11
+PYTHONS=$(sed -e 's/#.*//' "$ROOT/packaging/pythons" | awk 'NF { print $1 }')
 
 say() { echo "build-deb: $*" >&2; }
 die() { say "$*"; exit 1; }
@@ -51,8 +51,9 @@ arch=$(dpkg --print-architecture)
 [ "$arch" = amd64 ] || die "builds amd64 packages only; this host is $arch"
 host_python=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) ||
     die "$PY not found: apt-get install python3"
-[ "$host_python" = "$TARGET_PYTHON" ] ||
-    die "$PY is $host_python; the package carries wheels for Python $TARGET_PYTHON: build on Debian 12"
+# The build imports the tree it lays out (the man page): its python3 must be one the tree serves.
+echo "$PYTHONS" | cut -d. -f1,2 | grep -qx "$host_python" ||
+    die "$PY is $host_python; the package serves Python $(echo "$PYTHONS" | cut -d. -f1,2 | tr '\n' ' ')(packaging/pythons): build on one of those releases"
 
 installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
 missing=()
@@ -76,7 +77,8 @@ mkdir -p "$stage"
 (
     cd "$ROOT"
     git ls-files -z --cached --others --exclude-standard -- \
-        kmod agent pyproject.toml README.md packaging/debian packaging/system packaging/systemd |
+        kmod agent pyproject.toml README.md packaging/debian packaging/system packaging/systemd \
+        packaging/pythons packaging/site-tree.py |
         while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done |
         tar --null -T - -cf -
 ) | tar -xf - -C "$stage"
@@ -91,36 +93,50 @@ rm "$stage/debian/changelog.in"
 
 # --- wheels: the cache first, PyPI when something is missing --------------------
 
-# The agent's runtime wheels: the lock's entries for this python3, which pip picks by their markers.
-cp "$ROOT/agent/requirements.lock" "$STAGE_ROOT/runtime.txt"
+# The agent's runtime wheels, for each Python the package serves (packaging/pythons): the lock's
+# entries for that Python (lockfile.py select: pip judges markers against its own Python only),
+# downloaded for its ABI into $stage/wheels/runtime/X.Y; packaging/site-tree.py lays them out.
+for python in $PYTHONS; do
+    "$PY" "$ROOT/packaging/lockfile.py" select "$ROOT/agent/requirements.lock" --python "$python" \
+        >"$STAGE_ROOT/runtime-$python.txt"
+done
 # setuptools builds the agent's wheel (pyproject's build-system) offline: the pin of the test lock.
 "$PY" "$ROOT/packaging/lockfile.py" select "$ROOT/tests/requirements.lock" \
     --python "$("$PY" -c 'import platform; print(platform.python_version())')" --only setuptools \
     >"$STAGE_ROOT/build.txt"
 
-pip_download() {  # KIND: the wheels $STAGE_ROOT/KIND.txt pins, checked by hash, into $stage/wheels/KIND
-    local kind=$1 cached=$CACHE/wheels
+# pip_download LIST DIR [PYTHON]: the wheels $STAGE_ROOT/LIST.txt pins, checked by hash, into DIR,
+# for CPython PYTHON (default: the build's own); from the cache, or from PyPI into the cache.
+pip_download() {
+    local list=$1 into=$2 python=${3:-} cached=$CACHE/wheels target=()
+    if [ -n "$python" ]; then
+        local abi
+        abi=cp$(echo "$python" | cut -d. -f1,2 | tr -d .)
+        target=(--python-version "$python" --implementation cp --abi "$abi" --abi abi3 --abi none
+                --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+    fi
     local args=(-m pip download -q --disable-pip-version-check --only-binary=:all: --no-deps
-                --require-hashes -r "$STAGE_ROOT/$kind.txt" -d "$stage/wheels/$kind")
+                --require-hashes -r "$STAGE_ROOT/$list.txt" "${target[@]}")
     mkdir -p "$cached"
-    if "$PY" "${args[@]}" --no-index --find-links "$cached" 2>/dev/null; then
+    if "$PY" "${args[@]}" -d "$into" --no-index --find-links "$cached" 2>/dev/null; then
         return 0
     fi
-    say "downloading $kind wheels from PyPI into $cached"
-    "$PY" -m pip download -q --disable-pip-version-check --only-binary=:all: --no-deps \
-        --require-hashes -r "$STAGE_ROOT/$kind.txt" -d "$cached" >&2
-    rm -rf "$stage/wheels/$kind"
-    "$PY" "${args[@]}" --no-index --find-links "$cached" >&2
+    say "downloading the $list wheels from PyPI into $cached"
+    "$PY" "${args[@]}" -d "$cached" >&2
+    rm -rf "$into"
+    "$PY" "${args[@]}" -d "$into" --no-index --find-links "$cached" >&2
 }
 # One builder at a time fills the cache (make dist shares it): pip writes a wheel in place, and a
 # builder reading it half-written would take it for a wheel that does not match the lock.
 mkdir -p "$CACHE"
 exec 9>"$CACHE/wheels.lock"
 flock 9
-pip_download runtime
-pip_download build
+for python in $PYTHONS; do
+    pip_download "runtime-$python" "$stage/wheels/runtime/$(echo "$python" | cut -d. -f1,2)" "$python"
+done
+pip_download build "$stage/wheels/build"
 flock -u 9
-say "wheels: $(cd "$stage/wheels/runtime" && ls | tr '\n' ' ')"
+"$PY" "$ROOT/packaging/site-tree.py" plan "$stage/wheels/runtime" | sed 's/^/build-deb: /' >&2
 
 # --- build --------------------------------------------------------------------------
 

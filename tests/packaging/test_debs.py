@@ -23,8 +23,11 @@ pytestmark = pytest.mark.skipif(not Path("/etc/debian_version").exists() or not 
 
 LIB = "usr/lib/mitigator-agent"
 SITE = f"{LIB}/site-packages"
-# The interpreter the package depends on (control: python3 3.11).
-PYTHON = "/usr/bin/python3.11"
+# The python3 of each supported release (packaging/pythons), as X.Y: the package serves them all.
+PYTHONS = [".".join(line.split()[0].split(".")[:2]) for line in (REPO / "packaging/pythons").read_text().splitlines()
+           if line.split("#", 1)[0].strip()]
+# The build host's, on which the launcher runs here.
+PYTHON = "/usr/bin/python3"
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +80,14 @@ def test_versions_are_kmod_VERSION_with_revision_1(debs: Debs, extracted: Dict[s
     assert (extracted["agent"] / SITE / f"mitigator_agent-{version}.dist-info").is_dir()
 
 
-def test_agent_depends_on_exactly_its_dkms_package_and_python_3_11(debs: Debs) -> None:
+def test_agent_depends_on_exactly_its_dkms_package_and_every_supported_python(debs: Debs) -> None:
     depends = [d.strip() for d in field(debs.agent, "Depends").split(",")]
     assert f"tcpsecrets-dkms (= {debs.debian_version})" in depends
-    assert {"python3 (>= 3.11~)", "python3 (<< 3.12~)"} <= set(depends)
+    major, last = PYTHONS[-1].split(".")
+    assert {f"python3 (>= {PYTHONS[0]}~)", f"python3 (<< {major}.{int(last) + 1}~)"} <= set(depends)
+    # the wheels' own glibc symbol versions (manylinux_2_28 at most), not the build host's libc6:
+    # Debian 11 has glibc 2.31
+    assert [d for d in depends if d.startswith("libc6")] == ["libc6 (>= 2.28)"]
     assert field(debs.agent, "Architecture") == "amd64"
     assert field(debs.dkms, "Architecture") == "all"
     assert re.match(r"dkms( |,|$)", field(debs.dkms, "Depends"))
@@ -147,7 +154,40 @@ def test_payload_has_no_bytecode_scripts_or_build_paths(debs: Debs, extracted: D
                 assert not [n for n in needles if n in data], f"{path.relative_to(root)} names the build"
 
 
-@pytest.mark.skipif(not Path(PYTHON).exists(), reason=f"{PYTHON} (the package's interpreter) missing")
+def test_the_tree_has_every_supported_pythons_extension_modules(debs: Debs, extracted: Dict[str, Path]) -> None:
+    lib = extracted["agent"] / LIB
+    assert (lib / "pythons").read_text().split() == PYTHONS
+    overlays = sorted(p.name for p in lib.glob("site-packages-*"))
+    assert set(overlays) <= {f"site-packages-{python}" for python in PYTHONS}, overlays
+
+    def modules(python: str) -> set:
+        tag = f".cpython-{python.replace('.', '')}-x86_64-linux-gnu.so"
+        found = set()
+        for tree in (lib / "site-packages", lib / f"site-packages-{python}"):
+            found |= {str(p.relative_to(tree)).removesuffix(tag) for p in tree.rglob(f"*{tag}")}
+        return found
+
+    # each Python finds the same extension modules, built for it (cffi's backend, siphash24, ...)
+    assert modules(PYTHONS[0]) >= {"_cffi_backend", "siphash24"}
+    assert all(modules(python) == modules(PYTHONS[0]) for python in PYTHONS), {p: modules(p) for p in PYTHONS}
+    # the bytecode of the python3 of the day: compiled at install and when a release upgrade moves it
+    hook = "usr/share/python3/runtime.d/mitigator-agent.rtupdate"
+    assert listing(debs.agent)[hook].startswith("-rwxr-xr-x root/root")
+
+
+def test_launcher_refuses_a_python_the_tree_does_not_serve(extracted: Dict[str, Path], tmp_path: Path) -> None:
+    lib = tmp_path / "lib"
+    shutil.copytree(extracted["agent"] / LIB, lib, symlinks=True)
+    (lib / "pythons").write_text("3.9\n")
+    result = subprocess.run([PYTHON, "-I", "-S", str(lib / "mitigator-agent"), "--version"], capture_output=True,
+                            text=True)
+    running = subprocess.run([PYTHON, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], check=True,
+                             capture_output=True, text=True).stdout.strip()
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (f"mitigator-agent: this package runs on python3 3.9; {PYTHON} is {running}: install"
+                             f" the mitigator-agent package made for this release\n")
+
+
 def test_launcher_runs_on_the_packaged_wheels_alone(debs: Debs, extracted: Dict[str, Path],
                                                      tmp_path: Path) -> None:
     launcher = extracted["agent"] / LIB / "mitigator-agent"
