@@ -9,7 +9,8 @@
 # are cached outside the repository, in
 # $TCPSECRETS_MATRIX_CACHE (default /var/cache/tcpsecrets-matrix). Also builds
 # the Debian 12 system image of the installer's system tests
-# (tests/installer/system-image.sh; cached in /var/cache/mitigator-agent-tests).
+# (tests/installer/system-image.sh; cached in /var/cache/mitigator-agent-tests),
+# and the images of the suites in $SYSTEM_IMAGE_SUITES (default: bookworm only).
 #
 #   tests/provision-host.sh [--list FILE] [SUITE:KVER | KVER ...]
 #
@@ -162,9 +163,14 @@ for suite in "${suites[@]}"; do
     pids+=($!)
 done
 # The Debian 12 system image the installer's system tests boot, built meanwhile (its own
-# debootstrap, in its own cache; a few minutes on a fresh machine, nothing when it is current).
-"$HERE/installer/system-image.sh" >"$CACHE/logs/system-image.log" 2>&1 &
-image_pid=$!
+# debootstrap, in its own cache; a few minutes on a fresh machine, nothing when it is current),
+# and the other releases' of $SYSTEM_IMAGE_SUITES (`make test-long`: the release upgrades').
+image_suites=(${SYSTEM_IMAGE_SUITES:-bookworm})
+image_pids=()
+for image_suite in "${image_suites[@]}"; do
+    "$HERE/installer/system-image.sh" "$image_suite" >"$CACHE/logs/system-image-$image_suite.log" 2>&1 &
+    image_pids+=($!)
+done
 failed=0
 for i in "${!suites[@]}"; do
     if ! wait "${pids[$i]}"; then
@@ -176,11 +182,13 @@ for i in "${!suites[@]}"; do
     # current kernel is newer than its pin) are worth seeing.
     grep -h 'WARNING\|NOTICE' "$CACHE/logs/${suites[$i]}.log" >&2 || true
 done
-if ! wait "$image_pid"; then
-    say "building the system image FAILED; the end of $CACHE/logs/system-image.log:"
-    tail -n 40 "$CACHE/logs/system-image.log" >&2
-    failed=1
-fi
+for i in "${!image_suites[@]}"; do
+    if ! wait "${image_pids[$i]}"; then
+        say "building the ${image_suites[$i]} system image FAILED; the end of $CACHE/logs/system-image-${image_suites[$i]}.log:"
+        tail -n 40 "$CACHE/logs/system-image-${image_suites[$i]}.log" >&2
+        failed=1
+    fi
+done
 [ "$failed" = 0 ] || exit 1
 
 kvers=()

@@ -8,6 +8,7 @@ tests are skipped, saying how to build it — unless SYSTEM_TESTS=required
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -26,16 +27,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item
             item.add_marker(pytest.mark.system)
 
 
-@pytest.fixture(scope="module")
-def system_image() -> SystemImage:
-    """The cached image; skips (or, with SYSTEM_TESTS=required, fails) when it is not there."""
-    image = SystemImage(CACHE)
+def usable(image: SystemImage) -> SystemImage:
+    """`image`, if it can boot; else skips (or, with SYSTEM_TESTS=required, fails) saying how to build it."""
     problem = image.problem()
     if problem:
         if os.environ.get("SYSTEM_TESTS") == "required":
             pytest.fail(f"SYSTEM_TESTS=required but {problem}", pytrace=False)
         pytest.skip(problem)
     return image
+
+
+@pytest.fixture(scope="module")
+def system_image() -> SystemImage:
+    """The cached Debian 12 image (see usable())."""
+    return usable(SystemImage(CACHE))
 
 
 # What the guest logged about installs, kept after the run (build/installer/guest-logs/MODULE/):
@@ -56,18 +61,25 @@ def keep_guest_logs(system: DebianSystem, module: str) -> None:
             continue
 
 
-@pytest.fixture(scope="module")
-def debian_system(system_image: SystemImage, tmp_path_factory: pytest.TempPathFactory,
-                  request: pytest.FixtureRequest) -> Iterator[DebianSystem]:
-    """One booted system for the module's tests; powered off (qemu reaped) afterwards.
+@contextlib.contextmanager
+def booted(image: SystemImage, tmp_path_factory: pytest.TempPathFactory, logs_name: str) -> Iterator[DebianSystem]:
+    """A system booted from `image`; powered off (qemu reaped) afterwards.
 
     Its console log stays in pytest's temporary directory (named in every
-    error the system raises); its install logs are copied to KEPT_LOGS.
+    error the system raises); its install logs are copied to KEPT_LOGS/logs_name.
     """
-    system = DebianSystem(system_image, workdir=tmp_path_factory.mktemp("debian-system"))
+    system = DebianSystem(image, workdir=tmp_path_factory.mktemp("debian-system"))
     try:
         system.start()
         yield system
     finally:
-        keep_guest_logs(system, request.module.__name__.rsplit(".", 1)[-1])
+        keep_guest_logs(system, logs_name)
         system.stop()
+
+
+@pytest.fixture(scope="module")
+def debian_system(system_image: SystemImage, tmp_path_factory: pytest.TempPathFactory,
+                  request: pytest.FixtureRequest) -> Iterator[DebianSystem]:
+    """One booted Debian 12 system for the module's tests (see booted())."""
+    with booted(system_image, tmp_path_factory, request.module.__name__.rsplit(".", 1)[-1]) as system:
+        yield system

@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Build and cache the Debian 12 (bookworm) system image the installer's and the
-# Debian packages' system tests boot under qemu (tests/installer/system.py):
+# Debian packages' system tests boot under qemu (tests/installer/system.py), or
+# another release's for the release-upgrade scenarios (`make test-long`):
 # a real system — systemd as PID 1, udev, journald, systemd-networkd (DHCP on
 # the virtio NIC), OpenSSH server, the distribution kernel — on a raw ext4
 # disk, with the image's own vmlinuz and initrd.img next to it for
 # `qemu -kernel`, and root's SSH key for the tests.
 #
-#   tests/installer/system-image.sh
+#   tests/installer/system-image.sh [SUITE]     bookworm (default), bullseye or trixie
 #
 # Cached outside the repository, in $SYSTEM_IMAGE_CACHE (default
-# /var/cache/mitigator-agent-tests):
+# /var/cache/mitigator-agent-tests; another SUITE's in its SUITE/ subdirectory):
 #
-#   bookworm.raw          4 GiB sparse raw ext4 image (the root file system)
+#   SUITE.raw             4 GiB sparse raw ext4 image (the root file system)
 #   vmlinuz, initrd.img   the image's kernel and initramfs
 #   kernel-release        that kernel's `uname -r`
 #   id_ed25519(.pub)      the key root accepts over SSH (made by the first build, 0600)
@@ -34,9 +35,16 @@ set -euo pipefail
 umask 022  # the image's files get their modes from what is written here
 
 SELF=$(readlink -f "$0")
+SUITE=${1:-bookworm}
+case $SUITE in
+    bullseye) RELEASE=11 ;;
+    bookworm) RELEASE=12 ;;
+    trixie) RELEASE=13 ;;
+    *) echo "system-image: unknown suite '$SUITE': bullseye, bookworm or trixie" >&2; exit 1 ;;
+esac
 CACHE=${SYSTEM_IMAGE_CACHE:-/var/cache/mitigator-agent-tests}
+[ "$SUITE" = bookworm ] || CACHE=$CACHE/$SUITE
 MAX_AGE_DAYS=${SYSTEM_IMAGE_MAX_AGE_DAYS:-7}
-SUITE=bookworm
 IMAGE_SIZE=4G
 
 # The minimal server: what boots and what the tests reach it with. No sudo
@@ -96,7 +104,7 @@ exec 9>"$CACHE/.lock"
 flock 9
 
 want="script=$(sha256sum "$SELF" | cut -d' ' -f1) suite=$SUITE mirror=$MIRROR security=$SECURITY"
-outputs=(bookworm.raw vmlinuz initrd.img kernel-release id_ed25519 id_ed25519.pub)
+outputs=("$SUITE.raw" vmlinuz initrd.img kernel-release id_ed25519 id_ed25519.pub)
 up_to_date() {
     local f
     [ "$(cat "$CACHE/image.stamp" 2>/dev/null)" = "$want" ] || return 1
@@ -109,7 +117,7 @@ case $MAX_AGE_DAYS in
     ''|*[!0-9]*|0) die "SYSTEM_IMAGE_MAX_AGE_DAYS=$MAX_AGE_DAYS: give a whole number of days, 1 or more" ;;
 esac
 if up_to_date && ! too_old; then
-    say "up to date: $CACHE/bookworm.raw (kernel $(cat "$CACHE/kernel-release"), built $(date -r "$CACHE/image.stamp" '+%F %R'))"
+    say "up to date: $CACHE/$SUITE.raw (kernel $(cat "$CACHE/kernel-release"), built $(date -r "$CACHE/image.stamp" '+%F %R'))"
     exit 0
 fi
 if up_to_date; then
@@ -179,10 +187,10 @@ Acquire::Languages "none";
 EOF
 # debootstrap copies the host's hostname and hosts files (with their modes).
 rm -f "$root/etc/hostname" "$root/etc/hosts"
-echo debian12 >"$root/etc/hostname"
-cat >"$root/etc/hosts" <<'EOF'
+echo "debian$RELEASE" >"$root/etc/hostname"
+cat >"$root/etc/hosts" <<EOF
 127.0.0.1	localhost
-127.0.1.1	debian12
+127.0.1.1	debian$RELEASE
 ::1		localhost ip6-localhost ip6-loopback
 EOF
 # The kernel mounts the root read-write (root=/dev/vda rw); no fsck at boot
@@ -266,8 +274,8 @@ rm -f "$root/usr/sbin/policy-rc.d"
     die "$root/proc or /sys is still mounted"
 
 say "mkfs.ext4 -d: a $IMAGE_SIZE sparse raw image"
-truncate -s "$IMAGE_SIZE" "$work/bookworm.raw"
-mkfs.ext4 -q -F -L debian12 -d "$root" "$work/bookworm.raw"
+truncate -s "$IMAGE_SIZE" "$work/$SUITE.raw"
+mkfs.ext4 -q -F -L "debian$RELEASE" -d "$root" "$work/$SUITE.raw"
 cp "$root/boot/vmlinuz-$kver" "$work/vmlinuz"
 cp "$root/boot/initrd.img-$kver" "$work/initrd.img"
 echo "$kver" >"$work/kernel-release"
@@ -276,4 +284,4 @@ echo "$kver" >"$work/kernel-release"
 rm -f "$CACHE/image.stamp"
 for f in "${outputs[@]}"; do mv -f "$work/$f" "$CACHE/$f"; done
 echo "$want" >"$CACHE/image.stamp"
-say "built $CACHE/bookworm.raw (kernel $kver, $(du -h --apparent-size "$CACHE/bookworm.raw" | cut -f1) sparse, $(du -h "$CACHE/bookworm.raw" | cut -f1) used) in $((SECONDS - started)) s"
+say "built $CACHE/$SUITE.raw (kernel $kver, $(du -h --apparent-size "$CACHE/$SUITE.raw" | cut -f1) sparse, $(du -h "$CACHE/$SUITE.raw" | cut -f1) used) in $((SECONDS - started)) s"

@@ -85,14 +85,20 @@ class GuestCommandError(subprocess.CalledProcessError):
 
 @dataclass(frozen=True)
 class SystemImage:
-    """The cached image's files (tests/installer/system-image.sh writes them)."""
+    """The cached image's files (tests/installer/system-image.sh writes them): Debian 12's in the
+    cache itself, another release's (`for_suite`) in a subdirectory named by its suite."""
 
     cache: Path
+    suite: str = "bookworm"
+
+    @classmethod
+    def for_suite(cls, suite: str) -> "SystemImage":
+        return cls(CACHE if suite == "bookworm" else CACHE / suite, suite)
 
     @property
     def disk(self) -> Path:
         """The raw ext4 root file system; only ever a backing file, never written."""
-        return self.cache / "bookworm.raw"
+        return self.cache / f"{self.suite}.raw"
 
     @property
     def kernel(self) -> Path:
@@ -125,7 +131,8 @@ class SystemImage:
         Absent, half-built, or built by another version of system-image.sh
         (its stamp records the script's SHA-256).
         """
-        fix = f"run {BUILD_SCRIPT} as root (tests/provision-host.sh runs it)"
+        fix = (f"run {BUILD_SCRIPT} as root (tests/provision-host.sh runs it)" if self.suite == "bookworm" else
+               f"run {BUILD_SCRIPT} {self.suite} as root (`make test-long` runs it)")
         if not self.stamp.exists():
             return f"no system image in {self.cache}: {fix}"
         for path in (self.disk, self.kernel, self.initrd, self.key):
