@@ -101,12 +101,13 @@ matrix: venv
 # packaging/: the kernel tests on the kernels of tests/kernel/test-kernels-long (each release's
 # point-release kernel, which servers boot until their first security update), provisioned as
 # `make test` provisions its own, and beside them the system scenarios marked `long` (a server's
-# later life, e.g. a kernel security update: tests/installer/test_kernel_update_*.py). The run's
+# later life: a kernel security update, tests/installer/test_kernel_update_*.py; a Debian release
+# upgrade, tests/installer/test_release_upgrade_*.py). The run's
 # dated table replaces the README's test-long table (pass or fail); build/matrix/results-long.md,
 # build/matrix/KVER/ and build/matrix/system-long-*/ keep the details.
 test-long: export SYSTEM_TESTS = required
 test-long: venv
-	kvers="$$(tests/provision-host.sh --list tests/kernel/test-kernels-long)" && \
+	kvers="$$(SYSTEM_IMAGE_SUITES="bookworm bullseye" tests/provision-host.sh --list tests/kernel/test-kernels-long)" && \
 	TEST_KVERS="$$kvers" $(PY) -m tests.kernel.matrix run --table long -- $(PYTEST_ARGS); rc=$$?; \
 	$(PY) -m tests.kernel.matrix readme --table long && exit $$rc
 

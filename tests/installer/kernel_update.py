@@ -114,13 +114,14 @@ def update_the_kernel(system: DebianSystem, found: Dict[str, str], module_versio
     return upgrade
 
 
-def check_after_the_reboot(system: DebianSystem, found: Dict[str, str], client_key: Path, known_hosts: Path) -> None:
-    """Reboot onto the new kernel: module loaded with its options, same host key, right answers and cookies."""
-    host_key = system.get(HOST_KEY)
-    system.reboot_onto(found["security"])
+def check_after_the_reboot(system: DebianSystem, kernel_release: str, client_key: Path, known_hosts: Path) -> None:
+    """Reboot onto the new kernel: module loaded with its options, same keys and host key, right answers and
+    cookies."""
+    host_key, keys = system.get(HOST_KEY), system.get(KEYS)
+    system.reboot_onto(kernel_release)
     gid = system.run("getent group mitigator_agent | cut -d: -f3").stdout.strip()
     assert system.run("cat /sys/module/tcpsecrets/parameters/read_gid").stdout.strip() == gid
-    assert system.get(HOST_KEY) == host_key
+    assert (system.get(HOST_KEY), system.get(KEYS)) == (host_key, keys)
     result = get(system, client_key, known_hosts)
     assert result.returncode == 0, result.stderr
     answer = fields(result.stdout, ": ")

@@ -41,7 +41,7 @@ def test_the_security_update_builds_the_module_for_the_new_kernel(system, kernel
 
 def test_after_the_reboot_the_agent_serves_right_cookies_with_the_same_host_key(system, kernels, client_key,
                                                                                  known_hosts):
-    scenario.check_after_the_reboot(system, kernels, client_key, known_hosts)
+    scenario.check_after_the_reboot(system, kernels["security"], client_key, known_hosts)
 
 
 def test_a_kernel_dkms_cannot_build_for_is_loud_at_boot(system, kernels, client_key, known_hosts):

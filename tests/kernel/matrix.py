@@ -391,7 +391,7 @@ def _case_outcome(case: ET.Element) -> str:
 
 def _scenario_lines(junits: list[Path]) -> list[str]:
     """The long system scenarios' table (one row per test, in run order) from their junits, or why none."""
-    lines = ["", "System scenarios (marker `long`: tests/installer, each in a Debian 12 system image of its own"
+    lines = ["", "System scenarios (marker `long`: tests/installer, each in a Debian system image of its own"
                  " booted under qemu TCG with systemd; build/matrix/system-long-*/pytest.log):", ""]
     present = [junit for junit in junits if junit.exists()]
     if not present:
@@ -553,13 +553,17 @@ def system_basetemp() -> Path:
     return SYSTEM_BASETEMP
 
 # The install script's tests in one run; every other system test (the packages, the image) in the other.
-# Scenarios marked `long` (a server's later life: a kernel update ...) are `make test-long`'s, in a run of
-# their own beside its kernels.
+# Scenarios marked `long` (a server's later life: a kernel update, a release upgrade) are `make test-long`'s,
+# in runs of their own beside its kernels.
 INSTALL_SCRIPT_TESTS = "tests/installer/test_install_script.py"
 SYSTEM_GROUPS = {"install-script": ["-m", "system and not long", INSTALL_SCRIPT_TESTS],
                  "packages-and-image": ["-m", "system and not long", f"--ignore={INSTALL_SCRIPT_TESTS}"]}
 LONG_SYSTEM_GROUPS = {"long-script": ["-m", "system and long", "tests/installer/test_kernel_update_script.py"],
-                      "long-packages": ["-m", "system and long", "tests/installer/test_kernel_update_packages.py"]}
+                      "long-packages": ["-m", "system and long", "tests/installer/test_kernel_update_packages.py"],
+                      "long-upgrade-11-12": ["-m", "system and long", "-k", "bullseye",
+                                             "tests/installer/test_release_upgrade_packages.py"],
+                      "long-upgrade-12-13": ["-m", "system and long", "-k", "trixie",
+                                             "tests/installer/test_release_upgrade_packages.py"]}
 
 
 def _pytest_job(title: str, out: Path, command: list[str], env: dict[str, str]) -> int:
