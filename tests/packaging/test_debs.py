@@ -191,7 +191,8 @@ def test_launcher_refuses_a_python_the_tree_does_not_serve(extracted: Dict[str, 
 def test_launcher_runs_on_the_packaged_wheels_alone(debs: Debs, extracted: Dict[str, Path],
                                                      tmp_path: Path) -> None:
     launcher = extracted["agent"] / LIB / "mitigator-agent"
-    assert launcher.read_text().startswith("#!/usr/bin/python3 -I\n")
+    # -S: the system's dist-packages stay out (asyncssh would import a python3-openssl found there)
+    assert launcher.read_text().startswith("#!/usr/bin/python3 -IS\n")
     # -S: not even the host's dist-packages; everything imported comes from the package.
     run = [PYTHON, "-I", "-S", str(launcher)]
     version = subprocess.run(run + ["--version"], check=True, capture_output=True, text=True).stdout
