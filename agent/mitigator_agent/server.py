@@ -557,8 +557,6 @@ class AgentServer:
         session open is closed, as nothing is under way on it. Connections
         queued on systemd's socket meanwhile wait for the next agent.
         """
-        if drain_seconds > 0:
-            await self._stop_accepting()
         for acceptor in self._acceptors:
             acceptor.close()
         if drain_seconds > 0:
@@ -581,26 +579,14 @@ class AgentServer:
         """A connection is gone."""
         self._live.discard(connection)
 
-    async def _stop_accepting(self) -> None:
-        """Accept no more connections, and let those just accepted be set up, before the listeners close.
-
-        asyncio accepts in the listening socket's reader callback and sets the connection up in a
-        task of its own a loop turn later; a listener closed in between makes that set-up fail, and
-        asyncio drops the connection without a word (the client sees it closed before the SSH
-        banner). So the listening sockets leave the event loop first, still open: what the kernel
-        queues meanwhile stays in the backlog (systemd's socket: for the next agent), and what was
-        accepted reaches connection_made, to be drained.
-        """
-        loop = asyncio.get_running_loop()
-        for acceptor in self._acceptors:
-            for sock in acceptor.sockets or ():
-                loop.remove_reader(sock.fileno())
-        await asyncio.sleep(ACCEPT_SETTLE_SECONDS)
-
     async def _drain(self, seconds: float) -> None:
         """Wait until no connection is left, for at most `seconds`; then close what is left."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
+        # A connection the listener accepted just before it closed reaches connection_made a few
+        # loop turns later (asyncio accepts, then sets the connection up in a task of its own):
+        # that time is given first, so it is drained rather than cut when the process exits.
+        await asyncio.sleep(ACCEPT_SETTLE_SECONDS)
         while self._live and loop.time() < deadline:
             for connection in list(self._live):
                 connection.close_if_idle(STOP_IDLE_SECONDS)
