@@ -16,6 +16,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "packaging" / "build-deb.sh"
 KMOD_VERSION_FILE = REPO / "kmod" / "VERSION"
+PYTHONS_FILE = REPO / "packaging" / "pythons"
+
+
+def supported_pythons() -> list[str]:
+    """packaging/pythons: each supported release's python3, full version (3.9.2, ...), oldest first."""
+    return [line.split()[0] for line in PYTHONS_FILE.read_text().splitlines() if line.split("#", 1)[0].strip()]
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Dict, List
 
 import pytest
 
-from tests.packaging.debs import REPO, Debs, build_debs, build_debs_for_test, tree_version
+from tests.packaging.debs import REPO, Debs, build_debs, build_debs_for_test, supported_pythons, tree_version
 
 pytestmark = pytest.mark.skipif(not Path("/etc/debian_version").exists() or not shutil.which("dpkg-deb"),
                                 reason="builds Debian packages: needs a Debian host")
@@ -24,8 +24,7 @@ pytestmark = pytest.mark.skipif(not Path("/etc/debian_version").exists() or not 
 LIB = "usr/lib/mitigator-agent"
 SITE = f"{LIB}/site-packages"
 # The python3 of each supported release (packaging/pythons), as X.Y: the package serves them all.
-PYTHONS = [".".join(line.split()[0].split(".")[:2]) for line in (REPO / "packaging/pythons").read_text().splitlines()
-           if line.split("#", 1)[0].strip()]
+PYTHONS = [".".join(python.split(".")[:2]) for python in supported_pythons()]
 # The build host's, on which the launcher runs here.
 PYTHON = "/usr/bin/python3"
 

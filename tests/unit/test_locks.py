@@ -12,6 +12,8 @@ import pytest
 from packaging.markers import Marker
 from packaging.requirements import Requirement
 
+from tests.packaging.debs import supported_pythons
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "packaging"))
 import lockfile  # noqa: E402  (packaging/lockfile.py, a script of make-dist.sh and build-deb.sh)
 
@@ -25,8 +27,7 @@ RUNTIME_LOCK = REPO / "agent" / "requirements.lock"
 TEST_LOCK = REPO / "tests" / "requirements.lock"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 # Each release's python3 that make-dist.sh bundles wheels for and the Debian package runs on.
-DIST_PYTHONS = [line.split()[0] for line in (REPO / "packaging" / "pythons").read_text().splitlines()
-                if line.split("#", 1)[0].strip()]
+DIST_PYTHONS = supported_pythons()
 
 
 def runtime_requirements(python: str) -> list[Requirement]:
