@@ -10,7 +10,8 @@
  * functions (make and check, IPv4 and IPv6) are redirected to the versions
  * below, which are the kernel's algorithm with only the counter changed:
  * same secrets (the kernel's own keys, read in place), same SipHash inputs,
- * same 24-bit layout, same MSS tables, same two-minute window.
+ * same 24-bit layout, same MSS tables, same two-minute window. In the
+ * kernel's era (handover.c: at load and unload) they use its counter.
  *
  * The load checks that claim before redirecting anything: each function
  * here, run with the jiffies counter, must give the kernel's own answer for
@@ -136,40 +137,114 @@ static int check_v6(const struct ipv6hdr *iph, const struct tcphdr *th, u32 cook
 	return i < ARRAY_SIZE(mss_v6) ? mss_v6[i] : 0;
 }
 
-/* The replacements: the kernel's signatures, the wall-clock counter. */
+/* The counter of an era (handover.c): ours only with cookie_clock=wall. */
+static u32 count_of(int era)
+{
+	return era == TCPSECRETS_ERA_MODULE && wall ? wall_count_now() : jiffies_count_now();
+}
+
+/*
+ * Whether the kernel will ask for this ACK's timestamp offset: it does when
+ * the ACK echoes a timestamp (TSecr not 0), right after checking the cookie.
+ */
+static bool echoes_timestamp(const struct tcphdr *th)
+{
+	const u8 *opt = (const u8 *)(th + 1);
+	int left = th->doff * 4 - (int)sizeof(*th);
+
+	while (left > 0) {
+		if (opt[0] == TCPOPT_EOL)
+			break;
+		if (opt[0] == TCPOPT_NOP) {
+			opt++;
+			left--;
+			continue;
+		}
+		if (left < 2 || opt[1] < 2 || opt[1] > left)
+			break;
+		if (opt[0] == TCPOPT_TIMESTAMP && opt[1] == TCPOLEN_TIMESTAMP)
+			return (opt[6] | opt[7] | opt[8] | opt[9]) != 0;
+		left -= opt[1];
+		opt += opt[1];
+	}
+	return false;
+}
+
+/*
+ * The MSS of a cookie ACK, in the era that made it; 0 if neither took it.
+ * noted: the era is remembered for the kernel's next question (handover.c).
+ */
+static int checked_v4(const struct iphdr *iph, const struct tcphdr *th, u32 cookie, bool note)
+{
+	int other, era = tcpsecrets_eras_to_check(&other);
+	int mss = check_v4(iph, th, cookie, count_of(era));
+
+	if (!mss && other >= 0) {
+		mss = check_v4(iph, th, cookie, count_of(other));
+		era = other;
+	}
+	if (mss)
+		tcpsecrets_era_used(era);
+	if (mss && note && echoes_timestamp(th))
+		tcpsecrets_era_checked(AF_INET, &iph->daddr, &iph->saddr, th->dest, th->source, era);
+	return mss;
+}
+
+static int checked_v6(const struct ipv6hdr *iph, const struct tcphdr *th, u32 cookie, bool note)
+{
+	int other, era = tcpsecrets_eras_to_check(&other);
+	int mss = check_v6(iph, th, cookie, count_of(era));
+
+	if (!mss && other >= 0) {
+		mss = check_v6(iph, th, cookie, count_of(other));
+		era = other;
+	}
+	if (mss)
+		tcpsecrets_era_used(era);
+	if (mss && note && echoes_timestamp(th))
+		tcpsecrets_era_checked(AF_INET6, iph->daddr.s6_addr32, iph->saddr.s6_addr32,
+				       th->dest, th->source, era);
+	return mss;
+}
+
+/* The replacements: the kernel's signatures, the current era's counter. */
 static u32 wall_cookie_v4_init_sequence(const struct iphdr *iph,
 					const struct tcphdr *th, u16 *mssp)
 {
-	return make_v4(iph, th, mssp, wall_count_now());
+	int era = tcpsecrets_era_making();
+
+	tcpsecrets_era_used(era);
+	return make_v4(iph, th, mssp, count_of(era));
 }
 
 static int wall_cookie_v4_check(COMPAT_COOKIE_CHECK_PARAMS(struct iphdr))
 {
-	return check_v4(iph, th, compat_cookie_of(th), wall_count_now());
+	return checked_v4(iph, th, compat_cookie_of(th), true);
 }
 
 static u32 wall_cookie_v6_init_sequence(const struct ipv6hdr *iph,
 					const struct tcphdr *th, u16 *mssp)
 {
-	return make_v6(iph, th, mssp, wall_count_now());
+	int era = tcpsecrets_era_making();
+
+	tcpsecrets_era_used(era);
+	return make_v6(iph, th, mssp, count_of(era));
 }
 
 static int wall_cookie_v6_check(COMPAT_COOKIE_CHECK_PARAMS(struct ipv6hdr))
 {
-	return check_v6(iph, th, compat_cookie_of(th), wall_count_now());
+	return checked_v6(iph, th, compat_cookie_of(th), true);
 }
 
-/* The MSS a cookie ACK carries with the kernel's current counter, or 0. */
+/* The MSS a cookie ACK carries as the kernel would check it now, or 0. */
 int tcpsecrets_cookie_mss_v4(const struct iphdr *iph, const struct tcphdr *ack)
 {
-	return check_v4(iph, ack, ntohl(ack->ack_seq) - 1,
-			wall ? wall_count_now() : jiffies_count_now());
+	return checked_v4(iph, ack, ntohl(ack->ack_seq) - 1, false);
 }
 
 int tcpsecrets_cookie_mss_v6(const struct ipv6hdr *iph, const struct tcphdr *ack)
 {
-	return check_v6(iph, ack, ntohl(ack->ack_seq) - 1,
-			wall ? wall_count_now() : jiffies_count_now());
+	return checked_v6(iph, ack, ntohl(ack->ack_seq) - 1, false);
 }
 
 #define REDIRECT(kernel_fn, ours) \

@@ -42,6 +42,19 @@ void tcpsecrets_redirect_off(struct tcpsecrets_redirect *r);
 int tcpsecrets_redirects_on(struct tcpsecrets_redirect *list, int n);
 void tcpsecrets_redirects_off(struct tcpsecrets_redirect *list, int n);
 
+/* handover.c: handshakes in flight across a load or an unload */
+#define TCPSECRETS_ERA_KERNEL 0	/* what the kernel does without us */
+#define TCPSECRETS_ERA_MODULE 1	/* ours */
+int tcpsecrets_era_making(void);
+int tcpsecrets_eras_to_check(int *other);	/* other: the other era, or -1 */
+void tcpsecrets_era_used(int era);
+void tcpsecrets_era_checked(int family, const __be32 *server, const __be32 *client,
+			    __be16 server_port, __be16 client_port, int era);
+int tcpsecrets_era_for(int family, const __be32 *server, const __be32 *client,
+		       __be16 server_port, __be16 client_port);
+void tcpsecrets_handover_to_module(void);
+void tcpsecrets_handover_to_kernel(void);	/* may sleep HANDOVER_UNLOAD_MS */
+
 /* cookie_clock.c: the kernel's SYN cookies on wall-clock minutes */
 int tcpsecrets_cookie_clock_init(bool wall);
 void tcpsecrets_cookie_clock_exit(void);

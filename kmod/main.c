@@ -153,6 +153,8 @@ static int __init tcpsecrets_init(void)
 	err = tcpsecrets_chardev_init();
 	if (err)
 		goto err_procfs;
+	/* Every redirect is on and behaves as the kernel: now ours take over at once. */
+	tcpsecrets_handover_to_module();
 
 	pr_info("version %s loaded (ABI %d, cookie clock %s, cookie accept %s%s, SendSyn drop %s, reader gid %d, writer gid %d)\n",
 		TCPSECRETS_VERSION, TCPSECRETS_ABI_VERSION, wall ? "wall" : "jiffies",
@@ -180,6 +182,8 @@ err_ts_offset:
 
 static void __exit tcpsecrets_exit(void)
 {
+	/* Back to the kernel's cookies and offsets first, so that removing the redirects changes nothing. */
+	tcpsecrets_handover_to_kernel();
 	tcpsecrets_chardev_exit();
 	tcpsecrets_procfs_exit();
 	tcpsecrets_sendsyn_exit();

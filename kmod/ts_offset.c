@@ -17,7 +17,8 @@
  *     computed exactly as the kernel does (checked at load), the offset
  *     half is ours.
  * In both, offset = SipHash(ts_secret; saddr, daddr) (0 unless
- * tcp_timestamps is 1, as the kernel does) + the wall-clock shift.
+ * tcp_timestamps is 1, as the kernel does) + the wall-clock shift; in the
+ * kernel's era (handover.c: at load and unload) they yield the kernel's own.
  *
  * The wall-clock shift (cookie_clock=wall): MITIGATOR's TS clock is the wall
  * clock in ms, plus 5 s of margin; the kernel's is CLOCK_MONOTONIC in ms.
@@ -44,6 +45,7 @@
 #define TS_OPTION_BITS_MASK 63U
 
 static siphash_aligned_key_t module_ts_secret;
+static const siphash_key_t *kernel_ts_secret;	/* the kernel's own, where it has one */
 static bool wall;
 
 u32 tcpsecrets_ts_shift(u64 realtime_ns, u64 tcp_clock_ns)
@@ -76,6 +78,7 @@ static bool timestamps_randomised(const struct net *net)
 	return READ_ONCE(net->ipv4.sysctl_tcp_timestamps) == 1;
 }
 
+/* Our offsets (ERA_MODULE). */
 static u32 ts_off_v4(const struct net *net, __be32 saddr, __be32 daddr)
 {
 	u32 off = 0;
@@ -112,20 +115,16 @@ static u32 isn_clock(void)
 	return (u32)(ktime_get_real_ns() >> 6);
 }
 
-static u32 isn_hash_v4(__be32 saddr, __be32 daddr, __be16 sport, __be16 dport)
+/* The whole hash: the ISN takes its lower half, the kernel's TS offset its upper half. */
+static u64 isn_hash_v4(__be32 saddr, __be32 daddr, __be16 sport, __be16 dport)
 {
 	u32 ports = (__force u32)sport << 16 | (__force u32)dport;
 
-	return (u32)siphash_3u32((__force u32)saddr, (__force u32)daddr, ports,
+	return siphash_3u32((__force u32)saddr, (__force u32)daddr, ports,
 				 tcpsecrets_net_secret());
 }
 
-static u32 isn_v4(__be32 saddr, __be32 daddr, __be16 sport, __be16 dport)
-{
-	return isn_hash_v4(saddr, daddr, sport, dport) + isn_clock();
-}
-
-static u32 isn_hash_v6(const __be32 *saddr, const __be32 *daddr, __be16 sport, __be16 dport)
+static u64 isn_hash_v6(const __be32 *saddr, const __be32 *daddr, __be16 sport, __be16 dport)
 {
 	const struct {
 		struct in6_addr saddr;
@@ -139,23 +138,21 @@ static u32 isn_hash_v6(const __be32 *saddr, const __be32 *daddr, __be16 sport, _
 		.dport = dport,
 	};
 
-	return (u32)siphash(&message, offsetofend(typeof(message), dport),
-			    tcpsecrets_net_secret());
-}
-
-static u32 isn_v6(const __be32 *saddr, const __be32 *daddr, __be16 sport, __be16 dport)
-{
-	return isn_hash_v6(saddr, daddr, sport, dport) + isn_clock();
+	return siphash(&message, offsetofend(typeof(message), dport), tcpsecrets_net_secret());
 }
 
 static union tcp_seq_and_ts_off
 our_seq_and_ts_off_v4(const struct net *net, __be32 saddr, __be32 daddr,
 		      __be16 sport, __be16 dport)
 {
+	u64 hash = isn_hash_v4(saddr, daddr, sport, dport);
 	union tcp_seq_and_ts_off st;
 
-	st.seq = isn_v4(saddr, daddr, sport, dport);
-	st.ts_off = ts_off_v4(net, saddr, daddr);
+	st.seq = (u32)hash + isn_clock();
+	if (tcpsecrets_era_for(AF_INET, &saddr, &daddr, sport, dport) == TCPSECRETS_ERA_MODULE)
+		st.ts_off = ts_off_v4(net, saddr, daddr);
+	else
+		st.ts_off = timestamps_randomised(net) ? hash >> 32 : 0;
 	return st;
 }
 
@@ -163,10 +160,14 @@ static union tcp_seq_and_ts_off
 our_seq_and_ts_off_v6(const struct net *net, const __be32 *saddr,
 		      const __be32 *daddr, __be16 sport, __be16 dport)
 {
+	u64 hash = isn_hash_v6(saddr, daddr, sport, dport);
 	union tcp_seq_and_ts_off st;
 
-	st.seq = isn_v6(saddr, daddr, sport, dport);
-	st.ts_off = ts_off_v6(net, saddr, daddr);
+	st.seq = (u32)hash + isn_clock();
+	if (tcpsecrets_era_for(AF_INET6, saddr, daddr, sport, dport) == TCPSECRETS_ERA_MODULE)
+		st.ts_off = ts_off_v6(net, saddr, daddr);
+	else
+		st.ts_off = timestamps_randomised(net) ? hash >> 32 : 0;
 	return st;
 }
 
@@ -208,18 +209,18 @@ static int selftest(void)
 		before = isn_clock();
 		kernel4 = secure_tcp_seq_and_ts_off(&init_net, a4, b4, sport, dport).seq;
 		after = isn_clock();
-		ok4 = ok4 || isn_matches(kernel4, isn_hash_v4(a4, b4, sport, dport), before, after);
+		ok4 = ok4 || isn_matches(kernel4, (u32)isn_hash_v4(a4, b4, sport, dport), before, after);
 #if IS_ENABLED(CONFIG_IPV6)
 		before = isn_clock();
 		kernel6 = secure_tcpv6_seq_and_ts_off(&init_net, a6, b6, sport, dport).seq;
 		after = isn_clock();
-		ok6 = ok6 || isn_matches(kernel6, isn_hash_v6(a6, b6, sport, dport), before, after);
+		ok6 = ok6 || isn_matches(kernel6, (u32)isn_hash_v6(a6, b6, sport, dport), before, after);
 #endif
 	}
 	if (!ok4 || !ok6) {
 		pr_err("the kernel's ISNs differ from ours (v4 %08x, hash %08x; v6 %08x, hash %08x); refusing to change them\n",
-		       kernel4, isn_hash_v4(a4, b4, sport, dport), kernel6,
-		       IS_ENABLED(CONFIG_IPV6) ? isn_hash_v6(a6, b6, sport, dport) : 0);
+		       kernel4, (u32)isn_hash_v4(a4, b4, sport, dport), kernel6,
+		       IS_ENABLED(CONFIG_IPV6) ? (u32)isn_hash_v6(a6, b6, sport, dport) : 0);
 		return -ENOEXEC;
 	}
 	return 0;
@@ -227,14 +228,39 @@ static int selftest(void)
 
 #else /* the kernel has a module_ts_secret and secure_tcp{,v6}_ts_off() */
 
+/*
+ * The kernel's offsets (ERA_KERNEL): its own ts_secret, no shift. Had it
+ * none yet at load, ours stands in; the kernel's is then unknown to us.
+ */
+static const siphash_key_t *kernel_key(void)
+{
+	return kernel_ts_secret ? kernel_ts_secret : &module_ts_secret;
+}
+
 static u32 our_ts_off_v4(const struct net *net, __be32 saddr, __be32 daddr)
 {
-	return ts_off_v4(net, saddr, daddr);
+	if (tcpsecrets_era_for(AF_INET, &saddr, &daddr, 0, 0) == TCPSECRETS_ERA_MODULE)
+		return ts_off_v4(net, saddr, daddr);
+	if (!timestamps_randomised(net))
+		return 0;
+	return siphash_2u32((__force u32)saddr, (__force u32)daddr, kernel_key());
 }
 
 static u32 our_ts_off_v6(const struct net *net, const __be32 *saddr, const __be32 *daddr)
 {
-	return ts_off_v6(net, saddr, daddr);
+	const struct {
+		struct in6_addr saddr;
+		struct in6_addr daddr;
+	} __aligned(SIPHASH_ALIGNMENT) message = {
+		.saddr = *(const struct in6_addr *)saddr,
+		.daddr = *(const struct in6_addr *)daddr,
+	};
+
+	if (tcpsecrets_era_for(AF_INET6, saddr, daddr, 0, 0) == TCPSECRETS_ERA_MODULE)
+		return ts_off_v6(net, saddr, daddr);
+	if (!timestamps_randomised(net))
+		return 0;
+	return siphash(&message, sizeof(message), kernel_key());
 }
 
 /* secure_tcp_ts_off() is not exported: found by name when redirected. */
@@ -273,15 +299,16 @@ static int selftest(void)
 #endif
 
 /*
- * kernel_ts_secret: the kernel's own, if it has one that exists by now
+ * kernel_secret: the kernel's own, if it has one that exists by now
  * (copied, so that offsets do not change at load), else NULL (random).
  */
-int tcpsecrets_ts_offset_init(const siphash_key_t *kernel_ts_secret, bool use_wall)
+int tcpsecrets_ts_offset_init(const siphash_key_t *kernel_secret, bool use_wall)
 {
 	int err;
 
-	if (kernel_ts_secret) {
-		module_ts_secret = *kernel_ts_secret;
+	kernel_ts_secret = kernel_secret;
+	if (kernel_secret) {
+		module_ts_secret = *kernel_secret;
 		err = selftest();
 	} else {
 		get_random_bytes(&module_ts_secret, sizeof(module_ts_secret));
@@ -297,6 +324,7 @@ int tcpsecrets_ts_offset_init(const siphash_key_t *kernel_ts_secret, bool use_wa
 
 err_wipe:
 	wall = false;
+	kernel_ts_secret = NULL;
 	memzero_explicit(&module_ts_secret, sizeof(module_ts_secret));
 	return err;
 }
@@ -305,5 +333,6 @@ void tcpsecrets_ts_offset_exit(void)
 {
 	tcpsecrets_redirects_off(redirects, ARRAY_SIZE(redirects));
 	wall = false;
+	kernel_ts_secret = NULL;
 	memzero_explicit(&module_ts_secret, sizeof(module_ts_secret));
 }

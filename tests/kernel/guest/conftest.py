@@ -76,7 +76,7 @@ JIFFIES_WRAP_WINDOW = (298.0, 422.0)
 
 # The files run in this order: those whose tests never wait out the window first, so that the
 # ones that do (clear_of_jiffies_wrap) mostly start after it instead of sleeping through it.
-MODULE_ORDER = ("test_agent_in_guest", "test_mitigator_contract", "test_selftest", "test_containers",
+MODULE_ORDER = ("test_agent_in_guest", "test_mitigator_contract", "test_selftest", "test_containers", "test_handover",
                 "test_tcpsecrets")
 
 
