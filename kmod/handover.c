@@ -34,7 +34,7 @@
 
 #include <linux/delay.h>
 #include <linux/jiffies.h>
-#include <linux/irqflags.h>
+#include <linux/bottom_half.h>
 #include <linux/percpu.h>
 #include <linux/string.h>
 
@@ -83,8 +83,11 @@ void tcpsecrets_era_used(int used)
  * cookie_v{4,6}_check() asks for next, on the same CPU in the same softirq.
  * Taken once; only a lookup for the same addresses (and ports, where the
  * kernel passes them) within two ticks takes it, so a SYN's offset never
- * does. From a socket's backlog (process context) a migration or a nested
- * softirq in between can lose it: the current era's offset is used then.
+ * does. Softirqs are held off around each access (a socket's backlog runs
+ * in process context); irqs are not, as no irq handler gets here (and
+ * local_irq_save is an indirect paravirt call on 5.10). A migration
+ * between the check and the offset, from a backlog, loses the era: the
+ * current one's offset is used then.
  */
 struct checked_cookie {
 	__be32 server[4];
@@ -104,11 +107,10 @@ void tcpsecrets_era_checked(int family, const __be32 *server, const __be32 *clie
 {
 	int words = family == AF_INET ? 1 : 4;
 	struct checked_cookie *c;
-	unsigned long flags;
 
 	if (!window_open())
 		return;
-	local_irq_save(flags);
+	local_bh_disable();
 	c = this_cpu_ptr(&checked);
 	memset(c, 0, sizeof(*c));
 	memcpy(c->server, server, words * sizeof(__be32));
@@ -119,7 +121,7 @@ void tcpsecrets_era_checked(int family, const __be32 *server, const __be32 *clie
 	c->era = found;
 	c->when = jiffies;
 	c->valid = true;
-	local_irq_restore(flags);
+	local_bh_enable();
 }
 
 /* ports: 0 where the kernel's offset function has none (it then matches any). */
@@ -129,11 +131,10 @@ int tcpsecrets_era_for(int family, const __be32 *server, const __be32 *client,
 	int words = family == AF_INET ? 1 : 4;
 	int found = READ_ONCE(era);
 	struct checked_cookie *c;
-	unsigned long flags;
 
 	if (!window_open())
 		return found;
-	local_irq_save(flags);
+	local_bh_disable();
 	c = this_cpu_ptr(&checked);
 	if (c->valid && c->family == family && time_before(jiffies, c->when + 2) &&
 	    (!server_port || (c->server_port == server_port && c->client_port == client_port)) &&
@@ -142,7 +143,7 @@ int tcpsecrets_era_for(int family, const __be32 *server, const __be32 *client,
 		found = c->era;
 		c->valid = false;
 	}
-	local_irq_restore(flags);
+	local_bh_enable();
 	return found;
 }
 
