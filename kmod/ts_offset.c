@@ -78,17 +78,16 @@ static bool timestamps_randomised(const struct net *net)
 	return READ_ONCE(net->ipv4.sysctl_tcp_timestamps) == 1;
 }
 
-/* Our offsets (ERA_MODULE). */
-static u32 ts_off_v4(const struct net *net, __be32 saddr, __be32 daddr)
+/* SipHash(key; saddr, daddr), or 0 unless tcp_timestamps is 1: the kernel's ts_secret offset. */
+static u32 pair_off_v4(const struct net *net, __be32 saddr, __be32 daddr, const siphash_key_t *key)
 {
-	u32 off = 0;
-
-	if (timestamps_randomised(net))
-		off = siphash_2u32((__force u32)saddr, (__force u32)daddr, &module_ts_secret);
-	return off + tcpsecrets_ts_shift_now();
+	if (!timestamps_randomised(net))
+		return 0;
+	return siphash_2u32((__force u32)saddr, (__force u32)daddr, key);
 }
 
-static u32 ts_off_v6(const struct net *net, const __be32 *saddr, const __be32 *daddr)
+static u32 pair_off_v6(const struct net *net, const __be32 *saddr, const __be32 *daddr,
+		       const siphash_key_t *key)
 {
 	const struct {
 		struct in6_addr saddr;
@@ -97,11 +96,21 @@ static u32 ts_off_v6(const struct net *net, const __be32 *saddr, const __be32 *d
 		.saddr = *(const struct in6_addr *)saddr,
 		.daddr = *(const struct in6_addr *)daddr,
 	};
-	u32 off = 0;
 
-	if (timestamps_randomised(net))
-		off = siphash(&message, sizeof(message), &module_ts_secret);
-	return off + tcpsecrets_ts_shift_now();
+	if (!timestamps_randomised(net))
+		return 0;
+	return siphash(&message, sizeof(message), key);
+}
+
+/* Our offsets (ERA_MODULE). */
+static u32 ts_off_v4(const struct net *net, __be32 saddr, __be32 daddr)
+{
+	return pair_off_v4(net, saddr, daddr, &module_ts_secret) + tcpsecrets_ts_shift_now();
+}
+
+static u32 ts_off_v6(const struct net *net, const __be32 *saddr, const __be32 *daddr)
+{
+	return pair_off_v6(net, saddr, daddr, &module_ts_secret) + tcpsecrets_ts_shift_now();
 }
 
 #ifdef TCPSECRETS_HAVE_SEQ_AND_TS_OFF
@@ -241,26 +250,14 @@ static u32 our_ts_off_v4(const struct net *net, __be32 saddr, __be32 daddr)
 {
 	if (tcpsecrets_era_for(AF_INET, &saddr, &daddr, 0, 0) == TCPSECRETS_ERA_MODULE)
 		return ts_off_v4(net, saddr, daddr);
-	if (!timestamps_randomised(net))
-		return 0;
-	return siphash_2u32((__force u32)saddr, (__force u32)daddr, kernel_key());
+	return pair_off_v4(net, saddr, daddr, kernel_key());
 }
 
 static u32 our_ts_off_v6(const struct net *net, const __be32 *saddr, const __be32 *daddr)
 {
-	const struct {
-		struct in6_addr saddr;
-		struct in6_addr daddr;
-	} __aligned(SIPHASH_ALIGNMENT) message = {
-		.saddr = *(const struct in6_addr *)saddr,
-		.daddr = *(const struct in6_addr *)daddr,
-	};
-
 	if (tcpsecrets_era_for(AF_INET6, saddr, daddr, 0, 0) == TCPSECRETS_ERA_MODULE)
 		return ts_off_v6(net, saddr, daddr);
-	if (!timestamps_randomised(net))
-		return 0;
-	return siphash(&message, sizeof(message), kernel_key());
+	return pair_off_v6(net, saddr, daddr, kernel_key());
 }
 
 /* secure_tcp_ts_off() is not exported: found by name when redirected. */
