@@ -42,9 +42,8 @@
 #define HANDOVER_UNLOAD_MS 1000
 
 static int era = TCPSECRETS_ERA_KERNEL;
-static bool both_eras;			/* the check also takes the other era */
-static unsigned long both_eras_until;	/* jiffies; only while !unloading */
-static bool unloading;
+static unsigned long both_eras_until;	/* jiffies: the end of the window after a load */
+static bool unloading;			/* from the switch back until the redirects are off */
 static unsigned long module_era_used;	/* jiffies of the last module-era cookie */
 
 int tcpsecrets_era_making(void)
@@ -52,13 +51,13 @@ int tcpsecrets_era_making(void)
 	return READ_ONCE(era);
 }
 
+/* Whether the check also takes the other era's cookies now. */
 static bool window_open(void)
 {
-	if (!READ_ONCE(both_eras))
-		return false;
 	if (READ_ONCE(unloading))
 		return true;
-	return time_before(jiffies, READ_ONCE(both_eras_until));
+	return READ_ONCE(era) == TCPSECRETS_ERA_MODULE &&
+	       time_before(jiffies, READ_ONCE(both_eras_until));
 }
 
 int tcpsecrets_eras_to_check(int *other)
@@ -151,7 +150,6 @@ void tcpsecrets_handover_to_module(void)
 {
 	WRITE_ONCE(module_era_used, jiffies - msecs_to_jiffies(HANDOVER_UNLOAD_MS) - 1);
 	WRITE_ONCE(both_eras_until, jiffies + msecs_to_jiffies(HANDOVER_LOAD_MS));
-	WRITE_ONCE(both_eras, true);
 	WRITE_ONCE(era, TCPSECRETS_ERA_MODULE);
 }
 
@@ -162,7 +160,6 @@ void tcpsecrets_handover_to_kernel(void)
 	if (READ_ONCE(era) != TCPSECRETS_ERA_MODULE)
 		return;
 	WRITE_ONCE(unloading, true);
-	WRITE_ONCE(both_eras, true);
 	WRITE_ONCE(era, TCPSECRETS_ERA_KERNEL);
 	recent = time_before(jiffies, READ_ONCE(module_era_used) +
 					       msecs_to_jiffies(HANDOVER_UNLOAD_MS));
