@@ -78,7 +78,7 @@ mkdir -p "$stage"
     cd "$ROOT"
     git ls-files -z --cached --others --exclude-standard -- \
         kmod agent pyproject.toml README.md packaging/debian packaging/system packaging/systemd \
-        packaging/pythons packaging/site-tree.py |
+        packaging/pythons packaging/site-tree.py installer/mitigator-agent.sh |
         while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done |
         tar --null -T - -cf -
 ) | tar -xf - -C "$stage"

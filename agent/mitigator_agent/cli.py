@@ -143,18 +143,18 @@ def _check_fingerprint(ctx: click.Context, param: click.Parameter, value: Option
         raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
 
-INSTALL_SCRIPT = "/usr/lib/mitigator-agent/install.sh"  # kept by the install script, for -d
+INSTALL_SCRIPT = "/usr/lib/mitigator-agent/install.sh"  # the install script, shipped by the package, for -d
 
 
 def _uninstall(purge: bool, yes: bool) -> None:
-    """Run the install script's own uninstall (the copy kept at install time); never returns.
+    """Run the install script's uninstall (the package's copy, or an older script's kept one); never returns.
 
     At a terminal the script asks before --purge removes the host key MITIGATOR pins; --yes
     skips the question.
     """
     if not os.path.exists(INSTALL_SCRIPT):
-        click.echo(f"mitigator-agent: {INSTALL_SCRIPT} is missing, so the install script did not install this"
-                   " agent: remove the Debian package with apt remove mitigator-agent", err=True)
+        click.echo(f"mitigator-agent: {INSTALL_SCRIPT} is missing: remove the Debian packages with"
+                   " apt remove mitigator-agent tcpsecrets-dkms", err=True)
         sys.exit(1)
     argv = ["sh", INSTALL_SCRIPT, "-d"] + (["--purge"] if purge else []) + (["--yes"] if yes else [])
     os.execvp("sh", argv)

@@ -3,7 +3,8 @@
 Fast, no VM: the packages are built once for the module (about 20 s with the
 wheels cached), inspected with dpkg-deb, and the agent's launcher runs from an
 extracted copy with the package's own site-packages. Installing them in a
-booted Debian 12 is tests/installer/test_debian_packages.py.
+booted Debian 12 is the install script's (tests/installer/test_install_script.py:
+it has apt install them).
 """
 
 from __future__ import annotations
@@ -123,17 +124,20 @@ def test_agent_package_installs_the_documented_layout(debs: Debs, extracted: Dic
     root = extracted["agent"]
     for installed, source in (("lib/systemd/system/mitigator-agent.service", "systemd/mitigator-agent.service"),
                               ("lib/systemd/system/mitigator-agent.socket", "systemd/mitigator-agent.socket"),
-                              ("etc/modules-load.d/tcpsecrets.conf", "system/modules-load.conf"),
-                              ("etc/sysctl.d/90-tcpsecrets.conf", "system/sysctl.conf"),
+                              ("usr/share/mitigator-agent/modules-load.conf", "system/modules-load.conf"),
+                              ("usr/share/mitigator-agent/sysctl.conf", "system/sysctl.conf"),
                               ("usr/share/mitigator-agent/modprobe.conf.in", "system/modprobe.conf.in")):
         assert (root / installed).read_bytes() == (REPO / "packaging" / source).read_bytes(), installed
+    # The install script, which `mitigator-agent -d` runs: the same file as the one make dist carries.
+    assert entries[f"{LIB}/install.sh"].startswith("-rwxr-xr-x root/root")
+    assert (root / LIB / "install.sh").read_bytes() == (REPO / "installer" / "mitigator-agent.sh").read_bytes()
     # The man page (the unit's Documentation=) and the completion, from the packaged CLI itself.
     assert ".TH" in subprocess.run(["zcat", str(root / "usr/share/man/man8/mitigator-agent.8.gz")],
                                    check=True, capture_output=True, text=True).stdout
     assert "_MITIGATOR_AGENT_COMPLETE" in \
         (root / "usr/share/bash-completion/completions/mitigator-agent").read_text()
-    assert control_file(debs.agent, "conffiles").split() == [
-        "/etc/modules-load.d/tcpsecrets.conf", "/etc/sysctl.d/90-tcpsecrets.conf"]
+    # No conffiles: what postinst writes into /etc acts on the system, and a remove takes it away.
+    assert not [path for path in entries if path.startswith("etc")]
     owners = {line.split()[1] for line in entries.values()}
     assert owners == {"root/root"}
     # /opt, the keys and the host key are the postinst's, never files of the package.
