@@ -145,8 +145,9 @@ bench: venv
 	kver="$$(tests/provision-host.sh "bookworm:$$(awk '$$1 == "bookworm" { print $$2 }' tests/kernel/test-kernels)")" && \
 	$(PY) bench/cookie_hook.py --kver "$$kver" $(HOOK_BENCH_ARGS)
 
-# dist/mitigator-agent: the one-file installer (module source, agent, wheels for
-# every supported CPython; wheels cached in /var/cache/mitigator-agent-build).
+# dist/mitigator-agent: the one-file installer, carrying the two Debian packages
+# (built as `make deb` builds them, without lintian; wheels cached in
+# /var/cache/mitigator-agent-build), which it has apt install on the server.
 dist: venv
 	installer/make-dist.sh
 

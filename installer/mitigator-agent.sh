@@ -1,46 +1,55 @@
 #!/bin/sh
 # mitigator-agent install script: installs, updates (run it again) and removes (-d) the tcpsecrets
-# kernel module (DKMS) and the mitigator-agent service on a Debian or Ubuntu server.
+# kernel module and the mitigator-agent service on a Debian or Ubuntu server, as the two Debian
+# packages it carries (tcpsecrets-dkms, mitigator-agent): apt installs them with what they need
+# from the server's own mirror (dkms, the kernel's headers, python3), and their maintainer scripts
+# set the server up. The script adds what apt cannot: refusing an unsuitable kernel in one line,
+# checking that the module builds before an update touches anything, rolling back, a transcript,
+# and moving a server installed by an older script (a venv, units in /etc) to the packages.
 #
 #   wget -O- https://example.org/mitigator-agent | sh      install or update (as root)
 #   sh mitigator-agent -d [--purge [--yes]]                 uninstall (--purge: keys, host key, user too;
 #                                                           at a terminal it asks first unless --yes)
 #
-# `make dist` appends the payload (module source, agent and its wheels) to this file as dist/mitigator-agent;
-# the installed copy (/usr/lib/mitigator-agent/install.sh) carries none and only uninstalls.
-# Everything is in functions and the last line calls main: a download cut short runs nothing.
+# `make dist` appends the payload (the two .debs) to this file as dist/mitigator-agent; the copy the
+# package installs (/usr/lib/mitigator-agent/install.sh, which `mitigator-agent -d` runs) carries
+# none and only uninstalls. Everything is in functions and the last line calls main: a download cut
+# short runs nothing.
 #
 # Test hooks (the system tests use them; an admin never needs to): MITIGATOR_AGENT_KERNEL (kernel release
 # to check instead of `uname -r`), MITIGATOR_AGENT_KCONFIG (its config file), MITIGATOR_AGENT_STEP_PAUSE
 # (a step name: the install stops there for a while, so a test can kill it at that step).
 
 PROG=mitigator-agent
+PACKAGES="tcpsecrets-dkms mitigator-agent"
 LIB_DIR=/usr/lib/mitigator-agent
-KEPT_SCRIPT=$LIB_DIR/install.sh
 LAUNCHER=$LIB_DIR/mitigator-agent
-PATH_ENTRY=/usr/local/sbin/mitigator-agent
 HOME_DIR=/opt/mitigator_agent
 KEYS_FILE=$HOME_DIR/keys
 HOST_KEY=$HOME_DIR/host.ed25519
-STATE_DIR=/var/lib/mitigator-agent
+# The script's own records (the package's state is /var/lib/mitigator-agent, which its purge removes):
+# the packages apt added for this install (removed again by -d), and the .debs of the installed
+# version (a failed update reinstalls them).
+STATE_DIR=/var/lib/mitigator-agent-install
 APT_BEFORE=$STATE_DIR/packages-before-apt
+APT_ADDED=$STATE_DIR/apt-installed
+KEPT_DEBS=$STATE_DIR/debs
 LOG_FILE=/var/log/mitigator-agent-install.log
-UNIT_FILE=/etc/systemd/system/mitigator-agent.service
-SOCKET_FILE=/etc/systemd/system/mitigator-agent.socket
-MODPROBE_FILE=/etc/modprobe.d/tcpsecrets.conf
-SWAP_MARKER=/run/tcpsecrets-swap
-MODULES_LOAD_FILE=/etc/modules-load.d/tcpsecrets.conf
-SYSCTL_FILE=/etc/sysctl.d/90-tcpsecrets.conf
-# Run after DKMS's hooks when a kernel or its headers are installed: loud when tcpsecrets was not built.
-KERNEL_HOOK=/etc/kernel/postinst.d/zz-tcpsecrets
-HEADERS_HOOK=/etc/kernel/header_postinst.d/zz-tcpsecrets
-MAN_PAGE=/usr/local/share/man/man8/mitigator-agent.8
-COMPLETION=/usr/local/share/bash-completion/completions/mitigator-agent
 SERVICE_USER=mitigator_agent
 MODULE=tcpsecrets
 PORT=7100
 OLDEST_KERNEL=5.10      # the oldest kernel the project's tests boot
 DKMS_MOK=/var/lib/dkms/mok.pub
+# An install by a script from before the packages: its version file, and what it put where the
+# packages now put their own (moved aside into $LEGACY before apt, dropped once the packages serve).
+LEGACY_STATE=/var/lib/mitigator-agent
+LEGACY_VERSION=$LEGACY_STATE/version
+LEGACY=$STATE_DIR/legacy
+LEGACY_FILES="/etc/systemd/system/mitigator-agent.service /etc/systemd/system/mitigator-agent.socket
+/etc/kernel/postinst.d/zz-tcpsecrets /etc/kernel/header_postinst.d/zz-tcpsecrets
+/etc/modules-load.d/tcpsecrets.conf /etc/sysctl.d/90-tcpsecrets.conf $LIB_DIR/install.sh $LAUNCHER
+/usr/local/sbin/mitigator-agent /usr/local/share/man/man8/mitigator-agent.8
+/usr/local/share/bash-completion/completions/mitigator-agent"
 
 # --- output ----------------------------------------------------------------------------------
 
@@ -75,11 +84,11 @@ pause_at() {
 }
 
 usage() {
-	cat <<EOF
+	cat <<USAGE
 Usage: sh $PROG [-d [--purge [--yes]]] [-h]
 
   (no option)  install, or update an existing install (keys and host key are kept)
-  -d           uninstall: service, module (all DKMS versions), agent and system settings;
+  -d           uninstall: the packages $PACKAGES and what apt added for them;
                keeps $KEYS_FILE and the host key ($HOST_KEY)
   -d --purge   uninstall and also remove the keys, the host key and the $SERVICE_USER user;
                at a terminal it asks first (the host key MITIGATOR pins is gone for good)
@@ -87,13 +96,18 @@ Usage: sh $PROG [-d [--purge [--yes]]] [-h]
   -h           this help
 
 Runs as root on Debian 11/12/13 or Ubuntu 22.04/24.04 (x86_64). Log: $LOG_FILE
-EOF
+USAGE
 }
 
 # --- facts -----------------------------------------------------------------------------------
 
-is_installed_pkg() {
-	[ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]
+package_status() { dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null; }
+
+is_installed_pkg() { [ "$(package_status "$1")" = installed ]; }
+
+# The version of an installed package; empty when it is not installed.
+installed_version() {
+	is_installed_pkg "$1" && dpkg-query -W -f='${Version}' "$1" | sed 's/-[^-]*$//'
 }
 
 # Packages on the system in any state but gone (a run killed inside dpkg leaves some half-configured).
@@ -108,14 +122,8 @@ version_at_least() { # $1 >= $2, both dotted
 
 kernel_release() { printf '%s' "${MITIGATOR_AGENT_KERNEL:-$(uname -r)}"; }
 
-payload_version() { cat "$PAYLOAD/kmod/VERSION"; }
-
-# The agent's group id (create_user made the group); fails when there is none.
-service_gid() {
-	getent group "$SERVICE_USER" | cut -d: -f3 | grep -x '[0-9][0-9]*'
-}
-
-installed_version() { [ -r "$STATE_DIR/version" ] && cat "$STATE_DIR/version"; }
+# The version the payload's packages carry (their upstream version).
+payload_version() { dpkg-deb -f "$PAYLOAD/mitigator-agent.deb" Version | sed 's/-[^-]*$//'; }
 
 # --- preconditions (nothing is changed before they all hold) ---------------------------------
 
@@ -149,16 +157,16 @@ check_kernel() {
 	done
 }
 
-check_no_package_install() {
-	if is_installed_pkg mitigator-agent; then
-		die "the mitigator-agent Debian package is installed: update it with apt, or remove it (apt remove mitigator-agent) before using this script"
-	fi
-}
-
 # --- apt -------------------------------------------------------------------------------------
 
 apt_get() {
-	cmd apt-get -q -y -o Dpkg::Options::=--force-confold "$@"
+	cmd apt-get -q -y -o Dpkg::Use-Pty=0 -o Dpkg::Options::=--force-confold "$@"
+}
+
+# A run killed inside dpkg leaves it half-configured: finish that first.
+finish_interrupted_dpkg() {
+	[ -z "$(dpkg --audit 2>/dev/null)" ] && return 0
+	cmd dpkg --configure -a || die "dpkg is in a broken state: run dpkg --configure -a and try again"
 }
 
 # The kernel's flavour (amd64, cloud-amd64, rt-amd64, generic ...): what follows the release's version
@@ -175,178 +183,99 @@ headers_metapackage() {
 	[ -n "$flavour" ] && printf 'linux-headers-%s\n' "$flavour"
 }
 
-missing_packages() {
-	# shellcheck disable=SC2046 # one package name or none
-	for package in dkms "linux-headers-$(kernel_release)" $(headers_metapackage) python3 python3-venv kmod openssl; do
-		is_installed_pkg "$package" || printf '%s\n' "$package"
-	done
-}
-
 # has_candidate PACKAGE: apt can install PACKAGE from its sources (after apt-get update).
 has_candidate() {
 	candidate=$(apt-cache policy "$1" 2>/dev/null | sed -n 's/^ *Candidate: //p')
 	[ -n "$candidate" ] && [ "$candidate" != "(none)" ]
 }
 
-install_packages() {
-	# A run killed inside dpkg leaves it half-configured: finish that first.
-	if [ -n "$(dpkg --audit 2>/dev/null)" ]; then
-		cmd dpkg --configure -a || die "dpkg is in a broken state: run dpkg --configure -a and try again"
-	fi
-	missing=$(missing_packages | sort -u | tr '\n' ' ' | sed 's/ $//')
-	if [ -z "$missing" ]; then
-		record_apt_additions
-		return 0
-	fi
-	say "[i] missing packages: $missing"
-	apt_get update || die "apt-get update failed (see $LOG_FILE): check the apt sources and the network, then run this again"
+# What apt installs besides the payload's packages, into HEADERS: the running kernel's headers and the
+# headers metapackage of its flavour (each when missing and available).
+choose_headers() {
+	HEADERS=
 	headers="linux-headers-$(kernel_release)"
-	case " $missing " in
-	*" $headers "*)
+	if ! is_installed_pkg "$headers"; then
 		has_candidate "$headers" ||
-			die "no package $headers for the running kernel in the apt sources: install its headers, or boot a distribution kernel (apt install linux-image-amd64, reboot) and run this again" ;;
-	esac
+			die "no package $headers for the running kernel in the apt sources: install its headers, or boot a distribution kernel (apt install linux-image-amd64, reboot) and run this again"
+		HEADERS=$headers
+	fi
 	meta=$(headers_metapackage)
-	case " $missing " in
-	*" $meta "*)
-		if ! has_candidate "$meta"; then
+	if [ -n "$meta" ] && ! is_installed_pkg "$meta"; then
+		if has_candidate "$meta"; then
+			HEADERS="$HEADERS${HEADERS:+ }$meta"
+		else
 			say "[!] no package $meta in the apt sources: after each kernel update, install that kernel's headers"
 			say "    (linux-headers-NEWKERNEL) before rebooting, so that DKMS builds $MODULE for it"
-			# shellcheck disable=SC2086 # a list of package names
-			missing=$(printf '%s\n' $missing | grep -vx "$meta" | tr '\n' ' ' | sed 's/ $//')
-		fi ;;
-	esac
+		fi
+	fi
+}
+
+install_packages() {
+	apt_get update || die "apt-get update failed (see $LOG_FILE): check the apt sources and the network, then run this again"
+	choose_headers
 	# What was there before apt, kept on disk: a run killed inside apt leaves it for the next one.
 	if [ ! -e "$APT_BEFORE" ]; then
-		present_packages >"$APT_BEFORE.new" && mv "$APT_BEFORE.new" "$APT_BEFORE" ||
+		{ present_packages >"$APT_BEFORE.new" && mv "$APT_BEFORE.new" "$APT_BEFORE"; } ||
 			die "cannot write $APT_BEFORE: is /var/lib writable?"
 	fi
 	pause_at apt
-	# shellcheck disable=SC2086 # a list of package names
 	apt_status=0
-	apt_get install --no-install-recommends $missing || apt_status=$?
+	# shellcheck disable=SC2086 # a list of package names
+	apt_get install --no-install-recommends "$PAYLOAD/tcpsecrets-dkms.deb" "$PAYLOAD/mitigator-agent.deb" $HEADERS ||
+		apt_status=$?
 	record_apt_additions
-	[ "$apt_status" = 0 ] || die "installing $missing with apt-get failed (see $LOG_FILE): fix apt, then run this again"
+	[ "$apt_status" = 0 ] ||
+		die "installing $PACKAGES $(payload_version)${HEADERS:+ and $HEADERS} with apt-get failed (see $LOG_FILE): fix what it says, then run this again"
 }
 
-# Whatever apt added since APT_BEFORE (in this run or in one killed inside apt) is ours to remove
-# on rollback or uninstall.
+# Whatever apt added since APT_BEFORE (in this run or in one killed inside apt) is the install's:
+# a rollback or an uninstall removes it again.
 record_apt_additions() {
 	[ -e "$APT_BEFORE" ] || return 0
-	present_packages | comm -13 "$APT_BEFORE" - >>"$STATE_DIR/apt-installed"
-	sort -u -o "$STATE_DIR/apt-installed" "$STATE_DIR/apt-installed"
+	present_packages | comm -13 "$APT_BEFORE" - >>"$APT_ADDED"
+	sort -u -o "$APT_ADDED" "$APT_ADDED"
 	rm -f "$APT_BEFORE"
+}
+
+# What the install added besides the payload's packages (dkms, headers, compiler, python3 ...).
+added_dependencies() {
+	[ -r "$APT_ADDED" ] || return 0
+	for package in $PACKAGES; do printf '%s\n' "$package"; done | sort | comm -23 "$APT_ADDED" -
 }
 
 # --- the module ------------------------------------------------------------------------------
 
-dkms_versions() {
-	dkms status -m "$MODULE" 2>/dev/null | sed -n "s|^$MODULE[/,] *\([^,:]*\).*|\1|p" | sort -u
-}
-
-# Add and build this version beside any installed one (which keeps serving until the switch).
-build_module() {
-	build_version=$(payload_version)
+# Before an update changes anything: the new module must build against the running kernel's headers,
+# as DKMS will build it (kmod's Makefile, the kernel's build tree). DKMS's package scripts skip a kernel
+# whose build tree is missing and call that success; after the switch the old module would be gone.
+preflight_build() {
 	release=$(kernel_release)
-	src=/usr/src/$MODULE-$build_version
-	# A same-version reinstall keeps the installed build. A run killed half-way starts this version
-	# afresh, unless DKMS had finished building it from exactly this source: that build is reused.
-	dkms_versions | grep -qx "$build_version" || NEW_MODULE_VERSION=$build_version
-	if dkms_versions | grep -qx "$build_version" || [ -d "$src" ]; then
-		state=$(dkms status -m "$MODULE" -v "$build_version" -k "$release" 2>/dev/null)
-		case $state in
-		*': installed'*) ;;
-		*': built'*) diff -r -q "$PAYLOAD/kmod" "$src" >/dev/null 2>&1 || state=stale ;;
-		*) state=stale ;;
-		esac
-		if [ "$state" = stale ]; then
-			cmd dkms remove -m "$MODULE" -v "$build_version" --all >/dev/null 2>&1 || true
-			cmd rm -rf "$src" || die "cannot remove the stale module source $src"
-		fi
+	build=/lib/modules/$release/build
+	scratch=$PAYLOAD/preflight
+	cmd dpkg-deb -x "$PAYLOAD/tcpsecrets-dkms.deb" "$scratch" || die "the payload is damaged: download the script again"
+	src=$scratch/usr/src/$MODULE-$(payload_version)
+	pause_at build
+	if [ ! -d "$build" ] || ! cmd make -C "$src" KVER="$release" KDIR="$build"; then
+		[ -d "$build" ] || say "[!] $build is missing"
+		die "building the module for kernel $release failed (the compiler's output: $LOG_FILE): check that linux-headers-$release is installed whole (apt install --reinstall linux-headers-$release), then run this again"
 	fi
-	if [ ! -d "$src" ]; then
-		cmd cp -R "$PAYLOAD/kmod" "$src.new" && cmd mv "$src.new" "$src" || die "cannot copy the module source to $src"
-	fi
-	dkms_versions | grep -qx "$build_version" || cmd dkms add -m "$MODULE" -v "$build_version" ||
-		die "dkms add failed (see $LOG_FILE)"
-	pause_at dkms
-	if ! dkms status -m "$MODULE" -v "$build_version" -k "$release" 2>/dev/null | grep -Eq ': (built|installed)'; then
-		if ! cmd dkms build -m "$MODULE" -v "$build_version" -k "$release"; then
-			# The rollback removes DKMS's tree, make.log with it: the install log keeps a copy.
-			for make_log in "/var/lib/dkms/$MODULE/$build_version/$release/$(uname -m)/log/make.log" \
-				"/var/lib/dkms/$MODULE/$build_version/build/make.log"; do
-				[ -r "$make_log" ] && { printf -- '--- %s\n' "$make_log"; cat "$make_log"; } >>"$LOG_FILE" && break
-			done
-			die "building the module for kernel $release failed (DKMS's output and make.log: $LOG_FILE): check that linux-headers-$release is installed whole (apt install --reinstall linux-headers-$release), then run this again"
-		fi
-	fi
+	rm -rf "$scratch"
 }
 
-activate_module() {
-	active_version=$(payload_version)
+# After apt: the payload's version is configured, DKMS installed its module for the running kernel,
+# and that module is the one loaded (the package's postinst swapped it).
+check_module() {
+	version=$(payload_version)
 	release=$(kernel_release)
-	# The old version's files go first, so DKMS never has two versions installed; the running
-	# module stays in memory until load_module replaces it.
-	remove_other_module_versions "$active_version"
-	if ! dkms status -m "$MODULE" -v "$active_version" -k "$release" 2>/dev/null | grep -q ': installed'; then
-		cmd dkms install -m "$MODULE" -v "$active_version" -k "$release" --force || die "dkms install failed (see $LOG_FILE)"
-	fi
-}
-
-remove_other_module_versions() {
-	keep=$1
-	for old in $(dkms_versions); do
-		[ "$old" = "$keep" ] && continue
-		cmd dkms remove -m "$MODULE" -v "$old" --all || say "[!] dkms remove $MODULE/$old failed; remove it by hand"
-		cmd rm -rf "/usr/src/$MODULE-$old" || say "[!] cannot remove /usr/src/$MODULE-$old; remove it by hand"
+	for package in $PACKAGES; do
+		[ "$(installed_version "$package")" = "$version" ] ||
+			die "$package $version is not configured after apt (dpkg -l $PACKAGES; see $LOG_FILE): run this again"
 	done
-}
-
-write_system_files() {
-	gid=$(service_gid) || die "the group $SERVICE_USER does not exist (getent group $SERVICE_USER): run this again"
-	umask 022
-	{ sed "s/@GID@/$gid/" "$PAYLOAD/packaging/system/modprobe.conf.in" >"$MODPROBE_FILE.new" &&
-		mv "$MODPROBE_FILE.new" "$MODPROBE_FILE"; } || die "cannot write $MODPROBE_FILE"
-	say "[#] wrote $MODPROBE_FILE (read_gid=$gid)"
-	cmd install -m 0644 "$PAYLOAD/packaging/system/modules-load.conf" "$MODULES_LOAD_FILE" ||
-		die "cannot write $MODULES_LOAD_FILE"
-	if [ ! -e "$STATE_DIR/tcp_syncookies-before" ]; then
-		previous=$(cat /proc/sys/net/ipv4/tcp_syncookies) || die "cannot read net.ipv4.tcp_syncookies"
-		{ printf '%s\n' "$previous" >"$STATE_DIR/tcp_syncookies-before.new" &&
-			mv "$STATE_DIR/tcp_syncookies-before.new" "$STATE_DIR/tcp_syncookies-before"; } ||
-			die "cannot write $STATE_DIR/tcp_syncookies-before"
-		if [ "$previous" != 2 ]; then
-			say "[i] net.ipv4.tcp_syncookies goes from $previous to 2 (restored on uninstall): the kernel then answers"
-			say "    every SYN with a cookie; clients without TCP timestamps lose window scaling and SACK on those connections."
-		fi
-	fi
-	cmd install -m 0644 "$PAYLOAD/packaging/system/sysctl.conf" "$SYSCTL_FILE" || die "cannot write $SYSCTL_FILE"
-	for hook in "$KERNEL_HOOK" "$HEADERS_HOOK"; do
-		cmd install -D -m 0755 "$PAYLOAD/packaging/system/kernel-hook" "$hook" || die "cannot write $hook"
-	done
-	cmd sysctl -q -p "$SYSCTL_FILE" || die "cannot set net.ipv4.tcp_syncookies=2"
-}
-
-load_module() {
+	dkms status -m "$MODULE" -v "$version" -k "$release" 2>/dev/null | grep -q ': installed' ||
+		die "DKMS did not install the module for kernel $release (its make.log: /var/lib/dkms/$MODULE/$version/): check that linux-headers-$release is installed whole, then run this again"
 	loaded=$(cat /sys/module/$MODULE/version 2>/dev/null || true)
-	gid=$(service_gid) || die "the group $SERVICE_USER does not exist (getent group $SERVICE_USER): run this again"
-	if [ -n "$loaded" ]; then
-		if [ "$loaded" = "$(payload_version)" ] && [ "$(cat /sys/module/$MODULE/parameters/read_gid)" = "$gid" ]; then
-			return 0
-		fi
-		# While the marker is there the running agent waits for the device instead of answering
-		# "not loaded" (agent: snapshot.read_snapshot_across_swap).
-		cmd touch "$SWAP_MARKER" || die "cannot write $SWAP_MARKER"
-		cmd modprobe -r "$MODULE" || { rm -f "$SWAP_MARKER"; die "cannot unload the running $MODULE $loaded (in use?): stop what uses /dev/tcpsecrets and run this again"; }
-	fi
-	if ! cmd modprobe "$MODULE"; then
-		rm -f "$SWAP_MARKER"
-		if secure_boot_blocks_module; then
-			return 0
-		fi
-		die "the module does not load (see dmesg and $LOG_FILE)"
-	fi
-	cmd rm -f "$SWAP_MARKER" || die "cannot remove $SWAP_MARKER"
+	[ "$loaded" = "$version" ] || secure_boot_blocks_module ||
+		die "the module $version does not load (loaded: ${loaded:-none}; see dmesg and $LOG_FILE)"
 }
 
 # Secure Boot on (EFI variable SecureBoot = 1) and DKMS's key not enrolled: the module loads only after
@@ -363,112 +292,103 @@ secure_boot_blocks_module() {
 	return 0
 }
 
+# --- a server installed by an older script ----------------------------------------------------
+
+legacy_version() { cat "$LEGACY_VERSION" 2>/dev/null; }
+
+# Move what the older script installed out of the packages' way, keeping it in $LEGACY for a rollback:
+# its units (systemd keeps the running socket and service until the package's units take over), kernel
+# hooks, settings, launcher and links, and its DKMS module (the loaded one stays in memory). Its records
+# join this script's; its version file, the mark of such a server, goes last. Each step skips what an
+# interrupted run already moved.
+set_legacy_aside() {
+	[ -e "$LEGACY_VERSION" ] || return 0
+	say "[i] moving the install of an older script ($(legacy_version)) to the packages"
+	cmd mkdir -p "$LEGACY" || die "cannot create $LEGACY"
+	systemctl disable mitigator-agent.service mitigator-agent.socket >>"$LOG_FILE" 2>&1 || true
+	for file in $LEGACY_FILES; do
+		[ -e "$file" ] || [ -L "$file" ] || continue
+		{ mkdir -p "$LEGACY$(dirname "$file")" && cmd mv "$file" "$LEGACY$file"; } || die "cannot move $file into $LEGACY"
+	done
+	cmd systemctl daemon-reload || die "systemctl daemon-reload failed (see $LOG_FILE)"
+	for version in $(dkms_versions); do
+		src=/usr/src/$MODULE-$version
+		if [ -d "$src" ] && [ ! -d "$LEGACY$src" ]; then
+			{ mkdir -p "$LEGACY/usr/src" && cmd cp -a "$src" "$LEGACY$src.new" && mv "$LEGACY$src.new" "$LEGACY$src"; } ||
+				die "cannot keep a copy of $src"
+		fi
+		cmd dkms remove -m "$MODULE" -v "$version" --all || die "dkms remove $MODULE/$version failed (see $LOG_FILE)"
+		cmd rm -rf "$src" || die "cannot remove $src"
+	done
+	if [ -e "$LEGACY_STATE/apt-installed" ]; then
+		touch "$APT_ADDED" || die "cannot write $APT_ADDED"
+		{ sort -u "$LEGACY_STATE/apt-installed" "$APT_ADDED" >"$APT_ADDED.new" &&
+			mv "$APT_ADDED.new" "$APT_ADDED" && rm "$LEGACY_STATE/apt-installed"; } || die "cannot keep $LEGACY_STATE/apt-installed"
+	fi
+	# The value from before the first install, under the package's name: its postinst keeps it.
+	if [ -e "$LEGACY_STATE/tcp_syncookies-before" ]; then
+		cmd mv "$LEGACY_STATE/tcp_syncookies-before" "$LEGACY_STATE/tcp_syncookies.before" ||
+			die "cannot rename $LEGACY_STATE/tcp_syncookies-before"
+	fi
+	if [ -e "$LEGACY_STATE/created-dirs" ]; then
+		{ mkdir -p "$LEGACY$LEGACY_STATE" && cmd mv "$LEGACY_STATE/created-dirs" "$LEGACY$LEGACY_STATE/"; } ||
+			die "cannot move $LEGACY_STATE/created-dirs"
+	fi
+	{ mkdir -p "$LEGACY$LEGACY_STATE" && cmd mv "$LEGACY_VERSION" "$LEGACY$LEGACY_VERSION"; } || die "cannot move $LEGACY_VERSION"
+}
+
+# The packages serve: drop what the older script left (its venvs, the directories it made, the copies).
+drop_legacy() {
+	[ -d "$LEGACY" ] || return 0
+	for dir in "$LIB_DIR"/venv-*; do
+		[ -d "$dir" ] && { cmd rm -rf "$dir" || say "[!] cannot remove the old $dir; remove it by hand"; }
+	done
+	if [ -r "$LEGACY$LEGACY_STATE/created-dirs" ]; then
+		for dir in $(sort -r "$LEGACY$LEGACY_STATE/created-dirs"); do rmdir "$dir" 2>/dev/null || true; done
+	fi
+	cmd rm -rf "$LEGACY" || say "[!] cannot remove $LEGACY; remove it by hand"
+	say "[i] the older script's install now runs as the packages $PACKAGES"
+}
+
+# A failed move to the packages: the packages go (not the agent's home), and what was set aside comes
+# back, its module rebuilt by DKMS from the kept source; the older agent never stopped serving.
+restore_legacy() {
+	[ -d "$LEGACY" ] || return 0
+	if present_packages | grep -q -x -e tcpsecrets-dkms -e mitigator-agent; then
+		cmd dpkg --remove mitigator-agent || true
+		cmd dpkg --purge tcpsecrets-dkms || true
+	fi
+	(cd "$LEGACY" && find . ! -type d) | sed 's/^\.//' | while read -r file; do
+		case $file in /usr/src/*) continue ;; esac
+		{ mkdir -p "$(dirname "$file")" && mv "$LEGACY$file" "$file"; } || say "[!] cannot put back $file (kept in $LEGACY$file)"
+	done
+	for src in "$LEGACY/usr/src/$MODULE"-*; do
+		[ -d "$src" ] || continue
+		version=${src##*/"$MODULE"-}
+		{ cmd mv "$src" "/usr/src/$MODULE-$version" && cmd dkms add -m "$MODULE" -v "$version" &&
+			cmd dkms install -m "$MODULE" -v "$version" -k "$(kernel_release)"; } ||
+			say "[!] DKMS could not take $MODULE $version back: dkms install -m $MODULE -v $version"
+	done
+	[ -e "$LEGACY_STATE/tcp_syncookies.before" ] && mv "$LEGACY_STATE/tcp_syncookies.before" "$LEGACY_STATE/tcp_syncookies-before"
+	cmd systemctl daemon-reload || true
+	cmd systemctl enable mitigator-agent.socket mitigator-agent.service || say "[!] systemctl enable mitigator-agent failed"
+	rm -rf "$LEGACY"
+}
+
+dkms_versions() {
+	dkms status -m "$MODULE" 2>/dev/null | sed -n "s|^${MODULE}[/,] *\([^,:]*\).*|\1|p" | sort -u
+}
+
 # --- the agent -------------------------------------------------------------------------------
 
-create_user() {
-	if ! getent group "$SERVICE_USER" >/dev/null; then
-		cmd groupadd --system "$SERVICE_USER" || die "cannot create group $SERVICE_USER"
-	fi
-	if ! getent passwd "$SERVICE_USER" >/dev/null; then
-		cmd useradd --system --gid "$SERVICE_USER" --home-dir "$HOME_DIR" --no-create-home \
-			--shell /usr/sbin/nologin --comment "MITIGATOR agent" "$SERVICE_USER" ||
-			die "cannot create user $SERVICE_USER"
-	fi
-}
-
-prepare_home() {
-	[ -L "$HOME_DIR" ] && die "$HOME_DIR is a symbolic link: make it a directory"
-	[ -d "$HOME_DIR" ] || cmd mkdir -m 0755 "$HOME_DIR" || die "cannot create $HOME_DIR"
-	{ cmd chown "$SERVICE_USER:$SERVICE_USER" "$HOME_DIR" && cmd chmod 0755 "$HOME_DIR"; } ||
-		die "cannot give $HOME_DIR to $SERVICE_USER (mode 0755)"
-	if [ ! -e "$KEYS_FILE" ]; then
-		{ (umask 027 && : >"$KEYS_FILE.new") && chgrp "$SERVICE_USER" "$KEYS_FILE.new" && mv "$KEYS_FILE.new" "$KEYS_FILE"; } ||
-			die "cannot create $KEYS_FILE"
-		say "[#] created empty $KEYS_FILE"
-	elif [ -L "$KEYS_FILE" ] || [ ! -f "$KEYS_FILE" ]; then
-		die "$KEYS_FILE is not a regular file: make it one (the agent never follows links)"
-	else
-		# Never world-writable, and readable by the agent: keep the content, fix only the mode bits.
-		mode=$(stat -c %a "$KEYS_FILE") && owner=$(stat -c %U "$KEYS_FILE") || die "cannot read the mode of $KEYS_FILE"
-		case "$owner" in root | "$SERVICE_USER") ;; *) cmd chown root "$KEYS_FILE" || die "cannot chown $KEYS_FILE" ;; esac
-		[ $((0$mode & 022)) = 0 ] || cmd chmod go-w "$KEYS_FILE" || die "cannot chmod go-w $KEYS_FILE"
-		if [ "$owner" != "$SERVICE_USER" ] && [ $((0$mode & 044)) = 0 ]; then
-			{ cmd chgrp "$SERVICE_USER" "$KEYS_FILE" && cmd chmod g+r "$KEYS_FILE"; } ||
-				die "cannot make $KEYS_FILE readable by the group $SERVICE_USER"
-		fi
-	fi
-}
-
-install_agent() {
-	umask 022 # the agent's user runs it
-	cmd mkdir -p "$LIB_DIR" || die "cannot create $LIB_DIR"
-	venv=$LIB_DIR/venv-$(payload_version)-$$
-	cmd python3 -m venv "$venv" || die "python3 -m venv failed (see $LOG_FILE)"
-	pause_at venv
-	# Exactly the locked versions, each wheel checked against the lock's hashes.
-	cmd "$venv/bin/python" -m pip install -q --no-index --find-links "$PAYLOAD/wheels" \
-		--disable-pip-version-check --require-hashes -r "$PAYLOAD/requirements.lock" ||
-		die "installing the agent's wheels failed (see $LOG_FILE): this Python may be unsupported"
-	"$venv/bin/mitigator-agent" --version >/dev/null 2>&1 || die "the new agent does not run (see $LOG_FILE)"
-	NEW_VENV=$venv
-}
-
-# Switch the launcher to the new venv in one rename; the old venv goes after the new one serves.
-activate_agent() {
-	{ cmd ln -sfn "$NEW_VENV/bin/mitigator-agent" "$LAUNCHER.new" && cmd mv -T "$LAUNCHER.new" "$LAUNCHER"; } ||
-		die "cannot point $LAUNCHER at the new agent"
-	cmd ln -sfn "$LAUNCHER" "$PATH_ENTRY" || die "cannot link $PATH_ENTRY"
-	# The man page and bash completion come from the CLI itself. Directories made for them are
-	# recorded, so an uninstall removes exactly those.
-	for dir in "$(dirname "$MAN_PAGE")" "$(dirname "$(dirname "$COMPLETION")")" "$(dirname "$COMPLETION")"; do
-		[ -d "$dir" ] || { mkdir -p "$dir" && printf '%s\n' "$dir" >>"$STATE_DIR/created-dirs"; }
-	done
-	"$LAUNCHER" --version >/dev/null &&
-		"$NEW_VENV/bin/python" -m mitigator_agent.manpage >"$MAN_PAGE" &&
-		"$NEW_VENV/bin/python" -m mitigator_agent.completion >"$COMPLETION" &&
-		say "[#] wrote $MAN_PAGE and $COMPLETION" || say "[!] could not write the man page or the completion"
-	{ cmd install -m 0755 "$PAYLOAD/installer/mitigator-agent.sh" "$KEPT_SCRIPT.new" &&
-		cmd mv "$KEPT_SCRIPT.new" "$KEPT_SCRIPT"; } || die "cannot keep the uninstaller as $KEPT_SCRIPT"
-}
-
-remove_old_venvs() {
-	for dir in "$LIB_DIR"/venv-*; do
-		if [ -d "$dir" ] && [ "$dir" != "$NEW_VENV" ]; then
-			cmd rm -rf "$dir" || say "[!] cannot remove the old $dir; remove it by hand"
-		fi
-	done
-	return 0
-}
-
-create_host_key() {
-	out=$(runuser -u "$SERVICE_USER" -- "$LAUNCHER" host-key --host-key "$HOST_KEY" 2>>"$LOG_FILE") ||
-		die "cannot create or read the host key $HOST_KEY (see $LOG_FILE)"
-	HOST_KEY_LINE=$out
-}
-
-install_unit() {
-	cmd install -m 0644 "$PAYLOAD/packaging/systemd/mitigator-agent.socket" "$SOCKET_FILE" || die "cannot write $SOCKET_FILE"
-	cmd install -m 0644 "$PAYLOAD/packaging/systemd/mitigator-agent.service" "$UNIT_FILE" || die "cannot write $UNIT_FILE"
-	cmd systemctl daemon-reload || die "systemctl daemon-reload failed (see $LOG_FILE)"
-	cmd systemctl enable mitigator-agent.socket || die "cannot enable mitigator-agent.socket (see $LOG_FILE)"
-	cmd systemctl enable mitigator-agent.service || die "cannot enable mitigator-agent.service (see $LOG_FILE)"
-}
-
-# Without systemd's socket (a first install, or an agent from before it), the agent that runs holds the
-# port itself: it is stopped, and the socket takes the port. With it, the running agent serves on
-# through the module swap and the restart hands over: no poll is refused.
-stop_agent_without_socket() {
-	systemctl is-active -q mitigator-agent.socket && return 0
-	systemctl stop mitigator-agent.service >/dev/null 2>&1 || true
-}
-
-start_agent() {
-	if ! systemctl is-active -q mitigator-agent.socket; then
+# The package's postinst (re)started the agent on its socket; wait until this run of the service says
+# it listens. A run that finds it stopped (a kill at the wrong moment) starts it.
+wait_for_agent() {
+	if ! systemctl is-active -q mitigator-agent.socket || ! systemctl is-active -q mitigator-agent.service; then
 		cmd systemctl start mitigator-agent.socket ||
 			die "systemd cannot listen on port $PORT for the agent (ss -ltnp 'sport = :$PORT' shows who has it): journalctl -u mitigator-agent.socket"
+		cmd systemctl restart mitigator-agent.service || die "the service does not start: journalctl -u mitigator-agent"
 	fi
-	cmd systemctl restart mitigator-agent.service || die "the service does not start: journalctl -u mitigator-agent"
-	# Up once this run of the service says it listens (the port itself is systemd's from the start).
 	invocation=$(systemctl show -p InvocationID --value mitigator-agent.service) || invocation=
 	tries=0
 	until [ -n "$invocation" ] &&
@@ -476,12 +396,19 @@ start_agent() {
 		tries=$((tries + 1))
 		if [ $tries -gt 120 ] || ! systemctl is-active -q mitigator-agent.service; then
 			journalctl -u mitigator-agent.service -n 10 --no-pager 2>/dev/null | sed 's/^/    /' >&2
-			return 1
+			die "the agent does not stay up (journalctl -u mitigator-agent)"
 		fi
 		sleep 1
 		[ -n "$invocation" ] || invocation=$(systemctl show -p InvocationID --value mitigator-agent.service) || invocation=
 	done
 	say "[i] mitigator-agent listening on port $PORT"
+}
+
+# The .debs of the version now installed, for a failed update to go back to.
+keep_debs() {
+	rm -rf "$KEPT_DEBS.new"
+	{ mkdir -p "$KEPT_DEBS.new" && cp "$PAYLOAD/tcpsecrets-dkms.deb" "$PAYLOAD/mitigator-agent.deb" "$KEPT_DEBS.new/" &&
+		rm -rf "$KEPT_DEBS" && mv "$KEPT_DEBS.new" "$KEPT_DEBS"; } || die "cannot keep the packages in $KEPT_DEBS"
 }
 
 # --- the end of an install -------------------------------------------------------------------
@@ -513,162 +440,151 @@ show() {
 }
 
 finish_install() {
+	host_key_line=$(runuser -u "$SERVICE_USER" -- "$LAUNCHER" host-key --host-key "$HOST_KEY" 2>>"$LOG_FILE") ||
+		die "cannot create or read the host key $HOST_KEY (see $LOG_FILE)"
 	say ""
 	show "$LAUNCHER" check || say "[!] check reports problems (above); the agent serves anyway"
-	SELFTEST=ok
-	show "$LAUNCHER" selftest || SELFTEST=failed
+	selftest=ok
+	show "$LAUNCHER" selftest || selftest=failed
 	say ""
-	say "mitigator-agent $(payload_version) is installed and running."
-	say "Host key (MITIGATOR pins it): $HOST_KEY_LINE"
+	say "mitigator-agent $(payload_version) is installed and running (Debian packages: $PACKAGES)."
+	say "Host key (MITIGATOR pins it): $host_key_line"
 	say "Add MITIGATOR's key:  echo 'ssh-ed25519 AAAA... mitigator1' >> $KEYS_FILE   (or: mitigator-agent keys add ...)"
 	say "Open TCP port $PORT to MITIGATOR:"
 	firewall_advice
 	say "Update: run this script again. Uninstall: mitigator-agent -d"
-	[ "$SELFTEST" = ok ] || die "the selftest failed (above): MITIGATOR's cookies would not work on this server yet"
+	[ "$selftest" = ok ] || die "the selftest failed (above): MITIGATOR's cookies would not work on this server yet"
 }
 
 # --- install and rollback --------------------------------------------------------------------
 
+# On a failed run (its exit status is not 0): a first install takes away what it did, a failed move from
+# an older script puts that install back, and a failed update that got as far as apt reinstalls the
+# previous version's packages (kept from its install); before apt, an update has changed nothing.
 rollback() {
-	ROLLBACK_STATUS=$?
+	rollback_status=$?
 	trap - EXIT INT TERM HUP
 	ROLLBACK_ARMED=no
-	[ "$ROLLBACK_STATUS" = 0 ] && return 0
+	[ "$rollback_status" = 0 ] && return 0
 	if [ "$FIRST_INSTALL" = yes ]; then
 		say "[!] install failed: removing what it did"
 		UNINSTALL_QUIET=yes remove_everything "$ROLLBACK_PURGE"
-	elif [ "$ACTIVATED" != yes ]; then
-		[ -n "${NEW_VENV:-}" ] && cmd rm -rf "$NEW_VENV"
-		if [ -n "${NEW_MODULE_VERSION:-}" ]; then
-			cmd dkms remove -m "$MODULE" -v "$NEW_MODULE_VERSION" --all || true
-			cmd rm -rf "/usr/src/$MODULE-$NEW_MODULE_VERSION" || say "[!] cannot remove /usr/src/$MODULE-$NEW_MODULE_VERSION"
+	elif [ -d "$LEGACY" ]; then
+		say "[!] moving to the packages failed: putting the older script's install ($PREVIOUS) back"
+		restore_legacy
+		say "[!] update failed: the previous version ($PREVIOUS) keeps running"
+	else
+		if [ "$APT_RAN" = yes ] && [ "$(installed_version mitigator-agent)" != "$PREVIOUS" ]; then
+			if [ -r "$KEPT_DEBS/mitigator-agent.deb" ]; then
+				say "[!] reinstalling the previous version ($PREVIOUS)"
+				finish_interrupted_dpkg || true
+				apt_get install --allow-downgrades --no-install-recommends "$KEPT_DEBS/tcpsecrets-dkms.deb" \
+					"$KEPT_DEBS/mitigator-agent.deb" || say "[!] reinstalling $PREVIOUS failed (see $LOG_FILE)"
+			else
+				say "[!] the packages of $PREVIOUS were not kept (installed without this script): fix what is said below, then run this again"
+			fi
 		fi
-		say "[!] update failed: the previous version ($(installed_version)) keeps running"
+		say "[!] update failed: the previous version ($PREVIOUS) keeps running"
 	fi
 	[ -n "${FAIL_MESSAGE:-}" ] && say "$FAIL_MESSAGE"
-	exit "$ROLLBACK_STATUS"
+	exit "$rollback_status"
 }
 
 do_install() {
 	require_root
 	check_os
-	check_no_package_install
 	check_kernel
 	umask 022
 	(umask 077 && : >>"$LOG_FILE") && chmod 0600 "$LOG_FILE"
 	say "[i] $PROG $(payload_version) install, $(date -u '+%Y-%m-%d %H:%M:%S UTC'), kernel $(kernel_release)"
 	FIRST_INSTALL=yes
-	[ -e "$KEPT_SCRIPT" ] && FIRST_INSTALL=no
-	[ "$FIRST_INSTALL" = no ] && say "[i] updating $(installed_version || echo '?') to $(payload_version)"
+	PREVIOUS=$(legacy_version)
+	[ -n "$PREVIOUS" ] || [ ! -d "$LEGACY" ] || PREVIOUS=$(cat "$LEGACY$LEGACY_VERSION" 2>/dev/null)
+	[ -n "$PREVIOUS" ] || PREVIOUS=$(installed_version mitigator-agent)
+	[ -n "$PREVIOUS" ] && FIRST_INSTALL=no
+	if [ "$PREVIOUS" = "$(payload_version)" ]; then
+		say "[i] $PREVIOUS is installed already: completing what is missing and checking it"
+	elif [ "$FIRST_INSTALL" = no ]; then
+		say "[i] updating $PREVIOUS to $(payload_version)"
+	fi
 	# A first install rolls back whatever it created; what existed before stays.
 	ROLLBACK_PURGE=
 	getent passwd "$SERVICE_USER" >/dev/null || ROLLBACK_PURGE="$ROLLBACK_PURGE user"
 	[ -e "$HOME_DIR" ] || ROLLBACK_PURGE="$ROLLBACK_PURGE home"
-	ACTIVATED=no
-	NEW_VENV=
-	NEW_MODULE_VERSION=
+	APT_RAN=no
 	export DEBIAN_FRONTEND=noninteractive
 	trap rollback EXIT
 	trap 'FAIL_MESSAGE="$PROG: interrupted: run it again to complete the install"; exit 130' INT TERM HUP
 	ROLLBACK_ARMED=yes
-	mkdir -p -m 0700 "$STATE_DIR"
+	mkdir -p -m 0700 "$STATE_DIR" || die "cannot create $STATE_DIR"
+	finish_interrupted_dpkg
+	# (the packages of the same version installed: apt leaves their module as it is)
+	[ "$FIRST_INSTALL" = yes ] || [ "$(installed_version mitigator-agent)" = "$(payload_version)" ] || preflight_build
+	set_legacy_aside
+	APT_RAN=yes
 	install_packages
-	create_user
-	prepare_home
-	build_module
-	install_agent
-	write_system_files
-	install_unit
 	pause_at switch
-	# From here the new version replaces the old one.
-	ACTIVATED=yes
-	stop_agent_without_socket
-	activate_module
-	activate_agent
-	load_module
-	create_host_key
-	start_agent || die "the agent does not stay up (journalctl -u mitigator-agent)"
-	remove_old_venvs
-	payload_version >"$STATE_DIR/version"
+	check_module
+	wait_for_agent
+	keep_debs
 	trap - EXIT INT TERM HUP
 	ROLLBACK_ARMED=no
+	drop_legacy
 	finish_install
 }
 
 # --- uninstall -------------------------------------------------------------------------------
 
-# Remove what an install added. $1: extra things to purge ("keys user home", or "all").
-# A step that fails is shown (cmd) and sets UNINSTALL_FAILED; the others still run.
+# Remove what an install added: the packages (tcpsecrets-dkms purged: it keeps nothing of the admin's;
+# mitigator-agent purged when $1 has "home", else removed, which keeps the keys, host key and user)
+# and what apt added for them. A step that fails is shown (cmd) and sets UNINSTALL_FAILED.
 remove_everything() {
 	purge=$1
-	removed=no
+	REMOVED=no
 	UNINSTALL_FAILED=no
-	if [ -e "$UNIT_FILE" ] || [ -e "$SOCKET_FILE" ] || systemctl is-enabled -q mitigator-agent.service 2>/dev/null; then
-		cmd systemctl disable --now mitigator-agent.service || true
-		if [ -e "$SOCKET_FILE" ]; then
-			cmd systemctl disable --now mitigator-agent.socket || true
-		fi
-		cmd rm -f "$UNIT_FILE" "$SOCKET_FILE" || say "[!] cannot remove $UNIT_FILE or $SOCKET_FILE; remove them by hand"
-		cmd systemctl daemon-reload || say "[!] systemctl daemon-reload failed"
-		removed=yes
-	fi
-	if [ -d /sys/module/$MODULE ]; then
-		cmd modprobe -r "$MODULE" || cmd rmmod "$MODULE" || say "[!] cannot unload $MODULE (in use?): it goes at the next reboot"
-		removed=yes
-	fi
-	if command -v dkms >/dev/null 2>&1; then
-		for installed in $(dkms_versions); do
-			cmd dkms remove -m "$MODULE" -v "$installed" --all || say "[!] dkms remove $MODULE/$installed failed"
-			removed=yes
-		done
-	fi
-	for src in /usr/src/$MODULE-*; do
-		[ -d "$src" ] || continue
-		cmd rm -rf "$src" || UNINSTALL_FAILED=yes
-		removed=yes
-	done
-	for file in "$MODPROBE_FILE" "$MODULES_LOAD_FILE" "$SYSCTL_FILE" "$KERNEL_HOOK" "$HEADERS_HOOK" "$PATH_ENTRY" \
-		"$MAN_PAGE" "$COMPLETION"; do
-		if [ -e "$file" ] || [ -L "$file" ]; then cmd rm -f "$file" || UNINSTALL_FAILED=yes; removed=yes; fi
-	done
-	# The directories the install made for them (deepest first), if nothing else is there.
-	if [ -r "$STATE_DIR/created-dirs" ]; then
-		for dir in $(sort -r "$STATE_DIR/created-dirs"); do
-			rmdir "$dir" 2>/dev/null || true
-		done
-	fi
-	if [ -r "$STATE_DIR/tcp_syncookies-before" ]; then
-		cmd sysctl -q -w "net.ipv4.tcp_syncookies=$(cat "$STATE_DIR/tcp_syncookies-before")" || true
-	fi
-	if [ -d "$LIB_DIR" ]; then cmd rm -rf "$LIB_DIR" || UNINSTALL_FAILED=yes; removed=yes; fi
 	record_apt_additions # an install killed inside apt never recorded them
-	if [ -s "$STATE_DIR/apt-installed" ]; then
+	dependencies=$(added_dependencies | tr '\n' ' ')
+	case " $purge " in
+	*" home "*) agent_action=--purge ;;
+	*) agent_action=--remove ;;
+	esac
+	agent_status=$(package_status mitigator-agent)
+	if [ -n "$agent_status" ] && [ "$agent_status" != not-installed ] &&
+		{ [ "$agent_status" != config-files ] || [ "$agent_action" = --purge ]; }; then
+		cmd dpkg "$agent_action" mitigator-agent || UNINSTALL_FAILED=yes
+		REMOVED=yes
+	fi
+	dkms_status=$(package_status tcpsecrets-dkms)
+	if [ -n "$dkms_status" ] && [ "$dkms_status" != not-installed ]; then
+		cmd dpkg --purge tcpsecrets-dkms || UNINSTALL_FAILED=yes
+		REMOVED=yes
+	fi
+	if [ -n "$dependencies" ]; then
 		# Only what the install added; dpkg refuses any package something else now depends on.
-		# shellcheck disable=SC2046
-		cmd dpkg --purge $(cat "$STATE_DIR/apt-installed") ||
-			say "[!] some packages the install added are still needed by others and stay: $(cat "$STATE_DIR/apt-installed" | tr '\n' ' ')"
+		# shellcheck disable=SC2086 # a list of package names
+		cmd dpkg --purge $dependencies ||
+			say "[!] some packages the install added are still needed by others and stay: $dependencies"
 		# The dkms we installed made its signing key for our builds; with dkms gone it signs nothing.
-		if grep -qx dkms "$STATE_DIR/apt-installed" && ! is_installed_pkg dkms && [ -d /var/lib/dkms ] &&
+		if printf '%s\n' $dependencies | grep -qx dkms && ! is_installed_pkg dkms && [ -d /var/lib/dkms ] &&
 			[ -z "$(find /var/lib/dkms -mindepth 1 ! -name 'mok.key' ! -name 'mok.pub')" ]; then
 			cmd rm -rf /var/lib/dkms || say "[!] cannot remove /var/lib/dkms"
 		fi
-		removed=yes
+		REMOVED=yes
 	fi
-	if [ -d "$STATE_DIR" ]; then cmd rm -rf "$STATE_DIR" || UNINSTALL_FAILED=yes; removed=yes; fi
+	if [ -d "$STATE_DIR" ]; then cmd rm -rf "$STATE_DIR" || UNINSTALL_FAILED=yes; fi
 	case " $purge " in
-	*" all "* | *" home "*)
-		if [ -d "$HOME_DIR" ]; then cmd rm -rf "$HOME_DIR" || UNINSTALL_FAILED=yes; removed=yes; fi ;;
+	*" home "*) ;;
 	*)
 		if [ -e "$KEYS_FILE" ] || [ -e "$HOST_KEY" ]; then
 			[ "${UNINSTALL_QUIET:-}" = yes ] || say "[i] kept: $KEYS_FILE and the host key $HOST_KEY (remove them with -d --purge)"
 		fi ;;
 	esac
 	case " $purge " in
-	*" all "* | *" user "*)
-		if getent passwd "$SERVICE_USER" >/dev/null; then cmd userdel "$SERVICE_USER" || UNINSTALL_FAILED=yes; removed=yes; fi
-		if getent group "$SERVICE_USER" >/dev/null; then cmd groupdel "$SERVICE_USER" || UNINSTALL_FAILED=yes; removed=yes; fi ;;
+	*" user "*)
+		# A first install's rollback when the home was there before: the package's purge did not run.
+		if getent passwd "$SERVICE_USER" >/dev/null; then cmd userdel "$SERVICE_USER" || UNINSTALL_FAILED=yes; fi
+		if getent group "$SERVICE_USER" >/dev/null; then cmd groupdel "$SERVICE_USER" || UNINSTALL_FAILED=yes; fi ;;
 	esac
-	REMOVED=$removed
 }
 
 # -d --purge at a terminal: the keys and the host key MITIGATOR pins go for good, so ask first.
@@ -690,12 +606,15 @@ confirm_purge() {
 
 do_uninstall() {
 	require_root "-d${1:+ $1}"
-	check_no_package_install
+	if [ -e "$LEGACY_VERSION" ] && [ -e "$LIB_DIR/install.sh" ] && ! is_installed_pkg mitigator-agent; then
+		die "this server was installed by an older install script: uninstall with its own copy, sh $LIB_DIR/install.sh -d${1:+ $1}"
+	fi
 	[ "$1" != --purge ] || [ "${2:-}" = yes ] || confirm_purge
 	umask 022
 	(umask 077 && : >>"$LOG_FILE") 2>/dev/null && chmod 0600 "$LOG_FILE"
 	say "[i] $PROG uninstall${1:+ ($1)}, $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-	remove_everything "$([ "$1" = --purge ] && echo all)"
+	export DEBIAN_FRONTEND=noninteractive
+	remove_everything "$([ "$1" = --purge ] && echo "home user")"
 	[ "$UNINSTALL_FAILED" = no ] ||
 		die "uninstall incomplete: the steps shown above failed; fix what they say and run $PROG -d${1:+ $1} again"
 	if [ "$REMOVED" = no ]; then
@@ -709,13 +628,15 @@ do_uninstall() {
 
 # --- main ------------------------------------------------------------------------------------
 
-# The payload (added by `make dist`) is unpacked into a private directory; a kept copy has none.
+# The payload (added by `make dist`: the two .debs) is unpacked into a private directory that apt's
+# unprivileged downloader may read; a kept copy has none.
 unpack_payload() {
 	command -v payload_archive >/dev/null 2>&1 ||
 		die "this copy carries no payload and can only uninstall (-d): download the full mitigator-agent script to install"
 	PAYLOAD=$(mktemp -d /tmp/mitigator-agent.XXXXXXXX) || die "cannot create a temporary directory"
 	trap 'rm -rf "$PAYLOAD"' EXIT
-	payload_archive | base64 -d | tar -xz -C "$PAYLOAD" || die "the payload is damaged: download the script again"
+	chmod 0755 "$PAYLOAD" && payload_archive | base64 -d | tar -xz -C "$PAYLOAD" ||
+		die "the payload is damaged: download the script again"
 }
 
 main() {

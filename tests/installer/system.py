@@ -47,7 +47,7 @@ AGENT_PORT = 7100
 # and where an install leaves traces. /usr/src holds the kernel headers too:
 # those belong to packages (the package list shows them), so they are skipped.
 STATE_ROOTS = ("/etc", "/opt", "/usr/local", "/usr/src", "/usr/lib/mitigator-agent",
-               "/var/lib/mitigator-agent", "/var/lib/dkms")
+               "/var/lib/mitigator-agent", "/var/lib/mitigator-agent-install", "/var/lib/dkms")
 STATE_SKIP_PREFIXES = ("/usr/src/linux-headers-", "/usr/src/linux-kbuild-")
 # Files that change with no change of what is installed, so a before/after
 # comparison would show noise:

@@ -1,4 +1,4 @@
-"""The install script (dist/mitigator-agent) on a real Debian 12 system booted with systemd.
+"""The install script (dist/mitigator-agent, the two packages with apt) on a real Debian 12 system booted with systemd.
 
 One boot, in order, as an admin would go: failures that must change
 nothing, an install killed at three steps and run again until it completes,
@@ -167,8 +167,10 @@ def test_apt_failing_midway_is_rolled_back(system, pristine):
     result = install(system, check=False)
     assert result.returncode == 1, result.stderr
     assert "[!] install failed: removing what it did" in result.stderr
-    assert re.fullmatch(r"mitigator-agent: installing dkms linux-headers-\S+( \S+)* with apt-get failed"
-                        r" \(see /var/log/mitigator-agent-install.log\): fix apt, then run this again", last_line(result))
+    assert re.fullmatch(rf"mitigator-agent: installing tcpsecrets-dkms mitigator-agent {re.escape(VERSION)} and"
+                        r" linux-headers-\S+( \S+)* with apt-get failed"
+                        r" \(see /var/log/mitigator-agent-install.log\): fix what it says, then run this again",
+                        last_line(result))
     # dpkg really stopped half-way: packages were unpacked, none set up, then apt gave up
     assert system.run(f"test -e {failed}", check=False).returncode == 0
     log = system.run(f"cat {LOG}").stdout
@@ -186,20 +188,21 @@ def test_apt_failing_midway_is_rolled_back(system, pristine):
 
 # --- the install, killed three times on the way -------------------------------------------------
 
-# Killed inside dpkg: linux-headers' postinst runs /etc/kernel/header_postinst.d (where DKMS hooks
+# Killed inside dpkg (apt installs the packages, their dependencies and the headers in one run):
+# linux-headers' postinst runs /etc/kernel/header_postinst.d (where DKMS hooks
 # in); a script there stops dpkg half-way through configuring and says which session it runs in.
 DPKG_PAUSE_HOOK = "/etc/kernel/header_postinst.d/00-test-pause"
 DPKG_PAUSE_SCRIPT = "#!/bin/sh\nps -o sid= -p $$ > /root/dpkg.sid.new && mv /root/dpkg.sid.new /root/dpkg.sid\nsleep 600\n"
 
 
-@pytest.mark.parametrize("step", ["apt", "dkms", "switch"])
+@pytest.mark.parametrize("step", ["dpkg", "apt", "switch"])
 def test_install_killed_at_a_step(system, step):
     out = f"/root/killed-{step}.out"
-    if step == "apt":
+    if step == "dpkg":
         # (the directory is dkms's: the uninstall's purge of dkms takes it away again)
         system.run(f"mkdir -p {DPKG_PAUSE_HOOK.rsplit('/', 1)[0]}")
         system.put(DPKG_PAUSE_SCRIPT.encode(), DPKG_PAUSE_HOOK, mode=0o755)
-        env, reached, past = "", "test -s /root/dpkg.sid", "[#] dkms "
+        env, reached, past = "", "test -s /root/dpkg.sid", "listening on port"
     else:
         env, reached, past = f"MITIGATOR_AGENT_STEP_PAUSE={step}", f"grep -q 'pausing at step {step}' {out}", None
     # its own session and process group, so SIGKILL reaches every process of the install
@@ -219,7 +222,7 @@ def test_install_killed_at_a_step(system, step):
                f" kill -KILL -$g; done; rm -f /root/installer.pgid /root/dpkg.sid {out} {DPKG_PAUSE_HOOK};"
                " for i in $(seq 60); do alive=no; for g in $groups; do ps -o pid= -g $g >/dev/null && alive=yes;"
                " done; [ $alive = no ] && exit 0; sleep 1; done; ps -ef; exit 1")
-    if step == "apt":
+    if step == "dpkg":
         # dpkg really stopped half-way: the next run has to finish its work first
         assert system.run("dpkg --audit", check=False).stdout.strip() != ""
 
@@ -229,10 +232,10 @@ def test_install_completes_after_the_kills(system, client_key, tmp_path):
     result = install(system)
     record("install (after three killed runs)", result, time.monotonic() - started)
     out = result.stderr
-    assert "[#] systemctl enable mitigator-agent.service" in out
-    # the run killed at the switch had finished DKMS's build of this very source: reused, not redone
-    assert "[#] dkms build " not in out and f"[#] dkms install -m tcpsecrets -v {VERSION} " in out
-    assert f"mitigator-agent {VERSION} is installed and running." in out
+    # the run killed inside dpkg was finished by the next one; the one killed after apt left the
+    # packages installed and configured: this run finds them so and completes the rest
+    assert f"mitigator-agent {VERSION} is installed and running (Debian packages: tcpsecrets-dkms mitigator-agent)." in out
+    assert system.run("dpkg --audit").stdout.strip() == ""
     fingerprint = system.run(f"ssh-keygen -l -f {HOST_KEY}.pub").stdout.split()[1]
     assert re.search(rf"^Host key \(MITIGATOR pins it\): 256 {re.escape(fingerprint)} ", out, re.M)
     assert "    no firewall is active: port 7100 is open to everyone" in out
@@ -256,16 +259,23 @@ def test_a_key_appended_as_root_is_admitted_and_get_matches_the_kernel(system, c
 
 def test_files_users_and_modes_are_as_documented(system):
     out = system.run(f"stat -c '%n %U:%G %a' /opt/mitigator_agent {KEYS} {HOST_KEY} {HOST_KEY}.pub "
-                     "/usr/lib/mitigator-agent/install.sh /var/lib/mitigator-agent").stdout.splitlines()
+                     "/usr/lib/mitigator-agent/install.sh /var/lib/mitigator-agent /var/lib/mitigator-agent-install"
+                     ).stdout.splitlines()
     assert out == ["/opt/mitigator_agent mitigator_agent:mitigator_agent 755",
                    f"{KEYS} root:mitigator_agent 640",
                    f"{HOST_KEY} mitigator_agent:mitigator_agent 600",
                    f"{HOST_KEY}.pub mitigator_agent:mitigator_agent 644",
                    "/usr/lib/mitigator-agent/install.sh root:root 755",
-                   "/var/lib/mitigator-agent root:root 700"]
+                   "/var/lib/mitigator-agent root:root 700",
+                   "/var/lib/mitigator-agent-install root:root 700"]
+    # the .debs of the installed version, kept for a failed update to go back to
+    assert system.run("ls /var/lib/mitigator-agent-install/debs").stdout.split() == [
+        "mitigator-agent.deb", "tcpsecrets-dkms.deb"]
     gid = system.run("getent group mitigator_agent | cut -d: -f3").stdout.strip()
     assert system.run("cat /sys/module/tcpsecrets/parameters/read_gid").stdout.strip() == gid
-    assert system.run("readlink /usr/local/sbin/mitigator-agent").stdout.strip() == "/usr/lib/mitigator-agent/mitigator-agent"
+    assert system.run("readlink -f /usr/sbin/mitigator-agent").stdout.strip() == "/usr/lib/mitigator-agent/mitigator-agent"
+    assert system.run("dpkg-query -W -f '${Status} ' tcpsecrets-dkms mitigator-agent").stdout.split() == [
+        "install", "ok", "installed"] * 2
     main_pid = system.run("systemctl show -p MainPID --value mitigator-agent.service").stdout.strip()
     assert system.run(f"stat -c %U /proc/{main_pid}").stdout.strip() == "mitigator_agent"
 
@@ -305,7 +315,8 @@ def test_everything_comes_back_after_a_reboot(system, client_key, tmp_path):
 
 def test_a_failed_update_leaves_the_previous_version_running(system):
     # The new version's module cannot build (its kernel's build tree is gone, as when the headers
-    # were removed by hand): the update stops before the switch and takes back what it added.
+    # were removed by hand): the update stops before apt and changes nothing. (DKMS's package scripts
+    # would skip that kernel and call it success, the old module gone from disk.)
     release = system.run("uname -r").stdout.strip()
     build = f"/lib/modules/{release}/build"
     before = system.state()
@@ -318,8 +329,8 @@ def test_a_failed_update_leaves_the_previous_version_running(system):
     assert result.returncode == 1, result.stderr
     assert f"[i] updating {VERSION} to {NEXT_VERSION}" in result.stderr
     assert f"[!] update failed: the previous version ({VERSION}) keeps running" in result.stderr
-    assert last_line(result) == (f"mitigator-agent: building the module for kernel {release} failed (DKMS's output"
-                                 f" and make.log: {LOG}): check that linux-headers-{release} is installed whole"
+    assert last_line(result) == (f"mitigator-agent: building the module for kernel {release} failed (the compiler's"
+                                 f" output: {LOG}): check that linux-headers-{release} is installed whole"
                                  f" (apt install --reinstall linux-headers-{release}), then run this again")
     assert system.run("cat /sys/module/tcpsecrets/version").stdout.strip() == VERSION
     assert system.run("systemctl is-active mitigator-agent").stdout.strip() == "active"
@@ -342,13 +353,14 @@ def test_update_keeps_keys_and_host_key_and_serves_the_new_version(system, clien
     record("polls through the update", subprocess.CompletedProcess("PollingThrough", 0, polling.summary() + "\n", ""))
     assert polling.polls and polling.failed == [], polling.summary() + f": {polling.failed}"
     assert f"[i] updating {VERSION} to {NEXT_VERSION}" in result.stderr
-    assert f"mitigator-agent {NEXT_VERSION} is installed and running." in result.stderr
+    assert f"mitigator-agent {NEXT_VERSION} is installed and running (Debian packages" in result.stderr
     assert {path: system.get(path) for path in kept} == kept
     assert system.run("mitigator-agent --version").stdout.strip() == f"mitigator-agent, version {NEXT_VERSION}"
     assert system.run("cat /sys/module/tcpsecrets/version").stdout.strip() == NEXT_VERSION
     dkms = system.run("dkms status").stdout
     assert re.findall(r"^tcpsecrets/([^,:]+)", dkms, re.M) == [NEXT_VERSION], dkms
-    assert system.run("ls /usr/lib/mitigator-agent | grep -c '^venv-'").stdout.strip() == "1"
+    assert system.run("dpkg-query -W -f '${Version} ' tcpsecrets-dkms mitigator-agent").stdout.split() == [
+        f"{NEXT_VERSION}-1"] * 2
     result = ssh_get(system, client_key, pin_host_key(system, tmp_path))
     record_poll(result)
     assert result.returncode == 0, result.stderr
@@ -363,10 +375,17 @@ def test_uninstall_keeps_keys_then_purge_leaves_nothing(system, pristine):
     assert "[i] kept: /opt/mitigator_agent/keys and the host key /opt/mitigator_agent/host.ed25519" in result.stderr
     assert last_line(result) == "mitigator-agent is uninstalled."
     assert {path: system.get(path) for path in kept} == kept
-    # left: the agent's home, its user and group (in the account databases too)
+    # left: the agent's home, its user and group (in the account databases too), and the package
+    # removed, not purged: dpkg's record that its purge is due (it removes them), with the units'
+    # enablement, which Debian keeps as configuration until the purge (links to the removed units,
+    # inert: nothing is started through them)
     accounts = ("/etc/passwd:", "/etc/group:", "/etc/shadow:", "/etc/gshadow:")
+    removed_package = re.compile(r"\+ packages mitigator-agent: .*config-files.*|\+ files /etc/systemd/system/"
+                                 r"[a-z.-]+\.wants/(mitigator-agent\.(service|socket)): symlink 0777 root:root ->"
+                                 r" /lib/systemd/system/\1")
     left = [line for line in diff_states(pristine, system.state()) if LOG not in line]
-    unexpected = [line for line in left if "mitigator_agent" not in line and not any(f" {db}" in line for db in accounts)]
+    unexpected = [line for line in left if "mitigator_agent" not in line and not any(f" {db}" in line for db in accounts)
+                  and not removed_package.fullmatch(line)]
     assert left and unexpected == [], "\n".join(unexpected)
 
     # At a terminal --purge asks first (the host key MITIGATOR pins goes for good): any answer but
