@@ -552,14 +552,13 @@ def system_basetemp() -> Path:
     SYSTEM_BASETEMP.chmod(0o700)
     return SYSTEM_BASETEMP
 
-# The install script's tests in one run; every other system test (the packages, the image) in the other.
-# Scenarios marked `long` (a server's later life: a kernel update, a release upgrade) are `make test-long`'s,
-# in runs of their own beside its kernels.
+# The install script's tests in one run; every other system test (a server's later life: an older script's
+# install moved to the packages, a kernel update; the image) in the other. Scenarios marked `long` (the
+# whole security update, a release upgrade) are `make test-long`'s, in runs of their own beside its kernels.
 INSTALL_SCRIPT_TESTS = "tests/installer/test_install_script.py"
 SYSTEM_GROUPS = {"install-script": ["-m", "system and not long", INSTALL_SCRIPT_TESTS],
-                 "packages-and-image": ["-m", "system and not long", f"--ignore={INSTALL_SCRIPT_TESTS}"]}
+                 "server-life-and-image": ["-m", "system and not long", f"--ignore={INSTALL_SCRIPT_TESTS}"]}
 LONG_SYSTEM_GROUPS = {"long-script": ["-m", "system and long", "tests/installer/test_kernel_update_script.py"],
-                      "long-packages": ["-m", "system and long", "tests/installer/test_kernel_update_packages.py"],
                       "long-upgrade-11-12": ["-m", "system and long", "-k", "bullseye",
                                              "tests/installer/test_release_upgrade_packages.py"],
                       "long-upgrade-12-13": ["-m", "system and long", "-k", "trixie",
