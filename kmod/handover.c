@@ -40,11 +40,19 @@
 
 #define HANDOVER_LOAD_MS 3000
 #define HANDOVER_UNLOAD_MS 1000
+/*
+ * How long a noted era waits for its offset question. It comes microseconds
+ * later in the same softirq, but a guest's vCPU may stall between the two
+ * for several ticks on a busy host (a 2-tick limit misread one handshake's
+ * options under TCG).
+ */
+#define NOTED_ERA_MS 1000
 
 static int era = TCPSECRETS_ERA_KERNEL;
 static unsigned long both_eras_until;	/* jiffies: the end of the window after a load */
 static bool unloading;			/* from the switch back until the redirects are off */
 static unsigned long module_era_used;	/* jiffies of the last module-era cookie */
+static unsigned long other_era_noted;	/* jiffies of the last other-era cookie noted */
 
 int tcpsecrets_era_making(void)
 {
@@ -78,11 +86,13 @@ void tcpsecrets_era_used(int used)
 }
 
 /*
- * The era of the cookie just checked on this CPU, for the timestamp offset
- * cookie_v{4,6}_check() asks for next, on the same CPU in the same softirq.
- * Taken once; only a lookup for the same addresses (and ports, where the
- * kernel passes them) within two ticks takes it, so a SYN's offset never
- * does. Softirqs are held off around each access (a socket's backlog runs
+ * The era of the cookie just checked on this CPU, when it is not the
+ * current one, for the timestamp offset cookie_v{4,6}_check() asks for
+ * next, on the same CPU in the same softirq. Noted whether or not the
+ * window is still open then, and taken whether or not it is still open at
+ * the question: the window may close between the two. Taken once; only a
+ * lookup for the same addresses (and ports, where the kernel passes them)
+ * within NOTED_ERA_MS takes it, so a SYN's offset never does. Softirqs are held off around each access (a socket's backlog runs
  * in process context); irqs are not, as no irq handler gets here (and
  * local_irq_save is an indirect paravirt call on 5.10). A migration
  * between the check and the offset, from a backlog, loses the era: the
@@ -107,8 +117,9 @@ void tcpsecrets_era_checked(int family, const __be32 *server, const __be32 *clie
 	int words = family == AF_INET ? 1 : 4;
 	struct checked_cookie *c;
 
-	if (!window_open())
+	if (found == READ_ONCE(era))
 		return;
+	WRITE_ONCE(other_era_noted, jiffies);
 	local_bh_disable();
 	c = this_cpu_ptr(&checked);
 	memset(c, 0, sizeof(*c));
@@ -129,13 +140,14 @@ int tcpsecrets_era_for(int family, const __be32 *server, const __be32 *client,
 {
 	int words = family == AF_INET ? 1 : 4;
 	int found = READ_ONCE(era);
+	unsigned long ttl = msecs_to_jiffies(NOTED_ERA_MS);
 	struct checked_cookie *c;
 
-	if (!window_open())
+	if (!time_before(jiffies, READ_ONCE(other_era_noted) + ttl))
 		return found;
 	local_bh_disable();
 	c = this_cpu_ptr(&checked);
-	if (c->valid && c->family == family && time_before(jiffies, c->when + 2) &&
+	if (c->valid && c->family == family && time_before(jiffies, c->when + ttl) &&
 	    (!server_port || (c->server_port == server_port && c->client_port == client_port)) &&
 	    !memcmp(c->server, server, words * sizeof(__be32)) &&
 	    !memcmp(c->client, client, words * sizeof(__be32))) {
@@ -148,6 +160,7 @@ int tcpsecrets_era_for(int family, const __be32 *server, const __be32 *client,
 
 void tcpsecrets_handover_to_module(void)
 {
+	WRITE_ONCE(other_era_noted, jiffies - msecs_to_jiffies(NOTED_ERA_MS) - 1);
 	WRITE_ONCE(module_era_used, jiffies - msecs_to_jiffies(HANDOVER_UNLOAD_MS) - 1);
 	WRITE_ONCE(both_eras_until, jiffies + msecs_to_jiffies(HANDOVER_LOAD_MS));
 	WRITE_ONCE(era, TCPSECRETS_ERA_MODULE);
