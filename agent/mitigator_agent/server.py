@@ -557,10 +557,11 @@ class AgentServer:
         session open is closed, as nothing is under way on it. Connections
         queued on systemd's socket meanwhile wait for the next agent.
         """
+        if drain_seconds > 0:
+            self._stop_accepting()
+            await self._drain(drain_seconds)
         for acceptor in self._acceptors:
             acceptor.close()
-        if drain_seconds > 0:
-            await self._drain(drain_seconds)
         if self._flusher is not None:
             self._flusher.cancel()
             self._flusher = None
@@ -570,6 +571,20 @@ class AgentServer:
         for acceptor in self._acceptors:
             await acceptor.wait_closed()
         self._acceptors.clear()
+
+    def _stop_accepting(self) -> None:
+        """Accept no more connections, keeping the listeners open for those accepted already.
+
+        asyncio accepts in one loop turn and sets the connection up in a task of the next; a
+        listener closed in between makes that setup fail, and the connection is dropped with the
+        client's first bytes unread (a reset). So a stop first takes the listening sockets out of
+        the loop's watch (new connections wait in the kernel's queue, for the next agent when
+        systemd holds the socket) and closes the listeners only after the drain.
+        """
+        loop = asyncio.get_running_loop()
+        for acceptor in self._acceptors:
+            for sock in acceptor.sockets or ():
+                loop.remove_reader(sock.fileno())
 
     def track(self, connection: "AgentConnection") -> None:
         """A connection was accepted: a stop waits for it (close)."""

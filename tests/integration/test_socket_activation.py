@@ -7,6 +7,7 @@ mitigator-agent.socket. Polls are real OpenSSH `get`s.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
@@ -16,7 +17,10 @@ from typing import Callable, Iterator, List, Sequence
 
 import pytest
 
+import asyncssh
+
 from conftest import AGENT, WAIT_SECONDS, AgentProcess, ClientKey
+from mitigator_agent.server import AgentServer, ServerSettings
 from tests.polling import PollingThrough
 
 # What systemd does between fork and exec: the socket at descriptor 3 and the two variables,
@@ -124,6 +128,41 @@ def test_polls_under_way_at_each_stop_are_answered(start_agent: Callable[..., Ag
             poller.stop()
     polls = [poll for poller in pollers for poll in poller.polls]
     assert [poll for poll in polls if not poll.answered] == []
+
+
+async def banner_after_a_stop_in_the_accepts_turn(workdir: Path) -> bytes:
+    """Connect, then stop the server in the loop turn that sets the accepted connection up; what it sends.
+
+    asyncio accepts in one loop turn and sets the connection up in a task that runs in the next;
+    a stop that closes the listener in between has the setup fail (the listener is gone), and the
+    connection is dropped with the client's bytes unread: a reset, the client's
+    "kex_exchange_identification: read: Connection reset by peer" once the process exits (here,
+    where the loop goes on, no banner comes). A SIGTERM can land there.
+    """
+    (workdir / "keys").write_text("")
+    (workdir / "keys").chmod(0o644)
+    server = AgentServer(ServerSettings(port=0, listen=("127.0.0.1",), keys_path=str(workdir / "keys"),
+                                        device=str(workdir / "snapshot")),
+                         asyncssh.generate_private_key("ssh-ed25519"))
+    (_, port), = await server.start()
+    with socket.create_connection(("127.0.0.1", port), timeout=10.0) as client:
+        # Loopback completes the handshake at once: the connection waits in the accept queue.
+        client.sendall(b"SSH-2.0-stopped-in-the-accept\r\n")
+        # In the next turn this step, then the accept, run; each schedules its follow-up (the
+        # stop's first step, the connection's setup) for the turn after, in that order.
+        await asyncio.sleep(0)
+        stopping = asyncio.get_running_loop().create_task(server.close(drain_seconds=1.0))
+        banner = await asyncio.get_running_loop().run_in_executor(None, client.recv, 256)
+        await stopping
+    return banner
+
+
+def test_a_connection_accepted_in_the_stops_loop_turn_gets_the_banner(workdir: Path) -> None:
+    try:
+        banner = asyncio.run(banner_after_a_stop_in_the_accepts_turn(workdir))
+    except (ConnectionResetError, socket.timeout) as dropped:
+        pytest.fail(f"the connection accepted as the stop came was dropped: {dropped!r}")
+    assert banner.startswith(b"SSH-2.0-"), banner
 
 
 def serve_and_fail(workdir: Path, held: socket.socket, listen: Sequence[str]) -> subprocess.CompletedProcess:
