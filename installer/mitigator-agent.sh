@@ -122,7 +122,7 @@ version_at_least() { # $1 >= $2, both dotted
 
 kernel_release() { printf '%s' "${MITIGATOR_AGENT_KERNEL:-$(uname -r)}"; }
 
-# The version the payload's packages carry (their upstream version).
+# The version the payload's packages carry (their upstream version): PAYLOAD_VERSION, once unpacked.
 payload_version() { dpkg-deb -f "$PAYLOAD/mitigator-agent.deb" Version | sed 's/-[^-]*$//'; }
 
 # --- preconditions (nothing is changed before they all hold) ---------------------------------
@@ -225,7 +225,7 @@ install_packages() {
 		apt_status=$?
 	record_apt_additions
 	[ "$apt_status" = 0 ] ||
-		die "installing $PACKAGES $(payload_version)${HEADERS:+ and $HEADERS} with apt-get failed (see $LOG_FILE): fix what it says, then run this again"
+		die "installing $PACKAGES $PAYLOAD_VERSION${HEADERS:+ and $HEADERS} with apt-get failed (see $LOG_FILE): fix what it says, then run this again"
 }
 
 # Whatever apt added since APT_BEFORE (in this run or in one killed inside apt) is the install's:
@@ -253,7 +253,7 @@ preflight_build() {
 	build=/lib/modules/$release/build
 	scratch=$PAYLOAD/preflight
 	cmd dpkg-deb -x "$PAYLOAD/tcpsecrets-dkms.deb" "$scratch" || die "the payload is damaged: download the script again"
-	src=$scratch/usr/src/$MODULE-$(payload_version)
+	src=$scratch/usr/src/$MODULE-$PAYLOAD_VERSION
 	pause_at build
 	if [ ! -d "$build" ] || ! cmd make -C "$src" KVER="$release" KDIR="$build"; then
 		[ -d "$build" ] || say "[!] $build is missing"
@@ -265,7 +265,7 @@ preflight_build() {
 # After apt: the payload's version is configured, DKMS installed its module for the running kernel,
 # and that module is the one loaded (the package's postinst swapped it).
 check_module() {
-	version=$(payload_version)
+	version=$PAYLOAD_VERSION
 	release=$(kernel_release)
 	for package in $PACKAGES; do
 		[ "$(installed_version "$package")" = "$version" ] ||
@@ -447,7 +447,7 @@ finish_install() {
 	selftest=ok
 	show "$LAUNCHER" selftest || selftest=failed
 	say ""
-	say "mitigator-agent $(payload_version) is installed and running (Debian packages: $PACKAGES)."
+	say "mitigator-agent $PAYLOAD_VERSION is installed and running (Debian packages: $PACKAGES)."
 	say "Host key (MITIGATOR pins it): $host_key_line"
 	say "Add MITIGATOR's key:  echo 'ssh-ed25519 AAAA... mitigator1' >> $KEYS_FILE   (or: mitigator-agent keys add ...)"
 	say "Open TCP port $PORT to MITIGATOR:"
@@ -496,16 +496,16 @@ do_install() {
 	check_kernel
 	umask 022
 	(umask 077 && : >>"$LOG_FILE") && chmod 0600 "$LOG_FILE"
-	say "[i] $PROG $(payload_version) install, $(date -u '+%Y-%m-%d %H:%M:%S UTC'), kernel $(kernel_release)"
+	say "[i] $PROG $PAYLOAD_VERSION install, $(date -u '+%Y-%m-%d %H:%M:%S UTC'), kernel $(kernel_release)"
 	FIRST_INSTALL=yes
 	PREVIOUS=$(legacy_version)
 	[ -n "$PREVIOUS" ] || [ ! -d "$LEGACY" ] || PREVIOUS=$(cat "$LEGACY$LEGACY_VERSION" 2>/dev/null)
 	[ -n "$PREVIOUS" ] || PREVIOUS=$(installed_version mitigator-agent)
 	[ -n "$PREVIOUS" ] && FIRST_INSTALL=no
-	if [ "$PREVIOUS" = "$(payload_version)" ]; then
+	if [ "$PREVIOUS" = "$PAYLOAD_VERSION" ]; then
 		say "[i] $PREVIOUS is installed already: completing what is missing and checking it"
 	elif [ "$FIRST_INSTALL" = no ]; then
-		say "[i] updating $PREVIOUS to $(payload_version)"
+		say "[i] updating $PREVIOUS to $PAYLOAD_VERSION"
 	fi
 	# A first install rolls back whatever it created; what existed before stays.
 	ROLLBACK_PURGE=
@@ -519,7 +519,7 @@ do_install() {
 	mkdir -p -m 0700 "$STATE_DIR" || die "cannot create $STATE_DIR"
 	finish_interrupted_dpkg
 	# (the packages of the same version installed: apt leaves their module as it is)
-	[ "$FIRST_INSTALL" = yes ] || [ "$(installed_version mitigator-agent)" = "$(payload_version)" ] || preflight_build
+	[ "$FIRST_INSTALL" = yes ] || [ "$(installed_version mitigator-agent)" = "$PAYLOAD_VERSION" ] || preflight_build
 	set_legacy_aside
 	APT_RAN=yes
 	install_packages
@@ -637,6 +637,7 @@ unpack_payload() {
 	trap 'rm -rf "$PAYLOAD"' EXIT
 	chmod 0755 "$PAYLOAD" && payload_archive | base64 -d | tar -xz -C "$PAYLOAD" ||
 		die "the payload is damaged: download the script again"
+	PAYLOAD_VERSION=$(payload_version) && [ -n "$PAYLOAD_VERSION" ] || die "the payload is damaged: download the script again"
 }
 
 main() {
