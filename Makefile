@@ -101,8 +101,9 @@ matrix: venv
 # packaging/: the kernel tests on the kernels of tests/kernel/test-kernels-long (each release's
 # point-release kernel, which servers boot until their first security update), provisioned as
 # `make test` provisions its own, and beside them the system scenarios marked `long` (a server's
-# later life: a kernel security update, tests/installer/test_kernel_update_*.py; a Debian release
-# upgrade, tests/installer/test_release_upgrade_*.py). The run's
+# later life: a kernel security update, tests/installer/test_kernel_update_*.py; a failed move of an
+# older script's install, tests/installer/test_failed_move.py; a Debian release upgrade,
+# tests/installer/test_release_upgrade_*.py). The run's
 # dated table replaces the README's test-long table (pass or fail); build/matrix/results-long.md,
 # build/matrix/KVER/ and build/matrix/system-long-*/ keep the details.
 test-long: export SYSTEM_TESTS = required

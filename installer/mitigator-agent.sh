@@ -47,7 +47,7 @@ LEGACY_VERSION=$LEGACY_STATE/version
 LEGACY=$STATE_DIR/legacy
 LEGACY_FILES="/etc/systemd/system/mitigator-agent.service /etc/systemd/system/mitigator-agent.socket
 /etc/kernel/postinst.d/zz-tcpsecrets /etc/kernel/header_postinst.d/zz-tcpsecrets
-/etc/modules-load.d/tcpsecrets.conf /etc/sysctl.d/90-tcpsecrets.conf $LIB_DIR/install.sh $LAUNCHER
+/etc/modprobe.d/tcpsecrets.conf /etc/modules-load.d/tcpsecrets.conf /etc/sysctl.d/90-tcpsecrets.conf $LIB_DIR/install.sh $LAUNCHER
 /usr/local/sbin/mitigator-agent /usr/local/share/man/man8/mitigator-agent.8
 /usr/local/share/bash-completion/completions/mitigator-agent"
 
@@ -320,21 +320,24 @@ set_legacy_aside() {
 		cmd dkms remove -m "$MODULE" -v "$version" --all || die "dkms remove $MODULE/$version failed (see $LOG_FILE)"
 		cmd rm -rf "$src" || die "cannot remove $src"
 	done
+	mkdir -p "$LEGACY$LEGACY_STATE" || die "cannot create $LEGACY$LEGACY_STATE"
+	# What apt installed for it joins this script's record (an uninstall removes it); the record itself
+	# is kept for a rollback.
 	if [ -e "$LEGACY_STATE/apt-installed" ]; then
 		touch "$APT_ADDED" || die "cannot write $APT_ADDED"
-		{ sort -u "$LEGACY_STATE/apt-installed" "$APT_ADDED" >"$APT_ADDED.new" &&
-			mv "$APT_ADDED.new" "$APT_ADDED" && rm "$LEGACY_STATE/apt-installed"; } || die "cannot keep $LEGACY_STATE/apt-installed"
+		{ sort -u "$LEGACY_STATE/apt-installed" "$APT_ADDED" >"$APT_ADDED.new" && mv "$APT_ADDED.new" "$APT_ADDED" &&
+			cmd mv "$LEGACY_STATE/apt-installed" "$LEGACY$LEGACY_STATE/"; } || die "cannot keep $LEGACY_STATE/apt-installed"
 	fi
-	# The value from before the first install, under the package's name: its postinst keeps it.
+	# The value from before the first install, also under the package's name: its postinst keeps it.
 	if [ -e "$LEGACY_STATE/tcp_syncookies-before" ]; then
-		cmd mv "$LEGACY_STATE/tcp_syncookies-before" "$LEGACY_STATE/tcp_syncookies.before" ||
-			die "cannot rename $LEGACY_STATE/tcp_syncookies-before"
+		{ cp -p "$LEGACY_STATE/tcp_syncookies-before" "$LEGACY_STATE/tcp_syncookies.before" &&
+			cmd mv "$LEGACY_STATE/tcp_syncookies-before" "$LEGACY$LEGACY_STATE/"; } ||
+			die "cannot keep $LEGACY_STATE/tcp_syncookies-before"
 	fi
 	if [ -e "$LEGACY_STATE/created-dirs" ]; then
-		{ mkdir -p "$LEGACY$LEGACY_STATE" && cmd mv "$LEGACY_STATE/created-dirs" "$LEGACY$LEGACY_STATE/"; } ||
-			die "cannot move $LEGACY_STATE/created-dirs"
+		cmd mv "$LEGACY_STATE/created-dirs" "$LEGACY$LEGACY_STATE/" || die "cannot move $LEGACY_STATE/created-dirs"
 	fi
-	{ mkdir -p "$LEGACY$LEGACY_STATE" && cmd mv "$LEGACY_VERSION" "$LEGACY$LEGACY_VERSION"; } || die "cannot move $LEGACY_VERSION"
+	cmd mv "$LEGACY_VERSION" "$LEGACY$LEGACY_VERSION" || die "cannot move $LEGACY_VERSION"
 }
 
 # The packages serve: drop what the older script left (its venvs, the directories it made, the copies).
@@ -350,29 +353,61 @@ drop_legacy() {
 	say "[i] the older script's install now runs as the packages $PACKAGES"
 }
 
-# A failed move to the packages: the packages go (not the agent's home), and what was set aside comes
-# back, its module rebuilt by DKMS from the kept source; the older agent never stopped serving.
+# A failed move to the packages: the older script's install comes back as it was, and serves again.
+# Its module is built first, while the packages' agent still serves; then the packages go (their
+# removal unloads their module and puts tcp_syncookies back), with what apt added for them in this
+# run; what was set aside comes back, the agent package is purged (its postrm leaves alone an install
+# with the older script's version file), and the older module is loaded and the older agent started.
+# Each step that fails is said, with what to run; the rest goes on.
 restore_legacy() {
 	[ -d "$LEGACY" ] || return 0
-	if present_packages | grep -q -x -e tcpsecrets-dkms -e mitigator-agent; then
-		cmd dpkg --remove mitigator-agent || true
-		cmd dpkg --purge tcpsecrets-dkms || true
+	restore_release=$(kernel_release)
+	record_apt_additions # a run killed inside apt never recorded them
+	restore_modules=
+	for restore_src in "$LEGACY/usr/src/$MODULE"-*; do
+		[ -d "$restore_src" ] || continue
+		restore_version=${restore_src##*/"$MODULE"-}
+		if { [ -d "/usr/src/$MODULE-$restore_version" ] || cmd mv "$restore_src" "/usr/src/$MODULE-$restore_version"; } &&
+			{ dkms status -m "$MODULE" -v "$restore_version" | grep -q . || cmd dkms add -m "$MODULE" -v "$restore_version"; } &&
+			cmd dkms build -m "$MODULE" -v "$restore_version" -k "$restore_release"; then
+			restore_modules="$restore_modules $restore_version"
+		else
+			say "[!] DKMS could not build $MODULE $restore_version back: dkms install -m $MODULE -v $restore_version -k $restore_release"
+		fi
+	done
+	case $(package_status mitigator-agent) in
+	"" | not-installed | config-files) ;;
+	*) cmd dpkg --remove mitigator-agent || say "[!] dpkg --remove mitigator-agent failed" ;;
+	esac
+	case $(package_status tcpsecrets-dkms) in
+	"" | not-installed) ;;
+	*) cmd dpkg --purge tcpsecrets-dkms || say "[!] dpkg --purge tcpsecrets-dkms failed" ;;
+	esac
+	# What apt added in this run (not for the older install): it goes as it came.
+	restore_added=$(added_dependencies | comm -23 - "$LEGACY$LEGACY_STATE/apt-installed" 2>/dev/null | tr '\n' ' ')
+	if [ -z "$restore_added" ] && [ ! -e "$LEGACY$LEGACY_STATE/apt-installed" ]; then
+		restore_added=$(added_dependencies | tr '\n' ' ')
 	fi
-	(cd "$LEGACY" && find . ! -type d) | sed 's/^\.//' | while read -r file; do
-		case $file in /usr/src/*) continue ;; esac
-		{ mkdir -p "$(dirname "$file")" && mv "$LEGACY$file" "$file"; } || say "[!] cannot put back $file (kept in $LEGACY$file)"
+	# shellcheck disable=SC2086 # a list of package names
+	[ -z "$restore_added" ] || cmd dpkg --purge $restore_added || say "[!] some packages this run added stay: $restore_added"
+	(cd "$LEGACY" && find . ! -type d) | sed 's/^\.//' | while read -r restore_file; do
+		case $restore_file in /usr/src/*) continue ;; esac
+		{ mkdir -p "$(dirname "$restore_file")" && mv "$LEGACY$restore_file" "$restore_file"; } || say "[!] cannot put back $restore_file (kept in $LEGACY$restore_file)"
 	done
-	for src in "$LEGACY/usr/src/$MODULE"-*; do
-		[ -d "$src" ] || continue
-		version=${src##*/"$MODULE"-}
-		{ cmd mv "$src" "/usr/src/$MODULE-$version" && cmd dkms add -m "$MODULE" -v "$version" &&
-			cmd dkms install -m "$MODULE" -v "$version" -k "$(kernel_release)"; } ||
-			say "[!] DKMS could not take $MODULE $version back: dkms install -m $MODULE -v $version"
+	rm -f "$LEGACY_STATE/tcp_syncookies.before" # the package's copy, if its postrm could not use it
+	[ "$(package_status mitigator-agent)" != config-files ] || cmd dpkg --purge mitigator-agent ||
+		say "[!] dpkg --purge mitigator-agent failed"
+	for restore_version in $restore_modules; do
+		cmd dkms install -m "$MODULE" -v "$restore_version" -k "$restore_release" ||
+			say "[!] DKMS could not install $MODULE $restore_version: dkms install -m $MODULE -v $restore_version -k $restore_release"
 	done
-	[ -e "$LEGACY_STATE/tcp_syncookies.before" ] && mv "$LEGACY_STATE/tcp_syncookies.before" "$LEGACY_STATE/tcp_syncookies-before"
+	cmd modprobe "$MODULE" || say "[!] cannot load $MODULE: modprobe $MODULE"
+	[ ! -e /etc/sysctl.d/90-tcpsecrets.conf ] || cmd sysctl -q -p /etc/sysctl.d/90-tcpsecrets.conf ||
+		say "[!] sysctl -p /etc/sysctl.d/90-tcpsecrets.conf failed"
 	cmd systemctl daemon-reload || true
-	cmd systemctl enable mitigator-agent.socket mitigator-agent.service || say "[!] systemctl enable mitigator-agent failed"
-	rm -rf "$LEGACY"
+	{ cmd systemctl enable mitigator-agent.socket mitigator-agent.service && cmd systemctl start mitigator-agent.socket &&
+		cmd systemctl restart mitigator-agent.service; } || say "[!] the older agent does not start: journalctl -u mitigator-agent"
+	rm -rf "$LEGACY" "$STATE_DIR"
 }
 
 dkms_versions() {
@@ -659,6 +694,9 @@ main() {
 		require_root
 		unpack_payload
 		install_status=0
+		# Ctrl-C reaches every process of the terminal's group: the install (a subshell) rolls back
+		# in its trap, and this shell waits for it to finish, then removes the payload.
+		trap : INT TERM HUP
 		(do_install) </dev/null || install_status=$?
 		rm -rf "$PAYLOAD"
 		trap - EXIT

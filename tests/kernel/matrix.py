@@ -559,6 +559,7 @@ INSTALL_SCRIPT_TESTS = "tests/installer/test_install_script.py"
 SYSTEM_GROUPS = {"install-script": ["-m", "system and not long", INSTALL_SCRIPT_TESTS],
                  "server-life-and-image": ["-m", "system and not long", f"--ignore={INSTALL_SCRIPT_TESTS}"]}
 LONG_SYSTEM_GROUPS = {"long-script": ["-m", "system and long", "tests/installer/test_kernel_update_script.py"],
+                      "long-failed-move": ["-m", "system and long", "tests/installer/test_failed_move.py"],
                       "long-upgrade-11-12": ["-m", "system and long", "-k", "bullseye",
                                              "tests/installer/test_release_upgrade_packages.py"],
                       "long-upgrade-12-13": ["-m", "system and long", "-k", "trixie",
