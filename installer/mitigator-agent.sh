@@ -390,6 +390,8 @@ restore_legacy() {
 	fi
 	# shellcheck disable=SC2086 # a list of package names
 	[ -z "$restore_added" ] || cmd dpkg --purge $restore_added || say "[!] some packages this run added stay: $restore_added"
+	# The packages' removal takes away the state directory it found empty: back as the older script made it.
+	mkdir -p -m 0700 "$LEGACY_STATE" || say "[!] cannot create $LEGACY_STATE"
 	(cd "$LEGACY" && find . ! -type d) | sed 's/^\.//' | while read -r restore_file; do
 		case $restore_file in /usr/src/*) continue ;; esac
 		{ mkdir -p "$(dirname "$restore_file")" && mv "$LEGACY$restore_file" "$restore_file"; } || say "[!] cannot put back $restore_file (kept in $LEGACY$restore_file)"
