@@ -368,7 +368,7 @@ restore_legacy() {
 		[ -d "$restore_src" ] || continue
 		restore_version=${restore_src##*/"$MODULE"-}
 		if { [ -d "/usr/src/$MODULE-$restore_version" ] || cmd mv "$restore_src" "/usr/src/$MODULE-$restore_version"; } &&
-			{ dkms status -m "$MODULE" -v "$restore_version" | grep -q . || cmd dkms add -m "$MODULE" -v "$restore_version"; } &&
+			{ dkms_versions | grep -qx "$restore_version" || cmd dkms add -m "$MODULE" -v "$restore_version"; } &&
 			cmd dkms build -m "$MODULE" -v "$restore_version" -k "$restore_release"; then
 			restore_modules="$restore_modules $restore_version"
 		else
@@ -384,10 +384,9 @@ restore_legacy() {
 	*) cmd dpkg --purge tcpsecrets-dkms || say "[!] dpkg --purge tcpsecrets-dkms failed" ;;
 	esac
 	# What apt added in this run (not for the older install): it goes as it came.
-	restore_added=$(added_dependencies | comm -23 - "$LEGACY$LEGACY_STATE/apt-installed" 2>/dev/null | tr '\n' ' ')
-	if [ -z "$restore_added" ] && [ ! -e "$LEGACY$LEGACY_STATE/apt-installed" ]; then
-		restore_added=$(added_dependencies | tr '\n' ' ')
-	fi
+	restore_record=$LEGACY$LEGACY_STATE/apt-installed
+	[ -e "$restore_record" ] || restore_record=/dev/null
+	restore_added=$(added_dependencies | comm -23 - "$restore_record" | tr '\n' ' ')
 	# shellcheck disable=SC2086 # a list of package names
 	[ -z "$restore_added" ] || cmd dpkg --purge $restore_added || say "[!] some packages this run added stay: $restore_added"
 	# The packages' removal takes away the state directory it found empty: back as the older script made it.
